@@ -1,0 +1,42 @@
+"""The `align` command. Each subcommand lives in its own module exposing
+`add_arguments(parser)` and `run(args) -> int`; this file only routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("align.demo", "Offline end-to-end demo: SmolLM2-135M, arithmetic task, DPO adapter."),
+    "dpo": ("align.dpo", "Train a DPO adapter from a YAML config."),
+    "data": ("align.data_cli", "Validate a preference dataset (`align data check FILE`)."),
+    "plot": ("align.plot_cli", "Draw a run's metrics.jsonl curves to a PNG."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from align.errors import UserError
+
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

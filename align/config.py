@@ -1,0 +1,156 @@
+"""YAML configs that mirror config dataclasses exactly.
+
+An unknown key, a wrong type or a failed cross-field check is an error that
+names the file, the line and the key. `--set a.b=value` overrides go through
+the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+from align.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override that does not match its dataclass."""
+
+
+def _key_lines(path: Path) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and remember the line of every (dotted) key."""
+    text = path.read_text(encoding="utf-8-sig")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    if node is not None:
+        walk(node, "")
+    data = yaml.safe_load(text)
+    return ({} if data is None else data), lines
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, "
+                          f"got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if tp is typing.Any:
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (arm,) = typing.get_args(tp)[:1] or (typing.Any,)
+        return [_coerce(v, arm, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return value  # built by _build
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: dict, source: str, lines: dict[str, int], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        where = f"{source}:{lines[dotted]}: {dotted}" if dotted in lines else f"{source}: {dotted}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key; expected one of {sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            kwargs[key] = _build(tp, value, source, lines, dotted + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
+    """Build `cls` from a YAML file (or defaults) plus `key.sub=value` overrides."""
+    data: dict = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data, lines = _key_lines(path)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top level")
+    for item in overrides:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {part} is not a section")
+        node[parts[-1]] = value
+        lines.pop(key, None)
+    return _build(cls, data, source, lines)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config, path: str | os.PathLike) -> None:
+    """Write the resolved config (every field, defaults included) atomically."""
+    from align.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,321 @@
+"""One frozen base model carrying named LoRA adapters.
+
+The policy, the reference (adapters switched off), the critic and the reward
+model are all views of the same base weights: `SharedBase` owns the only copy
+and switches which adapter is active. Only adapter tensors (and small heads
+owned by the callers) ever require gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from align.atomic import atomic_dir
+
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 32
+# Ranks the design recommends for RL/preference tuning; others work but are warned about.
+RECOMMENDED_RANKS = range(4, 9)
+
+
+@dataclass
+class LoraSettings:
+    """How an adapter is shaped. `targets="all"` means every linear layer of every block."""
+
+    rank: int = field(default=DEFAULT_RANK, metadata={"help": "LoRA rank r (4-8 recommended for RL and DPO)."})
+    alpha: int = field(
+        default=DEFAULT_ALPHA,
+        metadata={"help": "LoRA alpha; the update is scaled by alpha/r. Keep it fixed (32) and tune the lr."},
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    targets: str | list[str] = field(
+        default="all",
+        metadata={"help": "'all' (attention, MLP and MoE experts of every block) or a list of module names."},
+    )
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"lora.rank: expected a positive integer, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha: expected a positive number, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout: expected a number in [0, 1), got {self.dropout}")
+        if self.targets != "all" and not (
+            isinstance(self.targets, list) and self.targets and all(isinstance(t, str) for t in self.targets)
+        ):
+            raise ValueError(f"lora.targets: expected 'all' or a non-empty list of module names, got {self.targets!r}")
+
+
+def _is_router(parent: nn.Module) -> bool:
+    # A MoE block holds `experts` next to its router; the router must stay frozen.
+    return hasattr(parent, "experts")
+
+
+def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Find what "all layers" means for this model.
+
+    Returns `(target_modules, target_parameters)`: the leaf names of every
+    `nn.Linear` inside the decoder blocks (attention q/k/v/o, MLP gate/up/down,
+    unfused experts), and the fused 3-D expert tensors of MoE blocks (PEFT's
+    `target_parameters`). Routers, embeddings and lm_head are excluded.
+    """
+    modules: set[str] = set()
+    parameters: set[str] = set()
+    named = dict(model.named_modules())
+    for name, module in named.items():
+        if ".layers." not in f".{name}" and not name.startswith("layers."):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        if isinstance(module, nn.Linear):
+            if _is_router(named.get(parent_name, nn.Module())):
+                continue
+            modules.add(leaf)
+        elif leaf == "experts":
+            for pname, p in module.named_parameters(recurse=False):
+                if p.dim() == 3:
+                    # e.g. "mlp.experts.gate_up_proj": suffix-matched against full parameter names.
+                    parameters.add(f"{parent_name.rpartition('.')[2]}.experts.{pname}")
+    if not modules and not parameters:
+        raise ValueError(f"no linear layers found in {type(model).__name__}: cannot place LoRA adapters")
+    # A router named like an MLP projection would be caught by leaf-name matching; refuse to guess.
+    routers = {n.rpartition(".")[2] for n, m in named.items() if isinstance(m, nn.Linear)
+               and _is_router(named.get(n.rpartition(".")[0], nn.Module()))}
+    clash = routers & modules
+    if clash:
+        raise ValueError(f"router and expert layers share the names {sorted(clash)}; pass lora.targets explicitly")
+    return sorted(modules), sorted(parameters)
+
+
+def peft_config(all_targets: tuple[list[str], list[str]], lora: LoraSettings):
+    """PEFT config for `lora`; `all_targets` is `lora_targets(model)` taken before any adapter exists."""
+    from peft import LoraConfig
+
+    if lora.targets == "all":
+        modules, parameters = all_targets
+    else:
+        modules, parameters = list(lora.targets), []
+    # Leaf names would also match outside the blocks; anchor them to the decoder layers.
+    regex = r".*\.layers\.\d+\.(?:.*\.)?(?:" + "|".join(modules) + r")$"
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=regex,
+        target_parameters=parameters or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype: expected one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class SharedBase:
+    """A frozen causal LM and its named LoRA adapters: the only copy of the base weights.
+
+    - `adapter(name)`: context in which `name` is the active adapter.
+    - `reference()`: context in which all adapters are off (the reference model).
+    - `hidden(input_ids, attention_mask)`: final hidden states of whatever is active.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name_or_path: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name_or_path = name_or_path
+        self.trainable: set[str] = set()
+        self.settings: dict[str, LoraSettings] = {}
+        # Taken from the plain model: once PEFT has injected layers, lora_A/lora_B are Linear too.
+        self.all_targets = lora_targets(self._plain_model())
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> "SharedBase":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+        ).to(device)
+        model.config.use_cache = False
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return cls(model, load_tokenizer(name_or_path, trust_remote_code), str(name_or_path))
+
+    @property
+    def peft(self):
+        from peft import PeftModel
+
+        return self.model if isinstance(self.model, PeftModel) else None
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.peft.peft_config) if self.peft is not None else []
+
+    def add_adapter(self, name: str, lora: LoraSettings | None = None, trainable: bool = True) -> None:
+        """Attach a freshly initialised adapter (B = 0, so it starts equal to the base)."""
+        from peft import get_peft_model
+
+        lora = lora or LoraSettings()
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this base")
+        config = peft_config(self.all_targets, lora)
+        if self.peft is None:
+            self.model = get_peft_model(self.model, config, adapter_name=name)
+        else:
+            self.peft.add_adapter(name, config)
+        self.settings[name] = lora
+        if trainable:
+            self.trainable.add(name)
+        self.set_active(name)
+
+    def load_adapter(self, name: str, path: str | os.PathLike, trainable: bool = False) -> None:
+        """Attach a saved PEFT adapter (safetensors only) under `name`."""
+        from peft import PeftModel
+
+        path = Path(path)
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: expected a PEFT adapter folder with adapter_model.safetensors")
+        if self.peft is None:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=trainable)
+        else:
+            self.peft.load_adapter(path, adapter_name=name, is_trainable=trainable)
+        if trainable:
+            self.trainable.add(name)
+        self.set_active(name)
+
+    def _plain_model(self) -> nn.Module:
+        return self.peft.get_base_model() if self.peft is not None else self.model
+
+    # -- switching ----------------------------------------------------------------------------
+    def set_active(self, name: str) -> None:
+        peft = self.peft
+        if peft is None or name not in peft.peft_config:
+            raise KeyError(f"no adapter named {name!r}; this base has {self.adapters}")
+        if peft.active_adapter != name:
+            peft.set_adapter(name)
+        self._restore_requires_grad()
+
+    def _restore_requires_grad(self) -> None:
+        # PEFT's set_adapter freezes every adapter but the active one; several may be training at once.
+        for pname, p in self.model.named_parameters():
+            p.requires_grad_(any(f".{a}." in pname or pname.endswith(f".{a}") for a in self.trainable)
+                             and "lora_" in pname)
+
+    @contextmanager
+    def adapter(self, name: str):
+        previous = self.peft.active_adapter if self.peft is not None else None
+        self.set_active(name)
+        try:
+            yield self
+        finally:
+            if previous is not None and previous != name:
+                self.set_active(previous)
+
+    @contextmanager
+    def reference(self):
+        """The reference model: the same base with every adapter switched off."""
+        if self.peft is None:
+            yield self
+            return
+        with self.peft.disable_adapter():
+            yield self
+
+    # -- forward ------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        return self._plain_model().get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._plain_model().get_output_embeddings()
+
+    @property
+    def hidden_size(self) -> int:
+        return self._plain_model().config.hidden_size
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, H) with the active adapter; works for left or right padding."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
+        return out.last_hidden_state
+
+    # -- parameters ---------------------------------------------------------------------------
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if "lora_" in n and f".{name}" in n
+                and (f".{name}." in n or n.endswith(f".{name}"))}
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if "lora_" not in n}
+
+    def base_bytes(self) -> int:
+        """Bytes of base weights in memory, counted by distinct storage (tied weights once)."""
+        seen: dict[int, int] = {}
+        for p in self.base_parameters().values():
+            s = p.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return sum(seen.values())
+
+    def fingerprint(self) -> dict:
+        """Identify the base: architecture, shapes and a hash of a few weights."""
+        model = self._plain_model()
+        h = hashlib.sha256()
+        params = sorted(self.base_parameters().items())
+        for n, p in params[:: max(1, len(params) // 8)]:
+            h.update(n.encode())
+            h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+        return {
+            "architecture": (model.config.architectures or [type(model).__name__])[0],
+            "model_type": model.config.model_type,
+            "hidden_size": model.config.hidden_size,
+            "num_hidden_layers": model.config.num_hidden_layers,
+            "vocab_size": model.config.vocab_size,
+            "weights_sha256": h.hexdigest(),
+        }
+
+    def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
+        """Write adapter `name` as a PEFT folder (safetensors), atomically, with the base fingerprint."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            self.peft.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+            # PEFT nests non-default adapters in a subfolder; flatten so the folder is the adapter.
+            nested = tmp / name
+            if nested.is_dir():
+                for f in nested.iterdir():
+                    f.rename(tmp / f.name)
+                nested.rmdir()
+            meta = {"adapter": name, "base": self.name_or_path, "base_fingerprint": self.fingerprint()}
+            if name in self.settings:
+                meta["lora"] = asdict(self.settings[name])
+            (tmp / "align_meta.json").write_text(json.dumps(meta, indent=2))
+        return path
