@@ -1,0 +1,1 @@
+"""Tasks with verifiable rewards, used by the demo and the example configs."""
