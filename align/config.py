@@ -16,10 +16,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-T = TypeVar("T")
-
-
 from align.errors import UserError
+
+T = TypeVar("T")
 
 
 class ConfigError(UserError, ValueError):

@@ -99,7 +99,6 @@ def test_resume_after_kill_equals_uninterrupted(tiny_llama, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert (killed_dir / "checkpoints" / "LATEST").read_text() == "step-000002"
-    del trainer
 
     resumed = train_dpo(tiny_config(tiny_llama, killed_dir, save_every=2), resume=True)
     a, b = adapter_tensors(full), adapter_tensors(resumed)
