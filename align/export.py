@@ -46,7 +46,7 @@ def find_base(adapter: Path, base: str | None) -> Path:
                 value = json.loads(f.read_text()).get(key)
                 if value:
                     candidates.append((f"{f} field {key!r}", value))
-    for where, value in candidates:
+    for _, value in candidates:
         if (Path(value) / "config.json").is_file():
             return Path(value)
     if not candidates:
@@ -106,7 +106,7 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None 
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype, use_safetensors=True)
         reloaded.eval()
         got = greedy(reloaded, tokenizer, prompts, max_new_tokens)
-        for prompt, want, have in zip(prompts, expected, got):
+        for prompt, want, have in zip(prompts, expected, got, strict=True):
             if want != have:
                 raise UserError(
                     f"merged model's greedy output differs from the adapter's for prompt {prompt!r}:\n"

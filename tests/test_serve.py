@@ -58,9 +58,9 @@ def offline_answers(base_path, adapters: dict) -> dict:
     answers = {}
     for i, (name, path) in enumerate([("base", None), *adapters.items()]):
         lora = None if path is None else LoRARequest(name, i, str(path))
-        for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, sp, lora_request=lora, use_tqdm=False)):
+        for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, sp, lora_request=lora, use_tqdm=False), strict=True):
             o = out.outputs[0]
-            answers[name, prompt] = (o.text, [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)])
+            answers[name, prompt] = (o.text, [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs, strict=True)])
     del llm
     return answers
 
@@ -144,7 +144,7 @@ def ask(c, model, prompt):
 def assert_same(got, want, what):
     assert got[0] == want[0], f"{what}: text {got[0]!r} != single-model {want[0]!r}"
     assert len(got[1]) == len(want[1]) == MAX_TOKENS
-    diff = max(abs(a - b) for a, b in zip(got[1], want[1]))
+    diff = max(abs(a - b) for a, b in zip(got[1], want[1], strict=True))
     assert diff <= 1e-4, f"{what}: log-probs differ by {diff:.2e} nats"
 
 
@@ -160,6 +160,64 @@ def raw(setup, path, body: bytes, key=API_KEY):
         return e.code, json.loads(e.read())
 
 
+# -- checks that need no server ------------------------------------------------------------------
+def test_max_lora_rank_rounds_up_to_what_vllm_accepts():
+    from align.serve.adapters import vllm_max_lora_rank
+
+    # vLLM accepts 1, 8, 16, 32, ...: 4 -> 8, 9 -> 16, 1 stays 1, nothing given -> 8 (the default rank).
+    assert [vllm_max_lora_rank(r) for r in ([4], [1], [8], [4, 9], [33], [])] == [8, 1, 8, 16, 64, 8]
+    with pytest.raises(ValueError, match="exceeds"):
+        vllm_max_lora_rank([513])
+
+
+def test_allowed_folder_follows_symlinks(tmp_path):
+    from align.serve.adapters import AdapterRefused, resolve_in_folder
+
+    allowed = tmp_path / "allowed"
+    (allowed / "a").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (allowed / "link").symlink_to(tmp_path / "secret")
+    assert resolve_in_folder("a", allowed) == (allowed / "a").resolve()
+    assert resolve_in_folder(str(allowed / "a"), allowed) == (allowed / "a").resolve()
+    for escape in ("link", "../secret", str(tmp_path / "secret"), "/etc"):
+        with pytest.raises(AdapterRefused) as e:
+            resolve_in_folder(escape, allowed)
+        assert e.value.status == 403
+
+
+def test_adapter_checks(tiny_llama, tmp_path):
+    from align.serve.adapters import AdapterRefused, BaseInfo, check_adapter, read_adapter
+
+    base = BaseInfo.read(tiny_llama)
+    path = make_adapters(tiny_llama, tmp_path, ["blue"])["blue"]  # rank 8
+    check_adapter(read_adapter(path), base, max_rank=8)
+    with pytest.raises(AdapterRefused, match="exceeds this server's --max-lora-rank 1") as e:
+        check_adapter(read_adapter(path), base, max_rank=1)
+    assert e.value.status == 422
+    with pytest.raises(AdapterRefused, match="no adapter folder") as e:
+        read_adapter(tmp_path / "missing")
+    assert e.value.status == 404
+    (path / "adapter_config.json").write_text('{"r": 8,\n "oops"}')
+    with pytest.raises(AdapterRefused, match="adapter_config.json: line 2: not valid JSON") as e:
+        read_adapter(path)
+    assert e.value.status == 400
+
+
+def test_zero_adapter_is_all_zero_and_covers_every_layer(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from align.serve.adapters import BaseInfo, write_zero_adapter
+
+    tensors = load_file(write_zero_adapter(BaseInfo.read(tiny_llama), tmp_path / "zero") / "adapter_model.safetensors")
+    # tiny llama: 2 layers x 7 projections (q, k, v, o, gate, up, down) x (A, B) = 28 tensors.
+    assert len(tensors) == 28
+    assert all(t.abs().max().item() == 0.0 for t in tensors.values())
+    # q_proj of the tiny model is (2 heads x 32) x 64: A is 1 x 64, B is 64 x 1.
+    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (1, 64)
+    assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 1)
+
+
+# -- a real server -------------------------------------------------------------------------------
 def test_models_listed_without_the_hidden_zero_adapter(setup):
     assert sorted(m.id for m in client(setup).models.list().data) == ["blue", "red", "tiny"]
 
@@ -192,7 +250,7 @@ def test_concurrent_mix_of_base_and_adapters_equals_single_answers(setup):
     jobs = [(m, p) for _ in range(3) for m in ("tiny", "red", "blue") for p in PROMPTS]  # 36 requests
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda job: ask(c, *job), jobs))
-    for (model, prompt), got in zip(jobs, results):
+    for (model, prompt), got in zip(jobs, results, strict=True):
         assert_same(got, answers["base" if model == "tiny" else model, prompt], f"{model} / {prompt!r} (mixed)")
 
 

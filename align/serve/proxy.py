@@ -97,6 +97,8 @@ def build_app(state: ServeState) -> web.Application:
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
         model = body.get("model", state.base_name)
+        if not isinstance(model, str):
+            return error(400, f"'model': expected a model name, got {model!r}", param="model")
         if model == state.base_name:
             target = state.zero_name or state.base_name
         elif model in state.adapters:

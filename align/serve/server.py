@@ -15,8 +15,14 @@ import tempfile
 from pathlib import Path
 
 from align.errors import UserError
-from align.serve.adapters import AdapterRefused, BaseInfo, check_adapter, read_adapter, vllm_max_lora_rank, \
-    write_zero_adapter
+from align.serve.adapters import (
+    AdapterRefused,
+    BaseInfo,
+    check_adapter,
+    read_adapter,
+    vllm_max_lora_rank,
+    write_zero_adapter,
+)
 
 # Hidden adapter name for base-model requests; clients never see it (the proxy filters and renames).
 ZERO_ADAPTER_NAME = "align-base-zero-adapter"
@@ -66,7 +72,10 @@ def serve(base: str, adapters: dict[str, str], adapter_dir: str | None = None, n
             except AdapterRefused:
                 pass  # refused later, if anyone asks for it
     if max_lora_rank is None:
-        max_lora_rank = vllm_max_lora_rank(ranks)
+        try:
+            max_lora_rank = vllm_max_lora_rank(ranks)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     for adapter_name, info in infos.items():
         try:
             check_adapter(info, base_info, max_lora_rank)
@@ -80,7 +89,11 @@ def serve(base: str, adapters: dict[str, str], adapter_dir: str | None = None, n
     uds = private / "vllm.sock"
     served = {n: str(i.path) for n, i in infos.items()}
     if zero_adapter:
-        served[ZERO_ADAPTER_NAME] = str(write_zero_adapter(base_info, private / "zero-adapter"))
+        try:
+            served[ZERO_ADAPTER_NAME] = str(write_zero_adapter(base_info, private / "zero-adapter"))
+        except ValueError as e:
+            shutil.rmtree(private, ignore_errors=True)
+            raise UserError(str(e)) from None
     if max_loras is None:
         max_loras = max(1, len(served) + (2 if allowed is not None else 0))
     env = dict(os.environ)

@@ -165,7 +165,7 @@ def main() -> None:
         proc.wait(timeout=120)
 
     errors, wrong, tokens, latencies, worst = 0, 0, 0, [], 0.0
-    for job, got in zip(mix, results):
+    for job, got in zip(mix, results, strict=True):
         if isinstance(got, str):
             errors += 1
             continue
@@ -173,7 +173,7 @@ def main() -> None:
         tokens += n_tok
         latencies.append(ms)
         ref_text, ref_lp = reference[job][0], reference[job][1]
-        diff = max((abs(a - b) for a, b in zip(logprobs, ref_lp)), default=0.0)
+        diff = max((abs(a - b) for a, b in zip(logprobs, ref_lp, strict=False)), default=0.0)
         worst = max(worst, diff)
         if text != ref_text or len(logprobs) != len(ref_lp) or diff > TOLERANCE:
             wrong += 1
