@@ -77,3 +77,16 @@ def test_export_refuses_missing_base_and_wrong_base(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="trained on another base"):
         export_merged(adapter, tmp_path / "m", base=build_tiny_model(tmp_path / "mixtral", "mixtral"))
     assert not (tmp_path / "m").exists()
+
+
+def test_export_fails_loudly_when_merged_output_differs(tiny_llama, tmp_path):
+    """A real failing case, no mock: a 16-bit merge rounds W + (alpha/r) B A, and with this strong adapter
+    on the tiny random model the greedy continuation drifts within 24 tokens (seen: bfloat16 and float16)."""
+    from align.errors import UserError
+    from align.export import export_merged
+
+    _, adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    with pytest.raises(UserError, match="greedy output differs from the adapter's"):
+        export_merged(adapter, tmp_path / "m", dtype="bfloat16")
+    assert not (tmp_path / "m").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.tmp")]
