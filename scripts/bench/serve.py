@@ -155,6 +155,8 @@ def main() -> None:
         base, scale = Path(ensure_smollm2()), 0.02
     adapters = make_adapters(base, work / "adapters", ["red", "blue"], scale)
     print(f"base {base}; adapters {list(adapters)}; server log {work / 'server.log'}", file=sys.stderr)
+    # SIGTERM must unwind through `finally`, so the server (and its vLLM) is stopped with us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     proc, url = start_server(base, adapters, not args.no_zero_adapter, work / "server.log")
     try:
         models = ["base", *adapters]
