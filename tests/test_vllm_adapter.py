@@ -16,6 +16,7 @@ from align.model import LoraSettings, SharedBase  # noqa: E402
 from align.rollout import trainer_logprobs  # noqa: E402
 
 
+@pytest.mark.vllm
 def test_saved_adapter_loads_in_vllm_and_matches_trainer(tiny_llama, tmp_path):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
