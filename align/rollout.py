@@ -279,8 +279,9 @@ class HFEngine:
             base.model.train(was_training)
         new = out.sequences[:, width:]
         # Raw logits (before temperature/top-p): log-probs of the model's own distribution.
-        logits = torch.stack(out.logits, dim=1).float()  # (B*n, steps, V)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        # Step by step: stacking (B*n, steps, V) float logits would triple the memory of out.logits.
+        logp = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, new[:, t, None]).squeeze(-1)
+                            for t, step in enumerate(out.logits)], dim=1)
         samples: list[list[Sample]] = []
         for row in range(new.shape[0]):
             tokens = new[row].tolist()
