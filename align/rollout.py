@@ -20,7 +20,8 @@ Engines:
 - `HFEngine`: transformers `generate` on the SharedBase itself: no second copy,
   nothing to sync (0 bytes), exact by construction; slower than vLLM.
 - `VLLMEngine`: an in-process `vllm.LLM` with its own copy of the base, kept in
-  step by sending only the adapter, in one of two `sync_mode`s:
+  step by sending only the adapter, in one of two `sync_mode`s (default "fold": it
+  samples about 1.8x faster than "lora" on the 2-core CPU, see scripts/bench/rollout.py):
   - "lora": the adapter is saved as a PEFT folder (under /dev/shm) and served through
     vLLM's LoRA path with a fresh `lora_int_id` each sync (reusing an id after
     overwriting the folder keeps the OLD weights, DESIGN.md §4). The reference
@@ -201,7 +202,7 @@ def vllm_available() -> bool:
 def make_engine(kind: str, model_path: str, base, dtype: str = "float32", **options) -> RolloutEngine:
     """A rollout engine of `kind`: "auto" (vLLM if importable, else HF) | "vllm" | "hf" | "remote".
 
-    Options go to the engine: VLLMEngine(sync_mode="lora"|"fold", max_lora_rank, seed, max_model_len,
+    Options go to the engine: VLLMEngine(sync_mode="fold" (default) | "lora", max_lora_rank, seed, max_model_len,
     kv_cache_gib, verify_tol, probe, ...), HFEngine(batch_size),
     RemoteEngine(url, adapter_dir, served_model, verify_tol, probe, timeout).
     """
@@ -431,7 +432,7 @@ def _folder_bytes(path: Path) -> int:
 class VLLMEngine:
     """`RolloutEngine` on an in-process `vllm.LLM` holding its own copy of the base weights."""
 
-    def __init__(self, model_path: str, base, dtype: str = "float32", sync_mode: str = "lora",
+    def __init__(self, model_path: str, base, dtype: str = "float32", sync_mode: str = "fold",
                  max_lora_rank: int | None = None, seed: int = 0, max_model_len: int | None = None,
                  kv_cache_gib: float | None = None, verify_tol: float | None = None,
                  probe: tuple[list[int], list[int]] | None = None, enforce_eager: bool = True,
