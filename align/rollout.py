@@ -21,7 +21,8 @@ Engines:
   nothing to sync (0 bytes), exact by construction; slower than vLLM.
 - `VLLMEngine`: an in-process `vllm.LLM` with its own copy of the base, kept in
   step by sending only the adapter, in one of two `sync_mode`s (default "fold": it
-  samples about 1.8x faster than "lora" on the 2-core CPU, see scripts/bench/rollout.py):
+  samples 1.8x (tiny model) to 2.6x (SmolLM2) faster than "lora" on the 2-core CPU; see
+  scripts/bench/rollout.py):
   - "lora": the adapter is saved as a PEFT folder (under /dev/shm) and served through
     vLLM's LoRA path with a fresh `lora_int_id` each sync (reusing an id after
     overwriting the folder keeps the OLD weights, DESIGN.md §4). The reference
