@@ -65,7 +65,8 @@ class DPOConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "Assumed label noise (sigmoid, robust)."})
     learning_rate: float = field(default=DEFAULT_DPO_LR, metadata={"help": "AdamW lr; ~10x a full fine-tuning lr."})
     weight_decay: float = 0.0
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps, then constant."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    lr_schedule: str = field(default="linear", metadata={"help": "After warm-up: linear (decay to 0 at the last step) | constant."})
     batch_size: int = field(default=4, metadata={"help": "Preference pairs per forward pass."})
     grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step."})
     epochs: int = 1
@@ -99,6 +100,8 @@ class DPOConfig:
             raise ValueError("batch_size, grad_accum and epochs: expected positive integers")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: expected in [0, 1), got {self.eval_fraction}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"lr_schedule: expected 'linear' or 'constant', got {self.lr_schedule!r}")
         if self.on_bad_rows not in ("error", "skip"):
             raise ValueError(f"on_bad_rows: expected 'error' or 'skip', got {self.on_bad_rows!r}")
         if self.precompute_ref and self.ref_model_copy:
@@ -266,8 +269,14 @@ class DPOTrainer:
         return losses.mean(), stats, tokens
 
     def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): a pure function of the step, so resume is exact."""
         c = self.config
-        return c.learning_rate * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
+        if c.warmup_steps and step < c.warmup_steps:
+            return c.learning_rate * (step + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return c.learning_rate
+        decay_steps = max(1, self.total_steps - c.warmup_steps)
+        return c.learning_rate * max(0.0, 1 - (step - c.warmup_steps) / decay_steps)
 
     def train_step(self) -> dict:
         c = self.config

@@ -128,3 +128,12 @@ def test_divergence_stops_and_keeps_last_checkpoint(tiny_llama, tmp_path):
     assert not list((out / "checkpoints").glob(".*tmp*"))  # nothing half-written left behind
     assert not (out / "adapter").exists()  # no final adapter from a diverged run
     shutil.rmtree(out)
+
+
+def test_learning_rate_schedule_by_hand(tiny_llama, tmp_path):
+    trainer = DPOTrainer(tiny_config(tiny_llama, tmp_path / "run", warmup_steps=2, learning_rate=1.0))
+    trainer.total_steps = 10
+    # warm-up: 1/2, 2/2; then linear from 1 at step 2 to 0 at step 10 over 8 steps
+    assert [trainer.lr_at(s) for s in (0, 1, 2, 6, 9)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.125])
+    trainer.config.lr_schedule = "constant"
+    assert trainer.lr_at(7) == 1.0
