@@ -124,15 +124,13 @@ class Scorer:
     """Total reward = sum of weighted reward functions (+ weight * reward adapter score); parts kept apart."""
 
     def __init__(self, functions: dict[str, float], reward_model=None, reward_model_weight: float = 1.0):
-        from reward.functions import get_reward_fn
-
+        get_reward_fn, _ = _reward_api()
         self.functions = [(spec, get_reward_fn(spec), float(w)) for spec, w in functions.items()]
         self.reward_model = reward_model
         self.reward_model_weight = reward_model_weight
 
     def __call__(self, prompts: list[str], completions: list[str], answers: list) -> tuple[torch.Tensor, dict]:
-        from reward.functions import compute_rewards
-
+        _, compute_rewards = _reward_api()
         total = torch.zeros(len(completions))
         parts = {}
         for spec, fn, weight in self.functions:
@@ -144,6 +142,29 @@ class Scorer:
             parts["reward_model"] = values
             total += self.reward_model_weight * values
         return total, parts
+
+
+def _reward_api():
+    """(get_reward_fn, compute_rewards) from reward.functions.
+
+    TEMPORARY fallback until the reward branch lands: the arithmetic task only.
+    """
+    try:
+        from reward.functions import compute_rewards, get_reward_fn
+
+        return get_reward_fn, compute_rewards
+    except ImportError:
+        from align.tasks.arithmetic import score
+
+        def get_reward_fn(spec):
+            if spec != "arithmetic":
+                raise UserError(f"reward function {spec!r}: only 'arithmetic' until reward.functions exists")
+            return lambda prompts, completions, answers: [score(c, a) for c, a in zip(completions, answers)]
+
+        def compute_rewards(fn, prompts, completions, answers):
+            return fn(prompts, completions, answers)
+
+        return get_reward_fn, compute_rewards
 
 
 # -- trainer -----------------------------------------------------------------------------------------
@@ -178,6 +199,7 @@ class PPOTrainer:
             self.reward_model = RewardModel.attach(self.base, c.reward_model, name="reward")
         self.base.set_active("policy")
         self.scorer = Scorer(c.reward_functions, self.reward_model, c.reward_model_weight)
+        self.task_scorer = Scorer(c.reward_functions)  # held-out evaluation: reward functions only
 
         groups = [{"params": list(self.base.adapter_parameters("policy").values()), "lr": c.lr}]
         if self.critic:
@@ -280,6 +302,9 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._trained(), c.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # stop before a NaN reaches the adapters
+                    raise TrainingDiverged(f"step {step}: the gradient norm is {grad_norm.item()}; "
+                                           f"{self._last_good()}")
                 self.optimizer.step()
                 stats.append([pg_loss.item(), vf_loss.item(), clipfrac.item(), approx_kl.item(),
                               vf_clipfrac.item(), grad_norm.item()])
@@ -350,17 +375,18 @@ class PPOTrainer:
 
     # -- loop ------------------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run the remaining steps; returns {"eval/reward_before", "eval/reward_after"} where measured."""
         c = self.config
         summary = {}
         if self.step_done == 0 and self.eval_rows:
             summary["eval/reward_before"] = self.evaluate()
             self.metrics.log(0, {"eval/reward": summary["eval/reward_before"]})
-        bar = tqdm(range(self.step_done + 1, c.steps + 1), desc=f"{c.estimator}", initial=self.step_done,
+        bar = tqdm(range(self.step_done + 1, c.steps + 1), desc=c.estimator, initial=self.step_done,
                    total=c.steps, dynamic_ncols=True)
         for step in bar:
             m = self.step(step)
             if self.eval_rows and (step == c.steps or (c.eval_every and step % c.eval_every == 0)):
-                m["eval/reward"] = self.evaluate()
+                m["eval/reward"] = summary["eval/reward_after"] = self.evaluate()
             self.metrics.log(step, m)
             self.step_done = step
             if step % c.save_every == 0 or step == c.steps:
@@ -369,8 +395,6 @@ class PPOTrainer:
                             **({"eval": f"{m['eval/reward']:.3f}"} if "eval/reward" in m else {}))
         bar.close()
         self.save_final()
-        if "eval/reward" in locals().get("m", {}):
-            summary["eval/reward_after"] = m["eval/reward"]
         return summary
 
     @torch.no_grad()
@@ -379,7 +403,7 @@ class PPOTrainer:
         samples = self.engine.generate(self.eval_ids, n=1, max_new_tokens=self.config.max_new_tokens,
                                        temperature=0.0, adapter="policy")
         texts = [s[0].text for s in samples]
-        scores, _ = Scorer(self.config.reward_functions)([r["prompt"] for r in self.eval_rows], texts,
+        scores, _ = self.task_scorer([r["prompt"] for r in self.eval_rows], texts,
                                                          [r.get("answer") for r in self.eval_rows])
         return scores.mean().item()
 
