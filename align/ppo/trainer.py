@@ -284,7 +284,10 @@ class PPOTrainer:
         for _ in range(c.epochs):
             for mb in torch.randperm(mask.shape[0], generator=g).split(c.minibatch_size):
                 mb_batch, m = batch.select(mb), mask[mb]
-                logp, ent = self._logprobs(mb_batch, "policy", with_entropy=c.entropy_coef > 0)
+                if c.entropy_coef > 0:
+                    logp, ent = self._logprobs(mb_batch, "policy", with_entropy=True)
+                else:
+                    logp = self._logprobs(mb_batch, "policy")
                 pg_loss, clipfrac, approx_kl = A.policy_loss(logp, old_logp[mb], advantages[mb], m, c.clip_eps)
                 loss = pg_loss
                 if c.entropy_coef > 0:
