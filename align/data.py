@@ -1,0 +1,335 @@
+"""Preference data: TRL's standard and conversational formats, validated row by row.
+
+Formats (one JSON object per row):
+  standard:        {"prompt": str, "chosen": str, "rejected": str}
+  conversational:  {"prompt": [{"role", "content"}, ...], "chosen": [...], "rejected": [...]}
+                   or without "prompt" when chosen/rejected are whole conversations sharing
+                   everything but the final assistant turn (TRL's implicit prompt).
+Sources: local .jsonl/.json/.parquet, or a dataset name for `datasets.load_dataset`.
+
+Every problem is reported with its place (`file:line` for JSONL, `file: row N`
+otherwise), the field and what was expected. `on_bad_rows="error"` (default) raises
+one DataError listing every bad row; "skip" drops them and counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.errors import UserError
+
+Message = dict
+Text = str | list[Message]
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("auto", "standard", "conversational")
+
+
+@dataclass
+class DataIssue:
+    where: str
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: field '{self.field}': {self.message}" if self.field else f"{self.where}: {self.message}"
+
+
+class DataError(UserError):
+    """One or more bad rows (or a bad file); `issues` lists them all."""
+
+    def __init__(self, issues: list[DataIssue], limit: int = 20):
+        self.issues = issues
+        shown = "\n  ".join(str(i) for i in issues[:limit])
+        more = f"\n  ... and {len(issues) - limit} more" if len(issues) > limit else ""
+        head = f"{len(issues)} bad row(s):\n  " if len(issues) > 1 else ""
+        super().__init__(f"{head}{shown}{more}")
+
+
+@dataclass
+class PreferenceRow:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    where: str
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+@dataclass
+class PreferenceSet:
+    rows: list[PreferenceRow]
+    skipped: list[DataIssue] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    where: str
+
+
+# -- reading ------------------------------------------------------------------------------------
+def _read_jsonl(path: Path):
+    """Yield (where, record | DataIssue). Accepts a BOM, CRLF and blank lines."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        raw = raw.rstrip(b"\r")
+        where = f"{path}:{lineno}"
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield where, DataIssue(where, None, f"invalid UTF-8 at byte {e.start} of the line; expected UTF-8 text")
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield where, DataIssue(where, None, f"not valid JSON ({e.msg} at column {e.colno}); "
+                                                f"expected one JSON object per line")
+            continue
+        yield where, record
+
+
+def _read_json(path: Path):
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        yield f"{path}:{line}", DataIssue(f"{path}:{line}", None, "invalid UTF-8; expected UTF-8 text")
+        return
+    if not text.strip():
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        yield f"{path}:{e.lineno}", DataIssue(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg})")
+        return
+    if isinstance(records, dict) and isinstance(records.get("train"), list):
+        records = records["train"]
+    if not isinstance(records, list):
+        yield str(path), DataIssue(str(path), None, "expected a JSON array of row objects (or JSONL)")
+        return
+    for i, record in enumerate(records):
+        yield f"{path}: row {i}", record
+
+
+def _read_datasets(source: str, split: str, **kwargs):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split, **kwargs)
+    except Exception as e:  # datasets raises many types; the message is what matters
+        raise DataError([DataIssue(source, None, f"could not load dataset: {e}")]) from None
+    name = kwargs.get("data_files", source)
+    for i, record in enumerate(ds):
+        yield f"{name}: row {i}", record
+
+
+def read_records(source: str | os.PathLike, split: str = "train"):
+    """Yield (where, record-or-DataIssue) from a local file or a `datasets` name."""
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _read_jsonl(path)
+        elif suffix == ".json":
+            yield from _read_json(path)
+        elif suffix == ".parquet":
+            yield from _read_datasets("parquet", "train", data_files=str(path))
+        else:
+            raise DataError([DataIssue(str(path), None, f"unknown file type {suffix!r}; "
+                                                        "expected .jsonl, .json or .parquet")])
+    elif path.suffix.lower() in (".jsonl", ".json", ".parquet") or os.sep in str(source):
+        raise DataError([DataIssue(str(path), None, "file not found")])
+    else:
+        yield from _read_datasets(str(source), split)
+
+
+# -- validating ---------------------------------------------------------------------------------
+def _check_text(value, name: str, where: str, fmt: str, issues: list[DataIssue], completion: bool) -> str | None:
+    """Return the row's format ("standard"/"conversational") or None after recording an issue."""
+    if isinstance(value, str):
+        if fmt == "conversational":
+            issues.append(DataIssue(where, name, "expected a list of {role, content} messages (conversational "
+                                                 f"format), got a string"))
+            return None
+        if not value.strip():
+            issues.append(DataIssue(where, name, "expected a non-empty string, got an empty one"))
+            return None
+        return "standard"
+    if isinstance(value, list):
+        if fmt == "standard":
+            issues.append(DataIssue(where, name, "expected a string (standard format), got a list"))
+            return None
+        if not value:
+            issues.append(DataIssue(where, name, "expected a non-empty list of messages, got []"))
+            return None
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
+                issues.append(DataIssue(where, f"{name}[{i}]", f"expected {{'role': str, 'content': str}}, got {m!r}"[:200]))
+                return None
+            if m["role"] not in ROLES:
+                issues.append(DataIssue(where, f"{name}[{i}].role", f"expected one of {list(ROLES)}, got {m['role']!r}"))
+                return None
+            if not isinstance(m["content"], str) or not m["content"].strip():
+                issues.append(DataIssue(where, f"{name}[{i}].content", "expected a non-empty string, got "
+                                                                        f"{m['content']!r}"[:200]))
+                return None
+        if completion and value[-1]["role"] != "assistant":
+            issues.append(DataIssue(where, name, f"expected the last message to be from the assistant, "
+                                                 f"got role {value[-1]['role']!r}"))
+            return None
+        return "conversational"
+    issues.append(DataIssue(where, name, f"expected a string or a list of messages, got {type(value).__name__}"))
+    return None
+
+
+def validate_record(record, where: str, fmt: str = "auto") -> tuple[PreferenceRow | None, list[DataIssue]]:
+    """Check one raw row; return the row (or None) and the issues found."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
+    issues: list[DataIssue] = []
+    if not isinstance(record, dict):
+        return None, [DataIssue(where, None, f"expected a JSON object with prompt/chosen/rejected, "
+                                             f"got {type(record).__name__}")]
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            issues.append(DataIssue(where, key, "missing; expected prompt, chosen and rejected fields"))
+    if issues:
+        return None, issues
+    kinds = {_check_text(record[k], k, where, fmt, issues, completion=True) for k in ("chosen", "rejected")}
+    if issues:
+        return None, issues
+    if len(kinds) > 1:
+        return None, [DataIssue(where, "rejected", "expected the same type as chosen (both strings or both "
+                                                   "message lists)")]
+    kind = kinds.pop()
+    chosen, rejected = record["chosen"], record["rejected"]
+    if "prompt" in record and record["prompt"] is not None:
+        prompt = record["prompt"]
+        pkind = _check_text(prompt, "prompt", where, fmt, issues, completion=False)
+        if issues:
+            return None, issues
+        if pkind != kind:
+            return None, [DataIssue(where, "prompt", f"expected the same format as chosen ({kind}), got {pkind}")]
+    elif kind == "conversational":
+        # Implicit prompt: everything before the final assistant turn, which must be shared.
+        if chosen[:-1] != rejected[:-1]:
+            return None, [DataIssue(where, "rejected", "without a prompt field, chosen and rejected must share "
+                                                       "every message but the last")]
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        if not prompt:
+            return None, [DataIssue(where, "prompt", "missing; expected a prompt or earlier messages")]
+    else:
+        return None, [DataIssue(where, "prompt", "missing; expected a non-empty string")]
+    if chosen == rejected:
+        return None, [DataIssue(where, "rejected", "identical to chosen; a preference pair needs two different "
+                                                   "answers")]
+    return PreferenceRow(prompt, chosen, rejected, where), []
+
+
+def load_preferences(source: str | os.PathLike, fmt: str = "auto", on_bad_rows: str = "error",
+                     split: str = "train") -> PreferenceSet:
+    """Read and validate every row. Raises DataError listing all bad rows unless `on_bad_rows="skip"`."""
+    if on_bad_rows not in ("error", "skip"):
+        raise ValueError(f"on_bad_rows: expected 'error' or 'skip', got {on_bad_rows!r}")
+    rows, issues = [], []
+    seen_any = False
+    for where, record in read_records(source, split):
+        seen_any = True
+        if isinstance(record, DataIssue):
+            issues.append(record)
+            continue
+        row, row_issues = validate_record(record, where, fmt)
+        issues.extend(row_issues)
+        if row is not None:
+            rows.append(row)
+    if not seen_any:
+        raise DataError([DataIssue(str(source), None, "empty file; expected at least one preference row")])
+    if issues and on_bad_rows == "error":
+        raise DataError(issues)
+    if not rows:
+        raise DataError(issues + [DataIssue(str(source), None, "no valid rows left")])
+    return PreferenceSet(rows, issues, str(source))
+
+
+# -- tokenizing ---------------------------------------------------------------------------------
+def render(row: PreferenceRow, tokenizer, chat_template: bool = True) -> tuple[str, str, str]:
+    """Prompt text and the two completion texts, with the chat template where there is one."""
+    use_template = row.conversational or (chat_template and getattr(tokenizer, "chat_template", None))
+    if not use_template:
+        eos = tokenizer.eos_token or ""
+        return row.prompt, row.chosen + eos, row.rejected + eos
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError([DataIssue(row.where, None, "conversational rows need a tokenizer with a chat template")])
+
+    def as_messages(x, role):
+        return x if isinstance(x, list) else [{"role": role, "content": x}]
+
+    prompt = as_messages(row.prompt, "user")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    outs = []
+    for answer in (row.chosen, row.rejected):
+        full = tokenizer.apply_chat_template(prompt + as_messages(answer, "assistant"), tokenize=False)
+        if not full.startswith(prompt_text):
+            raise DataError([DataIssue(row.where, None, "the chat template does not render the prompt as a prefix "
+                                                        "of the conversation; cannot split prompt and answer")])
+        outs.append(full[len(prompt_text):])
+    return prompt_text, outs[0], outs[1]
+
+
+def tokenize_preferences(rows: list[PreferenceRow], tokenizer, max_length: int, chat_template: bool = True,
+                         on_bad_rows: str = "error") -> list[TokenizedPair]:
+    """Tokenize rows; answers are truncated to fit `max_length`, a prompt that leaves no room is an error."""
+    pairs, issues = [], []
+    for row in rows:
+        prompt_text, chosen_text, rejected_text = render(row, tokenizer, chat_template)
+        templated = row.conversational or (chat_template and getattr(tokenizer, "chat_template", None))
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            issues.append(DataIssue(row.where, "prompt", f"{len(prompt_ids)} tokens leave no room for the answer "
+                                                         f"under max_length={max_length}"))
+            continue
+        chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"][:room]
+        rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"][:room]
+        if chosen_ids == rejected_ids:
+            issues.append(DataIssue(row.where, "rejected", f"identical to chosen after truncation to "
+                                                           f"max_length={max_length}"))
+            continue
+        pairs.append(TokenizedPair(prompt_ids, chosen_ids, rejected_ids, row.where))
+    if issues and on_bad_rows == "error":
+        raise DataError(issues)
+    return pairs
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (2B, T) batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected."""
+    seqs, comp = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            answer = getattr(p, side)
+            seqs.append(p.prompt_ids + answer)
+            comp.append([0] * len(p.prompt_ids) + [1] * len(answer))
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, c) in enumerate(zip(seqs, comp)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        completion_mask[i, : len(s)] = torch.tensor(c)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}

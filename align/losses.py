@@ -1,0 +1,51 @@
+"""DPO-family preference losses as pure tensor functions.
+
+All inputs are per-pair sequence log-probabilities, shape (B,): the policy's and the
+reference's log p(chosen | prompt) and log p(rejected | prompt). With
+h = (pi_c - pi_r) - (ref_c - ref_r), the implicit reward margin:
+
+  sigmoid  (DPO, Rafailov et al. 2023):   -log σ(βh)                       (label smoothing ε: conservative DPO)
+  robust   (Chowdhury et al. 2024):       (-(1-ε) log σ(βh) + ε log σ(-βh)) / (1 - 2ε)
+  hinge    (SLiC, Zhao et al. 2023):      max(0, 1 - βh)
+  ipo      (Azar et al. 2023):            (h - 1/(2β))²    (expects length-averaged log-probs)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,) and the implicit rewards β·(π - ref) of chosen and rejected (detached)."""
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over `dim`, or over everything)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
