@@ -6,6 +6,7 @@ import copy
 import gc
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -68,28 +69,59 @@ def test_first_step_kl_is_exactly_zero_then_the_policy_moves(tiny_llama, tmp_pat
     tr.close()
 
 
-def test_update_trains_policy_and_critic_only(tiny_llama, tmp_path):
-    tr = make(tiny_llama, tmp_path)
-    # A frozen third adapter standing in for the reward adapter: it must not move.
-    tr.base.add_adapter("reward", trainable=False)
+@pytest.fixture(scope="module")
+def reward_adapter(tiny_llama, tmp_path_factory):
+    """A saved reward model (adapter + head) with non-zero weights, as `align reward` would write it."""
+    from align.model import SharedBase
+    from reward.model import RewardModel
+
+    base = SharedBase.load(str(tiny_llama))
+    rm = RewardModel.create(base, seed=0)
     with torch.no_grad():
-        for p in tr.base.adapter_parameters("reward").values():
+        for p in base.adapter_parameters("reward").values():
             p.normal_(0, 0.05)
-    tr.base.set_active("policy")
+    path = tmp_path_factory.mktemp("rm") / "reward"
+    rm.save(path)
+    return path
+
+
+def test_update_trains_policy_and_critic_only(tiny_llama, tmp_path, reward_adapter):
+    tr = make(tiny_llama, tmp_path, f"reward_model={reward_adapter}", "reward_model_weight=0.5")
     before = {name: snapshot(tr.base.adapter_parameters(name)) for name in ("policy", "critic", "reward")}
+    assert all(v.abs().sum() > 0 for v in before["reward"].values())
     base_before = snapshot(tr.base.base_parameters())
     head_before = snapshot(dict(tr.value_head.named_parameters()))
-    tr.step(1)
+    rm_head_before = snapshot(dict(tr.reward_model.head.named_parameters()))
+    m = tr.step(1)
+    # the reward adapter scored the completions: total = arithmetic + 0.5 * reward model
+    assert m["reward/mean"] == pytest.approx(m["reward/arithmetic"] + 0.5 * m["reward/reward_model"], abs=1e-6)
+    assert m["reward/reward_model"] != 0.0
     assert not same(before["policy"], snapshot(tr.base.adapter_parameters("policy")))
     assert not same(before["critic"], snapshot(tr.base.adapter_parameters("critic")))
     assert not same(head_before, snapshot(dict(tr.value_head.named_parameters())))
     assert same(before["reward"], snapshot(tr.base.adapter_parameters("reward")))
+    assert same(rm_head_before, snapshot(dict(tr.reward_model.head.named_parameters())))
     assert same(base_before, snapshot(tr.base.base_parameters()))
-    # and nothing but adapters and the head is handed to the optimizer
+    # and nothing but the policy/critic adapters and the value head is handed to the optimizer
     trained = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
     allowed = {id(p) for n in ("policy", "critic") for p in tr.base.adapter_parameters(n).values()}
     allowed |= {id(p) for p in tr.value_head.parameters()}
     assert trained == allowed
+    tr.close()
+
+
+def broken_reward(prompts, completions, answers):
+    """Fails on rows whose answer is $PPO_TEST_BAD_ANSWER (used below through 'module:function')."""
+    return [1.0 / (a != os.environ["PPO_TEST_BAD_ANSWER"]) for a in answers]
+
+
+def test_failing_reward_function_names_the_row(tiny_llama, tmp_path, monkeypatch):
+    tr = make(tiny_llama, tmp_path, "reward_functions={tests.test_ppo_trainer:broken_reward: 1.0}")
+    answers = [tr.train_rows[i]["answer"] for i in tr._prompt_indices(1) for _ in range(2)]
+    monkeypatch.setenv("PPO_TEST_BAD_ANSWER", answers[-1])  # the second prompt's rows divide by zero
+    bad = answers.index(answers[-1])
+    with pytest.raises(UserError, match=rf"broken_reward failed on row {bad} .*ZeroDivisionError"):
+        tr.step(1)
     tr.close()
 
 

@@ -124,13 +124,15 @@ class Scorer:
     """Total reward = sum of weighted reward functions (+ weight * reward adapter score); parts kept apart."""
 
     def __init__(self, functions: dict[str, float], reward_model=None, reward_model_weight: float = 1.0):
-        get_reward_fn, _ = _reward_api()
+        from reward.functions import get_reward_fn
+
         self.functions = [(spec, get_reward_fn(spec), float(w)) for spec, w in functions.items()]
         self.reward_model = reward_model
         self.reward_model_weight = reward_model_weight
 
     def __call__(self, prompts: list[str], completions: list[str], answers: list) -> tuple[torch.Tensor, dict]:
-        _, compute_rewards = _reward_api()
+        from reward.functions import compute_rewards
+
         total = torch.zeros(len(completions))
         parts = {}
         for spec, fn, weight in self.functions:
@@ -142,29 +144,6 @@ class Scorer:
             parts["reward_model"] = values
             total += self.reward_model_weight * values
         return total, parts
-
-
-def _reward_api():
-    """(get_reward_fn, compute_rewards) from reward.functions.
-
-    TEMPORARY fallback until the reward branch lands: the arithmetic task only.
-    """
-    try:
-        from reward.functions import compute_rewards, get_reward_fn
-
-        return get_reward_fn, compute_rewards
-    except ImportError:
-        from align.tasks.arithmetic import score
-
-        def get_reward_fn(spec):
-            if spec != "arithmetic":
-                raise UserError(f"reward function {spec!r}: only 'arithmetic' until reward.functions exists")
-            return lambda prompts, completions, answers: [score(c, a) for c, a in zip(completions, answers)]
-
-        def compute_rewards(fn, prompts, completions, answers):
-            return fn(prompts, completions, answers)
-
-        return get_reward_fn, compute_rewards
 
 
 # -- trainer -----------------------------------------------------------------------------------------
