@@ -248,3 +248,19 @@ def test_critic_free_estimators_train_the_policy_only(tiny_llama, tmp_path, esti
     assert "loss/value" not in m
     assert not same(before, snapshot(tr.base.adapter_parameters("policy")))
     tr.close()
+
+
+def test_align_ppo_command_runs_and_plots(tiny_llama, tmp_path):
+    from align.cli import main
+
+    out = tmp_path / "cli"
+    args = ["ppo", "--config", str(CONFIGS / "ppo_tiny.yaml"), "--set", f"model={tiny_llama}",
+            "--set", f"output_dir={out}", "--set", "steps=1"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and "eval/reward" in rows[1]
+    assert (out / "policy" / "adapter_model.safetensors").is_file()
+    assert (out / "config.yaml").is_file()
+    assert main(args) == 2  # a second run into the same folder refuses to overwrite its checkpoints
+    assert main(["plot", str(out)]) == 0 and (out / "metrics.png").stat().st_size > 0
+    assert main(["ppo", "--config", str(CONFIGS / "ppo_tiny.yaml"), "--set", "kl_estimator=k2"]) == 2
