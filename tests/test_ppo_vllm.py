@@ -43,8 +43,8 @@ def test_ppo_with_vllm_rollouts_end_to_end(tiny_llama, tmp_path):
         want = trainer_logprobs(tr.base, prompt, completion, "policy")
         ref = trainer_logprobs(tr.base, prompt, completion, None)
         got = tr.engine.logprobs(prompt, completion, adapter="policy")
-        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
-        assert max(abs(a - b) for a, b in zip(want, ref)) > 1e-3  # the probe does see the trained adapter
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4
+        assert max(abs(a - b) for a, b in zip(want, ref, strict=True)) > 1e-3  # the probe does see the trained adapter
         assert (tmp_path / "run" / "policy" / "adapter_model.safetensors").is_file()
     finally:
         tr.close()

@@ -100,7 +100,7 @@ def encode_prompts(tokenizer, rows: list[dict], system_prompt: str | None, max_t
 
 def pack(samples: list[list], rows: list[dict], pad_id: int) -> Rollout:
     """Flatten engine samples (prompts x generations) into padded tensors."""
-    flat = [(s, row) for group, row in zip(samples, rows) for s in group]
+    flat = [(s, row) for group, row in zip(samples, rows, strict=True) for s in group]
     P = max(len(s.prompt_ids) for s, _ in flat)
     T = max(1, max(len(s.completion_ids) for s, _ in flat))
     B = len(flat)
@@ -407,7 +407,11 @@ class PPOTrainer:
 
     def _load_latest(self) -> None:
         from align.checkpoint import (
-            latest_checkpoint, load_adapter_weights, load_checkpoint, load_optimizer_tensors, restore_rng,
+            latest_checkpoint,
+            load_adapter_weights,
+            load_checkpoint,
+            load_optimizer_tensors,
+            restore_rng,
         )
 
         path = latest_checkpoint(self.run_dir)
