@@ -8,6 +8,8 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set steps=20 --set lora.rank=4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--eval-only", action="store_true",
+                   help="score the held-out prompts greedily with the latest checkpoint (or the base) and stop")
 
 
 def run(args) -> int:
@@ -16,6 +18,17 @@ def run(args) -> int:
     from align.ppo.trainer import PPOTrainer
 
     config = load_config(PPOConfig, args.config, args.overrides)
+    if args.eval_only:
+        from align.checkpoint import latest_checkpoint
+
+        trainer = PPOTrainer(config, resume=latest_checkpoint(config.output_dir) is not None)
+        try:
+            score = trainer.evaluate()
+            trainer.metrics.log(trainer.step_done, {"eval/reward": score})
+        finally:
+            trainer.close()
+        print(f"eval/reward at step {trainer.step_done}: {score:.4f}")
+        return 0
     trainer = PPOTrainer(config, resume=args.resume)
     dump_config(config, trainer.run_dir / "config.yaml")
     try:

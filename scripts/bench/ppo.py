@@ -4,7 +4,9 @@
     python scripts/bench/ppo.py                             # SmolLM2-135M; trains configs/grpo_demo.yaml
     python scripts/bench/ppo.py --reuse-run runs/grpo-demo  # take reward_before/after from a finished run
 
-Each memory figure is the peak RSS (ru_maxrss) of its own child process running one PPO step
+Each memory figure is the peak RSS (sampled from /proc every 2 ms while the step runs, after the
+loads; ru_maxrss, which includes loading transients, is reported alongside) of its own child process
+running one PPO step
 (policy/reference/critic/reward forward passes, then a policy+critic update) with
   shared: every role on one SharedBase (adapters "policy", "critic", "reward"; reference = adapters off)
   four:   separate policy, reference, critic and reward models (4 loads of the base)
@@ -83,6 +85,32 @@ def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_
         with b.adapter(name), torch.set_grad_enabled(grad):
             return b.hidden(ids, attn)
 
+    # Loading leaves transient peaks (mmapped checkpoint pages, freed copies); measure the step itself:
+    # give freed memory back, then sample this process's RSS while the step runs.
+    import ctypes
+    import gc
+    import threading
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    page = os.sysconf("SC_PAGE_SIZE")
+    samples, stop = [], threading.Event()
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def sample():
+        while not stop.is_set():
+            samples.append(rss())
+            time.sleep(0.002)
+
+    rss_before_step = rss()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     old_logp, ref_logp = logp("policy"), logp("reference")
     old_values = value_head(hidden("critic")[:, P - 1:P - 1 + completion_len]).detach()
@@ -99,7 +127,11 @@ def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_
     (pg + 0.5 * vf).backward()
     opt.step()
     seconds = time.perf_counter() - start
-    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    stop.set()
+    sampler.join()
+    samples.append(rss())
+    return {"peak_mb": max(samples) / 2 ** 20, "rss_before_step_mb": rss_before_step / 2 ** 20,
+            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "base_mb": bases[0].base_bytes() / 2 ** 20, "step_s": seconds, "bases": len(bases)}
 
 
@@ -190,6 +222,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=None, help="steps of the learning run (default: config's)")
     p.add_argument("--reuse-run", help="read reward_before/after from this finished run instead of training")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--reuse-speed", help="JSON file with the sync/rollout figures of an earlier run (skips them)")
     p.add_argument("--child", nargs=5, metavar=("MODEL", "MODE", "B", "P", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -230,7 +263,11 @@ def main() -> None:
     print(f"  shared base: peak {shared['peak_mb']:.0f} MB   four models: peak {four['peak_mb']:.0f} MB   "
           f"base {base_mb:.1f} MB", flush=True)
     print("[bench] adapter sync to vLLM and rollout speed", flush=True)
-    speed = sync_and_rollouts(model, *rollout_shape, args.repeats)
+    if args.reuse_speed:
+        speed = json.loads(Path(args.reuse_speed).read_text())
+    else:
+        speed = sync_and_rollouts(model, *rollout_shape, args.repeats)
+        (tmp / "speed.json").write_text(json.dumps(speed))
     print(f"  sync {speed['sync_bytes']} B of {speed['full_weight_bytes']} B (x{speed['sync_ratio']:.0f}) in "
           f"{speed['sync_s']:.2f} s, probe max |diff| {speed['logprob_max_abs_diff']:.2e}; rollout tok/s "
           f"vLLM {speed['rollout_tok_per_s_vllm']:.0f}, HF {speed['rollout_tok_per_s_hf']:.0f}", flush=True)
@@ -243,6 +280,8 @@ def main() -> None:
         "peak_mb_shared": round(shared["peak_mb"], 1),
         "peak_mb_four_models": round(four["peak_mb"], 1),
         "saved_base_copies": round((four["peak_mb"] - shared["peak_mb"]) / base_mb, 3),
+        "ru_maxrss_mb_shared": round(shared["ru_maxrss_mb"], 1),
+        "ru_maxrss_mb_four_models": round(four["ru_maxrss_mb"], 1),
         "step_s_shared": round(shared["step_s"], 3),
         "step_s_four_models": round(four["step_s"], 3),
         "sync_bytes": speed["sync_bytes"],
