@@ -43,7 +43,14 @@ def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_
     torch.manual_seed(0)
 
     def load():
-        return SharedBase.load(model)
+        # from_pretrained maps the safetensors file: weights are file pages that become resident when
+        # touched, and several loads of one file would share them. Separate models (other checkpoints
+        # in practice) own their memory, so give every load its own anonymous copy, in both modes alike.
+        b = SharedBase.load(model)
+        with torch.no_grad():
+            for p in b.model.parameters():
+                p.data = p.data.clone()
+        return b
 
     if mode == "shared":
         base = load()
@@ -251,7 +258,7 @@ def main() -> None:
 
         model = str(ensure_smollm2())
         name = "SmolLM2-135M-Instruct"
-        shape = ("16", "48", "16")
+        shape = ("4", "48", "16")  # a small batch: weights, not activations, dominate the peak
         config = str(ROOT / "configs" / "grpo_demo.yaml")
         overrides = [f"output_dir={tmp / 'run'}"] + ([f"steps={args.train_steps}"] if args.train_steps else [])
         rollout_shape = (16, 4, 32)
