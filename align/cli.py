@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("align.data_cli", "Validate a preference dataset (`align data check FILE`)."),
     "ppo": ("align.ppo.cli", "PPO / GRPO / RLOO with policy, reference, critic and reward on one frozen base."),
     "plot": ("align.plot_cli", "Draw a run's metrics.jsonl curves to a PNG."),
+    "serve": ("align.serve", "Serve a base model and its LoRA adapters through vLLM's OpenAI-compatible API."),
+    "export": ("align.export", "Merge an adapter into its base: a full safetensors model for engines without LoRA."),
 }
 
 

@@ -1,0 +1,124 @@
+"""`align export`: fold an adapter into its base, for engines without LoRA support.
+
+    align export --adapter runs/dpo/adapter --merge exported/ [--base BASE]
+
+Writes a full model (safetensors) plus the tokenizer, atomically, and only after the saved model's
+greedy output equals the adapter's on a few prompts; otherwise nothing is written and it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from align.errors import UserError
+
+DEFAULT_PROMPTS = (
+    "What is 12+7? Reply with the number only.",
+    "The quick brown fox",
+    "Hello, how are you?",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. a trained policy).")
+    p.add_argument("--merge", required=True, metavar="OUT", help="Folder to write the merged model to.")
+    p.add_argument("--base", default=None,
+                   help="Base model folder (default: from the adapter's align_meta.json or adapter_config.json).")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="Merge, check and save in this dtype. float32 keeps greedy output exact; a 16-bit merge "
+                        "rounds the weights and may fail the check.")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="A prompt for the greedy check (repeatable; default: three fixed prompts).")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="Greedy tokens compared per prompt.")
+
+
+def find_base(adapter: Path, base: str | None) -> Path:
+    """The base folder: --base, else align_meta.json's `base`, else adapter_config.json's base_model_name_or_path."""
+    if base is not None:
+        candidates = [("--base", base)]
+    else:
+        candidates = []
+        for fname, key in (("align_meta.json", "base"), ("adapter_config.json", "base_model_name_or_path")):
+            f = adapter / fname
+            if f.is_file():
+                value = json.loads(f.read_text()).get(key)
+                if value:
+                    candidates.append((f"{f} field {key!r}", value))
+    for _, value in candidates:
+        if (Path(value) / "config.json").is_file():
+            return Path(value)
+    if not candidates:
+        raise UserError(f"{adapter}: no base recorded in align_meta.json or adapter_config.json; pass --base")
+    tried = "; ".join(f"{where}: {value}" for where, value in candidates)
+    raise UserError(f"base model folder not found ({tried}); pass --base with a local folder (no model hub here)")
+
+
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt, one at a time (no padding to reason about)."""
+    import torch
+
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32",
+                  prompts: list[str] | None = None, max_new_tokens: int = 24) -> Path:
+    """Merge `adapter` into its base and write it to `out`; raise UserError if greedy outputs differ."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.atomic import atomic_dir
+    from align.model import load_tokenizer, resolve_dtype
+    from align.serve.adapters import AdapterRefused, BaseInfo, check_adapter, read_adapter
+
+    adapter, out = Path(adapter), Path(out)
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    try:
+        info = read_adapter(adapter)
+    except AdapterRefused as e:
+        raise UserError(f"--adapter: {e.message}") from None
+    base_path = find_base(adapter, None if base is None else str(base))
+    try:
+        check_adapter(info, BaseInfo.read(base_path), max_rank=info.rank)
+    except AdapterRefused as e:
+        raise UserError(e.message) from None
+
+    torch_dtype = resolve_dtype(dtype)
+    tokenizer = load_tokenizer(str(base_path))
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype, use_safetensors=True)
+    model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    expected = greedy(model, tokenizer, prompts, max_new_tokens)
+    merged = model.merge_and_unload()
+
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # Check what was written, not what is in memory: the file is what other engines will load.
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype, use_safetensors=True)
+        reloaded.eval()
+        got = greedy(reloaded, tokenizer, prompts, max_new_tokens)
+        for prompt, want, have in zip(prompts, expected, got, strict=True):
+            if want != have:
+                raise UserError(
+                    f"merged model's greedy output differs from the adapter's for prompt {prompt!r}:\n"
+                    f"  adapter: {tokenizer.decode(want)!r}\n  merged:  {tokenizer.decode(have)!r}\n"
+                    f"nothing was written to {out}" + (" (try --dtype float32)" if dtype != "float32" else ""))
+        meta = {"adapter": str(adapter.resolve()), "base": str(base_path.resolve()), "dtype": dtype,
+                "checked_prompts": prompts, "max_new_tokens": max_new_tokens}
+        (tmp / "align_export.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_merged(args.adapter, args.merge, args.base, args.dtype, args.prompt, args.max_new_tokens)
+    print(f"wrote merged model to {out} (greedy output checked on {len(args.prompt or DEFAULT_PROMPTS)} prompts)")
+    return 0

