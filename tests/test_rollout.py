@@ -1,0 +1,249 @@
+"""Rollout engines: the engine serves the trainer's current adapter, and proves it after every sync.
+
+Real vLLM-CPU (in-process) and transformers on the tiny Llama. One vLLM engine per
+sync mode for the whole module. The adapter's B matrices are random and non-zero
+so that "engine equals trainer" cannot hold by accident of the base.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.model import LoraSettings, SharedBase
+from align.rollout import (
+    AdapterSyncError,
+    HFEngine,
+    fused_delta,
+    make_engine,
+    trainer_logprobs,
+    verify_adapter,
+    vllm_lora_rank,
+)
+
+TOL = 1e-4  # float32: engines match the trainer within ~1e-6 (DESIGN.md §4)
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
+
+
+def perturb(base, seed: int, adapter: str = "policy") -> None:
+    """Random non-zero B so the adapter differs from the base (a fresh one has B = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in base.adapter_parameters(adapter).items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def max_diff(a, b) -> float:
+    assert len(a) == len(b)
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_llama):
+    base = SharedBase.load(str(tiny_llama))
+    base.add_adapter("policy", LoraSettings(rank=4, alpha=32))
+    perturb(base, seed=0)
+    return base
+
+
+@pytest.fixture(scope="module", params=[pytest.param("lora", marks=pytest.mark.vllm),
+                                        pytest.param("fold", marks=pytest.mark.vllm)])
+def engine(request, base, tiny_llama):
+    pytest.importorskip("vllm")
+    # max_loras=1 in lora mode: the setting under which vLLM-CPU gets no-adapter requests batched with
+    # adapter ones wrong (measured: up to 2 nats); the engine's all-zero stand-in must make them exact.
+    options = {"max_loras": 1} if request.param == "lora" else {}
+    engine = make_engine("vllm", str(tiny_llama), base, sync_mode=request.param, **options)
+    engine.sync(base, "policy")
+    yield engine
+    engine.close()
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+def test_vllm_lora_rank_rounds_up_to_allowed_values():
+    # vLLM accepts max_lora_rank in {1, 8, 16, 32, ...}
+    assert [vllm_lora_rank(r) for r in (1, 2, 4, 8, 9, 16, 17)] == [1, 8, 8, 8, 16, 16, 32]
+
+
+def test_fused_delta_stacks_scaled_products_in_row_order():
+    # q: A = [[1, 2]] (r=1, in=2), B = [[1], [3]] (out=2), scale 0.5 -> 0.5 * B@A = [[0.5, 1], [1.5, 3]]
+    # k: not adapted -> a zero row of shape (1, 2); v: A = [[0, 1]], B = [[2]], scale 2 -> [[0, 4]]
+    factors = {"l.q": (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0], [3.0]]), 0.5),
+               "l.v": (torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0]]), 2.0)}
+    delta = fused_delta(["l.q", "l.k", "l.v"], [(2, 2), (1, 2), (1, 2)], factors)
+    assert torch.equal(delta, torch.tensor([[0.5, 1.0], [1.5, 3.0], [0.0, 0.0], [0.0, 4.0]]))
+    assert fused_delta(["m.o"], [(2, 2)], factors) is None
+
+
+# -- vLLM engine, both sync modes ---------------------------------------------------------------
+
+def test_after_sync_engine_logprobs_equal_trainer(engine, base):
+    prompt, completion = [3, 40, 41, 42], [50, 60, 70, 80, 90, 100]
+    want = trainer_logprobs(base, prompt, completion, "policy")
+    # The adapter matters here: with it off the trainer's log-probs move by far more than TOL.
+    assert max_diff(want, trainer_logprobs(base, prompt, completion, None)) > 0.05
+    assert max_diff(engine.logprobs(prompt, completion, "policy"), want) <= TOL
+
+
+def test_skipped_sync_is_detected(engine, base):
+    perturb(base, seed=1)  # the trainer moved on ...
+    try:
+        with pytest.raises(AdapterSyncError, match="not serving"):  # ... but nobody told the engine
+            verify_adapter(engine, base, "policy", *engine.probe, tol=TOL)
+        stats = engine.sync(base, "policy")
+        assert stats.max_abs_diff <= TOL
+        assert verify_adapter(engine, base, "policy", *engine.probe, tol=TOL) <= TOL
+    finally:
+        perturb(base, seed=0)
+        engine.sync(base, "policy")
+
+
+def test_repeated_syncs_serve_the_latest_weights(engine, base):
+    # Each sync must replace the adapter: vLLM keeps old weights if a lora id is reused,
+    # and a fold that forgot to remove the previous delta would add both.
+    prompt, completion = [7, 8, 9], [20, 21, 22, 23]
+    try:
+        for seed in (2, 3, 2):
+            perturb(base, seed)
+            engine.sync(base, "policy")
+            assert max_diff(engine.logprobs(prompt, completion), trainer_logprobs(base, prompt, completion)) <= TOL
+    finally:
+        perturb(base, seed=0)
+        engine.sync(base, "policy")
+
+
+def test_sync_moves_adapter_bytes_only(engine, base):
+    stats = engine.sync(base, "policy")
+    # Adapter params of the tiny Llama, rank 4, per layer (A: r x in, B: out x r):
+    # q 4*64+64*4=512, k 4*64+32*4=384, v 384, o 512, gate 4*64+128*4=768, up 768, down 4*128+64*4=768
+    # = 4096 per layer, 2 layers = 8192 floats = 32768 bytes (+ config/metadata files in lora mode).
+    assert 32768 <= stats.bytes <= 32768 + 16384
+    assert stats.bytes * 10 < base.base_bytes()
+
+
+def test_sampler_logprobs_equal_scoring_logprobs(engine, base):
+    out = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.7, seed=0)
+    assert [len(s) for s in out] == [2, 2, 2, 2]
+    for prompt, samples in zip(PROMPTS, out, strict=True):
+        for s in samples:
+            assert s.prompt_ids == prompt and 1 <= len(s.completion_ids) <= 8
+            assert s.finish_reason == ("length" if len(s.completion_ids) == 8 else "stop")
+            # Temperature 0.7 shapes the sampling, not the reported log-probs (the model's own distribution).
+            assert max_diff(s.logprobs, trainer_logprobs(base, prompt, s.completion_ids)) <= TOL
+
+
+def test_same_seed_same_samples(engine):
+    a = engine.generate(PROMPTS[:2], n=2, max_new_tokens=6, seed=7)
+    b = engine.generate(PROMPTS[:2], n=2, max_new_tokens=6, seed=7)
+    assert [[s.completion_ids for s in x] for x in a] == [[s.completion_ids for s in x] for x in b]
+    # Different prompts/children get different seeds: the two samples of a prompt are not copies.
+    assert any(x[0].completion_ids != x[1].completion_ids for x in a)
+
+
+def test_reference_sampling_by_mode(engine, base):
+    adapters = ["policy", None, "policy", None]
+    if engine.sync_mode == "fold":
+        # The folded engine IS the policy: the reference is not available from it.
+        with pytest.raises(ValueError, match="fold"):
+            engine.generate(PROMPTS, adapter=adapters)
+        return
+    # vLLM gets no-adapter requests wrong when batched with adapter ones; the engine must not.
+    out = engine.generate(PROMPTS, n=1, max_new_tokens=8, seed=1, adapter=adapters)
+    for prompt, samples, name in zip(PROMPTS, out, adapters, strict=True):
+        want = trainer_logprobs(base, prompt, samples[0].completion_ids, name)
+        assert max_diff(samples[0].logprobs, want) <= TOL
+
+
+# -- transformers engine -------------------------------------------------------------------------
+
+def test_hf_engine_sampler_logprobs_equal_scoring(base, tiny_llama):
+    engine = make_engine("hf", str(tiny_llama), base)
+    assert isinstance(engine, HFEngine)
+    assert engine.sync(base, "policy").bytes == 0  # the sampler is the trainer's own model
+    rng_before = torch.get_rng_state()
+    out = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.7, seed=0,
+                          adapter=["policy", None, "policy", "policy"])
+    assert torch.equal(torch.get_rng_state(), rng_before)  # sampling leaves the trainer's RNG alone
+    eos = base.tokenizer.eos_token_id
+    for prompt, samples, name in zip(PROMPTS, out, ["policy", None, "policy", "policy"], strict=True):
+        assert len(samples) == 2
+        for s in samples:
+            assert s.prompt_ids == prompt and 1 <= len(s.completion_ids) <= 8
+            assert (s.finish_reason == "stop") == (s.completion_ids[-1] == eos)
+            assert eos not in s.completion_ids[:-1]  # cut at the first EOS, no padding after it
+            assert max_diff(s.logprobs, trainer_logprobs(base, prompt, s.completion_ids, name)) <= TOL
+    again = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.7, seed=0,
+                            adapter=["policy", None, "policy", "policy"])
+    assert [[s.completion_ids for s in x] for x in again] == [[s.completion_ids for s in x] for x in out]
+
+
+def test_make_engine_rejects_unknown_kind(base, tiny_llama):
+    with pytest.raises(ValueError, match="expected one of"):
+        make_engine("sglang", str(tiny_llama), base)
+
+
+# -- remote vLLM server (a real OpenAI-compatible server on 127.0.0.1) ---------------------------
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("vllm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llama),
+             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", "--seed", "0"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"vLLM server did not start; log:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_remote_engine_syncs_adapter_and_matches_trainer(server, base, tiny_llama):
+    engine = make_engine("remote", str(tiny_llama), base, url=server)
+    try:
+        stats = engine.sync(base, "policy")
+        assert 32768 <= stats.bytes <= 32768 + 16384  # the adapter files only (see test_sync_moves_adapter_bytes_only)
+        perturb(base, seed=1)
+        with pytest.raises(AdapterSyncError):
+            verify_adapter(engine, base, "policy", *engine.probe, tol=TOL)
+        engine.sync(base, "policy")  # a fresh adapter name: the server must now serve the new weights
+        adapters = ["policy", None, "policy", None]
+        out = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.7, seed=0, adapter=adapters)
+        for prompt, samples, name in zip(PROMPTS, out, adapters, strict=True):
+            assert len(samples) == 2
+            for s in samples:
+                assert max_diff(s.logprobs, trainer_logprobs(base, prompt, s.completion_ids, name)) <= TOL
+    finally:
+        engine.close()
+        perturb(base, seed=0)
