@@ -2,6 +2,7 @@
 reads margins, and reports bad rows and bad configs clearly."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +12,14 @@ from align.data import DataError
 from reward.model import RewardModel
 from reward.train import RewardConfig, RewardTrainer, length_baseline_accuracy
 
-CONFIG = "configs/reward_tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "reward_tiny.yaml"
 
 
 def _config(tiny_llama, out, *overrides):
-    return load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={out}", *overrides])
+    data = ROOT / "tests" / "data" / "prefs_tiny.jsonl"
+    return load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={out}", f"train_file={data}",
+                                              *overrides])
 
 
 def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path, capsys):
@@ -145,3 +149,11 @@ def test_demo_pairs_are_length_balanced():
     assert all(score(r["chosen"], r["answer"]) > score(r["rejected"], r["answer"]) for r in rows)
     assert all(len(r["chosen"]) == len(r["rejected"]) for r in rows)
     assert {r["chosen"].count("=") for r in rows} == {0, 1}  # both forms appear
+
+
+def test_every_reward_config_loads():
+    files = sorted((ROOT / "configs").glob("reward_*.yaml"))
+    assert len(files) >= 2, files
+    for f in files:
+        config = load_config(RewardConfig, f)
+        assert config.lora.alpha == 32
