@@ -16,10 +16,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-T = TypeVar("T")
-
-
 from align.errors import UserError
+
+T = TypeVar("T")
 
 
 class ConfigError(UserError, ValueError):
@@ -82,6 +81,12 @@ def _coerce(value, tp, where: str):
         return value  # built by _build
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads 1e-4 (no dot) as a string; accept it as the number it plainly is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):

@@ -164,7 +164,7 @@ def _check_text(value, name: str, where: str, fmt: str, issues: list[DataIssue],
     if isinstance(value, str):
         if fmt == "conversational":
             issues.append(DataIssue(where, name, "expected a list of {role, content} messages (conversational "
-                                                 f"format), got a string"))
+                                                 "format), got a string"))
             return None
         if not value.strip():
             issues.append(DataIssue(where, name, "expected a non-empty string, got an empty one"))

@@ -131,8 +131,10 @@ def sequence_logprobs(base: SharedBase, batch: dict, average: bool) -> tuple[tor
 
 
 class DPOTrainer:
-    def __init__(self, config: DPOConfig):
+    def __init__(self, config: DPOConfig, base: SharedBase | None = None):
+        """`base`: train on a SharedBase already in memory (e.g. the demo's) instead of loading one."""
         self.config = config
+        self.base = base
         self.out = Path(config.output_dir)
         self.ref_cache: dict[str, torch.Tensor] | None = None
         self.ref_copy: SharedBase | None = None
@@ -142,8 +144,12 @@ class DPOTrainer:
         c = self.config
         torch.manual_seed(c.seed)
         model_path = resolve_model(c.model)
-        self.base = SharedBase.load(model_path, c.dtype, c.device, c.trust_remote_code, c.gradient_checkpointing)
-        self.base.add_adapter(c.adapter_name, c.lora)
+        if self.base is None:
+            self.base = SharedBase.load(model_path, c.dtype, c.device, c.trust_remote_code,
+                                        c.gradient_checkpointing)
+        if c.adapter_name not in self.base.adapters:
+            self.base.add_adapter(c.adapter_name, c.lora)
+        self.base.set_active(c.adapter_name)
         if c.ref_model_copy:
             self.ref_copy = SharedBase.load(model_path, c.dtype, c.device, c.trust_remote_code)
         tok = self.base.tokenizer

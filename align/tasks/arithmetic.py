@@ -28,3 +28,18 @@ def score(completion: str, answer: str) -> float:
         return 1.0
     numbers = _INT.findall(completion)
     return 0.5 if numbers and numbers[-1] == answer else 0.0
+
+
+def preference_pairs(n: int, seed: int, low: int = 10, high: int = 50) -> list[dict]:
+    """Synthetic standard-format pairs: the bare correct sum beats a wrong worked equation.
+
+    For benchmarks and smoke tests; the demo builds its pairs from the model's own samples.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        rows.append({"prompt": INSTRUCTION.format(a=a, b=b), "chosen": str(a + b),
+                     "rejected": f"{a} + {b} = {wrong}"})
+    return rows

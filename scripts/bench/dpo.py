@@ -1,0 +1,164 @@
+"""DPO memory and speed: our shared-base trainer vs a reference copy vs plain TRL.
+
+    python scripts/bench/dpo.py            # SmolLM2-135M (offline), ~10 minutes on 2 cores
+    python scripts/bench/dpo.py --quick    # tiny model, seconds
+
+Every figure is the median of --repeats runs, each run in its own process (peak RSS
+is per process). Same model, data, batch (4 pairs), max_length (128) and gradient
+checkpointing for every contender. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def make_data(path: Path, n: int) -> None:
+    from align.tasks.arithmetic import preference_pairs
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(n, seed=0)))
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_ours(args) -> dict:
+    from align.config import load_config
+    from align.dpo import DPOConfig, DPOTrainer
+
+    sets = [f"model={args.model}", f"train_file={args.data}", f"output_dir={args.out}", "tensorboard=false",
+            f"batch_size={args.batch}", f"max_length={args.max_length}", "save_every=0",
+            f"gradient_checkpointing={str(args.grad_ckpt).lower()}", "learning_rate=5.0e-5", "eval_fraction=0.0",
+            f"precompute_ref={str(args.worker == 'precompute').lower()}",
+            f"ref_model_copy={str(args.worker == 'ref_copy').lower()}"]
+    trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs" / "dpo_tiny.yaml", sets))
+    trainer.setup()
+    precompute_s = trainer.precompute_reference() if args.worker == "precompute" else 0.0
+    trainer.train_step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step()
+    dt = time.perf_counter() - t0
+    return {"steps_per_s": args.steps / dt, "peak_mb": peak_mb(), "precompute_s": precompute_s,
+            "base_mb": trainer.base.base_bytes() / 2**20}
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    data = load_dataset("json", data_files=str(args.data), split="train")
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter())
+
+    config = DPOConfig(output_dir=str(args.out), per_device_train_batch_size=args.batch, max_length=args.max_length,
+                       max_steps=args.steps + 1, learning_rate=5e-5, beta=0.1, logging_steps=1, save_strategy="no",
+                       report_to="none", use_cpu=True, gradient_checkpointing=args.grad_ckpt,
+                       dataloader_num_workers=0, seed=0)
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
+                         callbacks=[Clock()])
+    trainer.train()
+    return {"steps_per_s": args.steps / (times[-1] - times[0]), "peak_mb": peak_mb()}
+
+
+def run_worker(mode: str, args, data: Path, model: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, __file__, "--worker", mode, "--model", model, "--data", str(data), "--out", out,
+               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+        if not args.grad_ckpt:
+            cmd.append("--no-grad-ckpt")
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            raise RuntimeError(f"worker {mode} failed:\n{res.stderr[-3000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model instead of SmolLM2-135M")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (after one warm-up step)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
+                   help="disable gradient checkpointing (on by default, as in TRL)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        result = worker_trl(args) if args.worker == "trl" else worker_ours(args)
+        print(json.dumps(result))
+        return
+
+    args.steps = args.steps or (10 if args.quick else 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            from align.tiny import build_tiny_model
+
+            model, name = str(build_tiny_model(Path(tmp) / "tiny")), "tiny-llama"
+        else:
+            from align.smollm import ensure_smollm2
+
+            model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
+        data = Path(tmp) / "pairs.jsonl"
+        make_data(data, args.rows)
+        runs: dict[str, list[dict]] = {m: [] for m in ("shared", "ref_copy", "precompute", "trl")}
+        for r in range(args.repeats):  # interleave contenders so drift in machine load hits all alike
+            for mode in runs:
+                runs[mode].append(run_worker(mode, args, data, model))
+                print(f"repeat {r + 1} {mode}: {runs[mode][-1]}", file=sys.stderr, flush=True)
+
+    def med(mode, key):
+        return statistics.median(x[key] for x in runs[mode])
+
+    base_mb = med("shared", "base_mb")
+    out = {
+        "model": name, "rows": args.rows, "batch_pairs": args.batch, "max_length": args.max_length,
+        "gradient_checkpointing": args.grad_ckpt, "repeats": args.repeats, "timed_steps": args.steps,
+        "base_mb": round(base_mb, 1),
+        "peak_mb_shared": round(med("shared", "peak_mb"), 1),
+        "peak_mb_ref_copy": round(med("ref_copy", "peak_mb"), 1),
+        "saved_base_copies": round((med("ref_copy", "peak_mb") - med("shared", "peak_mb")) / base_mb, 3),
+        "trl_peak_mb": round(med("trl", "peak_mb"), 1),
+        "trl_steps_per_s": round(med("trl", "steps_per_s"), 4),
+        "memory_vs_trl": round(med("shared", "peak_mb") / med("trl", "peak_mb"), 3),
+        "steps_per_s": round(med("shared", "steps_per_s"), 4),
+        "speed_ratio": round(med("shared", "steps_per_s") / med("trl", "steps_per_s"), 3),
+        "precompute_steps_per_s": round(med("precompute", "steps_per_s"), 4),
+        "precompute_speed_ratio": round(med("precompute", "steps_per_s") / med("shared", "steps_per_s"), 3),
+        "precompute_s": round(med("precompute", "precompute_s"), 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
