@@ -14,6 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 # File-name prefix -> config dataclass that the file mirrors.
 KINDS = {
     "dpo": "align.dpo:DPOConfig",
+    "reward": "reward.train:RewardConfig",
 }
 
 
