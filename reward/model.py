@@ -158,8 +158,12 @@ class RewardModel:
         if set(head_sd) != {"weight", "bias"} or tuple(head_sd["weight"].shape) != (1, base.hidden_size):
             raise RewardModelError(f"{path / HEAD}: expected weight (1, {base.hidden_size}) and bias (1,), "
                                    f"got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in head_sd.items())}}}")
+        # PEFT puts the whole model in eval mode when it loads a frozen adapter; a policy being
+        # trained on this base (dropout on) must not notice, so the mode is put back.
+        was_training = base.model.training
         with _keep_active(base):
             base.load_adapter(name, path, trainable=trainable)
+            base.model.train(was_training)
             if "lora" in meta:
                 base.settings[name] = LoraSettings(**meta["lora"])
         device = next(base.model.parameters()).device

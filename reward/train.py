@@ -71,6 +71,7 @@ class RewardConfig:
     use_margins: bool = field(default=True, metadata={"help": "Use each row's `margin` field (Bradley–Terry with margin) when present."})
     center_coef: float = field(default=0.0, metadata={"help": "Weight of mean((r_chosen + r_rejected)^2): keeps rewards centred on 0 (e.g. 0.01)."})
     learning_rate: float = field(default=DEFAULT_REWARD_LR, metadata={"help": "AdamW lr for adapter and head; ~10x a full fine-tuning lr."})
+    head_learning_rate: float | None = field(default=None, metadata={"help": "lr of the scalar head (default: learning_rate). The head starts random and is tiny; a larger lr (~10x) lets it keep up with the adapter."})
     weight_decay: float = 0.0
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps, then constant."})
     batch_size: int = field(default=8, metadata={"help": "Preference pairs per forward pass (2x sequences)."})
@@ -85,6 +86,7 @@ class RewardConfig:
     device: str = "cpu"
     trust_remote_code: bool = False
     seed: int = 0
+    num_threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default). On a CPU shared with other jobs, 1 avoids thread oversubscription, which can make steps 5-10x slower."})
     log_every: int = 1
     eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (0: only at the end)."})
@@ -106,8 +108,12 @@ class RewardConfig:
             raise ValueError(f"eval_fraction: expected in [0, 1), got {self.eval_fraction}")
         if self.on_bad_rows not in ("error", "skip"):
             raise ValueError(f"on_bad_rows: expected 'error' or 'skip', got {self.on_bad_rows!r}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads: expected >= 0 (0: torch's default), got {self.num_threads}")
         if self.center_coef < 0:
             raise ValueError(f"center_coef: expected >= 0, got {self.center_coef}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise ValueError(f"head_learning_rate: expected > 0, got {self.head_learning_rate}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
         edges = self.calibration_buckets
@@ -159,6 +165,8 @@ class RewardTrainer:
         from align.dpo import resolve_model
 
         c = self.config
+        if c.num_threads:
+            torch.set_num_threads(c.num_threads)
         torch.manual_seed(c.seed)
         self.out.mkdir(parents=True, exist_ok=True)
         train_file, eval_file = (c.train_file, c.eval_file) if c.train_file else self._demo_files()
@@ -180,7 +188,13 @@ class RewardTrainer:
             raise UserError(f"{train_file}: no training pairs left")
         self.pairs = pairs
         self.params = self.rm.parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        adapter = list(self.base.adapter_parameters(c.adapter_name).values())
+        head_lr = c.head_learning_rate or c.learning_rate
+        # "peak_lr" is the group's lr before warm-up; it travels with the optimizer state on resume.
+        self.optimizer = torch.optim.AdamW(
+            [{"params": adapter, "lr": c.learning_rate, "peak_lr": c.learning_rate},
+             {"params": list(self.rm.head.parameters()), "lr": head_lr, "peak_lr": head_lr}],
+            weight_decay=c.weight_decay)
         self.steps_per_epoch = math.ceil(len(pairs) / (c.batch_size * c.grad_accum))
         total = self.steps_per_epoch * c.epochs
         self.total_steps = min(total, c.max_steps) if c.max_steps else total
@@ -229,15 +243,16 @@ class RewardTrainer:
             return None
         return torch.tensor([self.margins.get(p.where, 0.0) for p in pairs], dtype=torch.float32)
 
-    def lr_at(self, step: int) -> float:
-        c = self.config
-        return c.learning_rate * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
+    def warmup(self, step: int) -> float:
+        """Linear warm-up factor for optimizer step `step` (0-based), then 1."""
+        w = self.config.warmup_steps
+        return min(1.0, (step + 1) / w) if w else 1.0
 
     def train_step(self) -> dict:
         c = self.config
         t0 = time.perf_counter()
         for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(self.step)
+            g["lr"] = g["peak_lr"] * self.warmup(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         micro = self.batches_for_step(self.step)
         agg: dict[str, float] = {}
@@ -262,7 +277,7 @@ class RewardTrainer:
         self.optimizer.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        return {"loss": total_loss, **agg, "grad_norm": grad_norm.item(), "lr": self.lr_at(self.step - 1),
+        return {"loss": total_loss, **agg, "grad_norm": grad_norm.item(), "lr": self.optimizer.param_groups[0]["lr"],
                 "step_s": dt, "pairs_per_s": n_pairs / dt, "pairs": n_pairs}
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ KINDS = {
     "dpo": "align.dpo:DPOConfig",
     "ppo": "align.ppo.config:PPOConfig",
     "grpo": "align.ppo.config:PPOConfig",
+    "reward": "reward.train:RewardConfig",
 }
 
 

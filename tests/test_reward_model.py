@@ -79,7 +79,10 @@ def test_attach_next_to_a_trained_policy_changes_nothing_else(tiny_llama, saved_
     assert (before - reference).abs().max() > 1e-3  # the policy adapter really changes outputs
     bytes_before, storages_before = base.base_bytes(), _storages(base)
 
+    base.model.train()  # a policy mid-training; PEFT would switch the model to eval when loading
     rm = RewardModel.attach(base, path)
+    assert base.model.training
+    base.model.eval()
 
     assert base.adapters == ["policy", "reward"]
     assert base.peft.active_adapter == "policy"  # attaching does not switch the active adapter

@@ -2,6 +2,7 @@
 reads margins, and reports bad rows and bad configs clearly."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +12,17 @@ from align.data import DataError
 from reward.model import RewardModel
 from reward.train import RewardConfig, RewardTrainer, length_baseline_accuracy
 
-CONFIG = "configs/reward_tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "reward_tiny.yaml"
 
 
 def _config(tiny_llama, out, *overrides):
-    return load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={out}", *overrides])
+    data = ROOT / "tests" / "data" / "prefs_tiny.jsonl"
+    return load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={out}", f"train_file={data}",
+                                              *overrides])
 
 
-def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path):
+def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path, capsys):
     trainer = RewardTrainer(_config(tiny_llama, tmp_path / "run"))
     trainer.setup()
     base_before = {n: p.detach().clone() for n, p in trainer.base.base_parameters().items()}
@@ -44,6 +48,18 @@ def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh.score_ids(batch["input_ids"], batch["attention_mask"]),
                            trainer.rm.score_ids(batch["input_ids"], batch["attention_mask"]))
+
+    # `align reward score` prints the same scores as the Python API, one JSON line per completion.
+    from align.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "What is 2+3?", "completion": "5"}) + "\n"
+                    + json.dumps({"prompt": "What is 2+3?", "chosen": "5", "rejected": "6"}) + "\n")
+    assert main(["reward", "score", "--model", str(path), "--pairs", str(rows)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    expected = fresh.score(["What is 2+3?"] * 3, ["5", "5", "6"]).tolist()
+    assert [p["where"] for p in printed] == [f"{rows}:1:completion", f"{rows}:2:chosen", f"{rows}:2:rejected"]
+    assert [p["reward"] for p in printed] == expected
 
 
 def test_resume_equals_uninterrupted(tiny_llama, tmp_path):
@@ -133,3 +149,11 @@ def test_demo_pairs_are_length_balanced():
     assert all(score(r["chosen"], r["answer"]) > score(r["rejected"], r["answer"]) for r in rows)
     assert all(len(r["chosen"]) == len(r["rejected"]) for r in rows)
     assert {r["chosen"].count("=") for r in rows} == {0, 1}  # both forms appear
+
+
+def test_every_reward_config_loads():
+    files = sorted((ROOT / "configs").glob("reward_*.yaml"))
+    assert len(files) >= 2, files
+    for f in files:
+        config = load_config(RewardConfig, f)
+        assert config.lora.alpha == 32
