@@ -12,7 +12,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("align.demo", "Offline end-to-end demo: SmolLM2-135M, arithmetic task, DPO adapter."),
     "dpo": ("align.dpo", "Train a DPO adapter from a YAML config."),
+    "reward": ("reward.cli", "Train a reward model (LoRA + scalar head, Bradley-Terry), or score text with one."),
     "data": ("align.data_cli", "Validate a preference dataset (`align data check FILE`)."),
+    "ppo": ("align.ppo.cli", "PPO / GRPO / RLOO with policy, reference, critic and reward on one frozen base."),
     "plot": ("align.plot_cli", "Draw a run's metrics.jsonl curves to a PNG."),
     "serve": ("align.serve", "Serve a base model and its LoRA adapters through vLLM's OpenAI-compatible API."),
     "export": ("align.export", "Merge an adapter into its base: a full safetensors model for engines without LoRA."),

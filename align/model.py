@@ -290,7 +290,10 @@ class SharedBase:
         """Identify the base: architecture, shapes and a hash of a few weights."""
         model = self._plain_model()
         h = hashlib.sha256()
-        params = sorted(self.base_parameters().items())
+        # Names as in the plain model, so the fingerprint does not change when adapters are added
+        # (PEFT renames wrapped layers to base_model.model.<name>.base_layer.weight).
+        params = sorted((n.replace(".base_layer", ""), p) for n, p in model.named_parameters()
+                        if "lora_" not in n)
         for n, p in params[:: max(1, len(params) // 8)]:
             h.update(n.encode())
             h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())

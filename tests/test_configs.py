@@ -14,6 +14,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 # File-name prefix -> config dataclass that the file mirrors.
 KINDS = {
     "dpo": "align.dpo:DPOConfig",
+    "ppo": "align.ppo.config:PPOConfig",
+    "grpo": "align.ppo.config:PPOConfig",
+    "reward": "reward.train:RewardConfig",
 }
 
 

@@ -1,0 +1,258 @@
+"""A reward model is a LoRA adapter on the shared base plus a scalar head.
+
+The score of a (prompt, completion) sequence is `head(h_last)`, where `h_last` is the
+final hidden state of its last non-padding token with the reward adapter active.
+Nothing else is copied: the base weights stay the one copy in `SharedBase`, so a
+trained reward model can be attached to a base that is busy training a policy.
+
+Saved layout (one folder, written atomically):
+    adapter_model.safetensors, adapter_config.json   the PEFT adapter
+    align_meta.json                                  adapter name, base name and fingerprint, LoRA settings
+    head.safetensors                                 head weight (1, H) and bias (1,), float32
+    reward_meta.json                                 how sequences were encoded (chat template, max length)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from align.atomic import atomic_dir
+from align.errors import UserError
+from align.model import LoraSettings, SharedBase
+
+META = "reward_meta.json"
+HEAD = "head.safetensors"
+FORMAT_VERSION = 1
+
+
+class RewardModelError(UserError, ValueError):
+    """A reward-model folder that is missing, malformed, or made for another base."""
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last position with mask 1 in each row: works for left and right padding.
+
+    Example: mask [0, 1, 1, 0] -> positions*mask = [0, 1, 2, 0] -> argmax 2.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, T), got {tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    if not mask.any(-1).all():
+        empty = (~mask.any(-1)).nonzero().flatten().tolist()
+        raise ValueError(f"rows {empty} have no tokens (attention_mask all zero)")
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask).argmax(-1)
+
+
+def encode(tokenizer, prompt, completion, chat_template: bool = True,
+           max_length: int | None = None) -> list[int]:
+    """Token ids of one (prompt, completion), exactly as training reads a preference pair.
+
+    Rendering and tokenization follow `align.data` (chat template for string rows when the
+    tokenizer has one, else plain text + EOS). Over `max_length` the completion is cut like
+    in training; a prompt that leaves no room is cut from the left to keep its end.
+    """
+    from align.data import PreferenceRow, render
+
+    row = PreferenceRow(prompt, completion, completion, "score")
+    p_text, c_text, _ = render(row, tokenizer, chat_template)
+    templated = row.conversational or (chat_template and getattr(tokenizer, "chat_template", None))
+    p_ids = tokenizer(p_text, add_special_tokens=not templated)["input_ids"]
+    c_ids = tokenizer(c_text, add_special_tokens=False)["input_ids"]
+    if max_length is not None and len(p_ids) + len(c_ids) > max_length:
+        if len(p_ids) >= max_length:
+            p_ids = p_ids[len(p_ids) - (max_length - 1):]
+        c_ids = c_ids[:max_length - len(p_ids)]
+    return p_ids + c_ids
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T) long, padded on `side`."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def new_head(hidden_size: int, device=None, seed: int | None = None) -> nn.Linear:
+    """Linear(H, 1) in float32, weights ~ N(0, 1/(H+1)), bias 0: initial scores of order 1."""
+    head = nn.Linear(hidden_size, 1, dtype=torch.float32, device=device)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / (hidden_size + 1) ** 0.5)
+        head.bias.zero_()
+    return head
+
+
+def _check_base(base: SharedBase, meta: dict, path: Path) -> None:
+    saved = meta.get("base_fingerprint")
+    if not isinstance(saved, dict):
+        raise RewardModelError(f"{path / 'align_meta.json'}: no base_fingerprint; cannot check which base "
+                               f"this reward model was trained on")
+    here = base.fingerprint()
+    diffs = [f"{k}: trained on {saved.get(k)!r}, this base has {here.get(k)!r}"
+             for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]
+    if diffs:
+        raise RewardModelError(
+            f"{path}: this reward model was trained on a different base ({meta.get('base')!r}) than the one "
+            f"it is being attached to ({base.name_or_path!r}); its scores would be meaningless. "
+            f"Differences: " + "; ".join(diffs))
+
+
+class RewardModel:
+    """Reward adapter `name` on `base` plus a scalar `head`.
+
+    - `create(base)`: fresh adapter (starts equal to the base) and head, to be trained.
+    - `attach(base, path)`: a saved reward model, frozen, on a base that may carry other adapters.
+    - `score_ids(ids, mask)` / `score(prompts, completions)`: (B,) float32 rewards.
+    """
+
+    def __init__(self, base: SharedBase, name: str, head: nn.Linear, chat_template: bool = True,
+                 max_length: int | None = None):
+        self.base = base
+        self.name = name
+        self.head = head
+        self.chat_template = chat_template
+        self.max_length = max_length
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, base: SharedBase, name: str = "reward", lora: LoraSettings | None = None,
+               chat_template: bool = True, max_length: int | None = None, seed: int | None = None,
+               ) -> "RewardModel":
+        """A fresh trainable adapter `name` (B = 0) and a new head; the active adapter is left as it was."""
+        with _keep_active(base):
+            base.add_adapter(name, lora or LoraSettings(), trainable=True)
+        device = next(base.model.parameters()).device
+        return cls(base, name, new_head(base.hidden_size, device, seed), chat_template, max_length)
+
+    @classmethod
+    def attach(cls, base: SharedBase, path: str | os.PathLike, name: str = "reward",
+               trainable: bool = False) -> "RewardModel":
+        """Load a saved reward model onto `base` (which may hold other adapters) under `name`.
+
+        Refuses a reward model trained on another base (architecture or weight fingerprint
+        differ). The other adapters, and which one is active, are left untouched.
+        """
+        path = Path(path)
+        for f in ("adapter_model.safetensors", "align_meta.json", HEAD, META):
+            if not (path / f).is_file():
+                raise RewardModelError(f"{path}: not a saved reward model (missing {f}); expected the folder "
+                                       f"written by RewardModel.save / `align reward`")
+        meta = json.loads((path / "align_meta.json").read_text())
+        rmeta = json.loads((path / META).read_text())
+        _check_base(base, meta, path)
+        if name in base.adapters:
+            raise RewardModelError(f"adapter {name!r} already exists on this base; attach under another name")
+        head_sd = load_file(str(path / HEAD))
+        if set(head_sd) != {"weight", "bias"} or tuple(head_sd["weight"].shape) != (1, base.hidden_size):
+            raise RewardModelError(f"{path / HEAD}: expected weight (1, {base.hidden_size}) and bias (1,), "
+                                   f"got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in head_sd.items())}}}")
+        # PEFT puts the whole model in eval mode when it loads a frozen adapter; a policy being
+        # trained on this base (dropout on) must not notice, so the mode is put back.
+        was_training = base.model.training
+        with _keep_active(base):
+            base.load_adapter(name, path, trainable=trainable)
+            base.model.train(was_training)
+            if "lora" in meta:
+                base.settings[name] = LoraSettings(**meta["lora"])
+        device = next(base.model.parameters()).device
+        head = nn.Linear(base.hidden_size, 1, dtype=torch.float32, device=device)
+        head.load_state_dict({k: v.to(torch.float32) for k, v in head_sd.items()})
+        head.requires_grad_(trainable)
+        return cls(base, name, head, rmeta.get("chat_template", True), rmeta.get("max_length"))
+
+    # -- scoring ------------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """What training updates: the adapter's LoRA tensors and the head."""
+        return list(self.base.adapter_parameters(self.name).values()) + list(self.head.parameters())
+
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 rewards read at the last non-padding token of each row (left or right padding)."""
+        with self.base.adapter(self.name):
+            hidden = self.base.hidden(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(h.float()).squeeze(-1)
+
+    def encode(self, prompt, completion) -> list[int]:
+        """Token ids of one (prompt, completion) as this model was trained to read them."""
+        return encode(self.base.tokenizer, prompt, completion, self.chat_template, self.max_length)
+
+    @torch.no_grad()
+    def score(self, prompts: list, completions: list, batch_size: int = 16) -> torch.Tensor:
+        """(N,) float32 rewards of (prompt, completion) pairs given as text or chat messages."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions")
+        device = next(self.base.model.parameters()).device
+        pad = self.base.tokenizer.pad_token_id
+        seqs = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        # Sorting by length keeps padding (wasted compute) small; scores go back in input order.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = torch.empty(len(seqs), dtype=torch.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = pad_sequences([seqs[i] for i in idx], pad)
+            out[idx] = self.score_ids(ids.to(device), mask.to(device)).cpu()
+        return out
+
+    def as_reward_fn(self, batch_size: int = 16):
+        """This model as a programmatic-reward function (prompts, completions, answers) -> floats."""
+
+        def reward_model(prompts, completions, answers=None):
+            return self.score(prompts, completions, batch_size).tolist()
+
+        reward_model.__name__ = f"reward_model:{self.name}"
+        return reward_model
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write adapter (PEFT safetensors) + head.safetensors + metadata into `path`, atomically."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            self.base.save_adapter(self.name, tmp / "adapter")
+            for f in (tmp / "adapter").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "adapter").rmdir()
+            save_file({"weight": self.head.weight.detach().float().cpu().contiguous(),
+                       "bias": self.head.bias.detach().float().cpu().contiguous()}, str(tmp / HEAD))
+            meta = {"format": FORMAT_VERSION, "kind": "reward_model", "adapter": self.name,
+                    "hidden_size": self.base.hidden_size, "chat_template": self.chat_template,
+                    "max_length": self.max_length, **(extra or {})}
+            (tmp / META).write_text(json.dumps(meta, indent=2))
+        return path
+
+    def remove(self) -> None:
+        """Take the reward adapter off the base (frees its tensors; other adapters are untouched)."""
+        with _keep_active(self.base, dropping=self.name):
+            self.base.peft.delete_adapter(self.name)
+        self.base.trainable.discard(self.name)
+        self.base.settings.pop(self.name, None)
+
+
+class _keep_active:
+    """Context that restores the base's active adapter (PEFT activates whatever was added last)."""
+
+    def __init__(self, base: SharedBase, dropping: str | None = None):
+        self.base, self.dropping = base, dropping
+
+    def __enter__(self):
+        peft = self.base.peft
+        self.previous = peft.active_adapter if peft is not None else None
+        return self
+
+    def __exit__(self, *exc):
+        prev = self.previous
+        if prev is not None and prev != self.dropping and prev in self.base.adapters:
+            self.base.set_active(prev)
+        return False

@@ -1,0 +1,307 @@
+"""PPO benchmark: memory of one shared base vs four models, adapter-only sync, rollout speed, learning.
+
+    python scripts/bench/ppo.py --quick                     # tiny model, about a minute
+    python scripts/bench/ppo.py                             # SmolLM2-135M; trains configs/grpo_demo.yaml
+    python scripts/bench/ppo.py --reuse-run runs/grpo-demo  # take reward_before/after from a finished run
+
+Each memory figure is the peak RSS (sampled from /proc every 2 ms while the step runs, after the
+loads; ru_maxrss, which includes loading transients, is reported alongside) of its own child process
+running one PPO step
+(policy/reference/critic/reward forward passes, then a policy+critic update) with
+  shared: every role on one SharedBase (adapters "policy", "critic", "reward"; reference = adapters off)
+  four:   separate policy, reference, critic and reward models (4 loads of the base)
+on the same token batch, so only the weights differ. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+# -- one PPO step in a child process -------------------------------------------------------------
+def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_len: int) -> dict:
+    import resource
+
+    import torch
+
+    from align.logprobs import completion_logprobs
+    from align.model import SharedBase
+    from align.ppo import algorithms as A
+    from align.ppo.heads import ValueHead
+
+    torch.manual_seed(0)
+
+    def load():
+        # from_pretrained maps the safetensors file: weights are file pages that become resident when
+        # touched, and several loads of one file would share them. Separate models (other checkpoints
+        # in practice) own their memory, so give every load its own anonymous copy, in both modes alike.
+        b = SharedBase.load(model)
+        with torch.no_grad():
+            for p in b.model.parameters():
+                p.data = p.data.clone()
+        return b
+
+    if mode == "shared":
+        base = load()
+        base.add_adapter("policy")
+        base.add_adapter("critic")
+        base.add_adapter("reward", trainable=False)
+        roles = {"policy": (base, "policy"), "reference": (base, None), "critic": (base, "critic"),
+                 "reward": (base, "reward")}
+        bases = [base]
+    else:
+        roles = {}
+        for role in ("policy", "reference", "critic", "reward"):
+            b = load()
+            if role != "reference":
+                b.add_adapter(role, trainable=role != "reward")
+            roles[role] = (b, None if role == "reference" else role)
+        bases = [b for b, _ in roles.values()]
+    for b in bases:
+        b.model.eval()
+    H = bases[0].hidden_size
+    value_head, reward_head = ValueHead(H, seed=0), ValueHead(H, seed=1)
+    vocab = bases[0].model.config.vocab_size
+    L = prompt_len + completion_len
+    ids = torch.randint(0, vocab, (batch, L), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    cmask = torch.zeros_like(ids)
+    cmask[:, prompt_len:] = 1
+    mask = torch.ones(batch, completion_len)
+    P = prompt_len
+
+    def logp(role, grad=False):
+        b, name = roles[role]
+        ctx = b.reference() if name is None else b.adapter(name)
+        with ctx, torch.set_grad_enabled(grad):
+            return completion_logprobs(b, ids, attn, cmask)[:, P - 1:]
+
+    def hidden(role, grad=False):
+        b, name = roles[role]
+        with b.adapter(name), torch.set_grad_enabled(grad):
+            return b.hidden(ids, attn)
+
+    # Loading leaves transient peaks (mmapped checkpoint pages, freed copies); measure the step itself:
+    # give freed memory back, then sample this process's RSS while the step runs.
+    import ctypes
+    import gc
+    import threading
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    page = os.sysconf("SC_PAGE_SIZE")
+    samples, stop = [], threading.Event()
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def sample():
+        while not stop.is_set():
+            samples.append(rss())
+            time.sleep(0.002)
+
+    rss_before_step = rss()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    old_logp, ref_logp = logp("policy"), logp("reference")
+    old_values = value_head(hidden("critic")[:, P - 1:P - 1 + completion_len]).detach()
+    scores = reward_head(hidden("reward")[:, -1]).detach()
+    kl = A.kl_penalty(old_logp, ref_logp, "k1")
+    adv, ret = A.gae_advantages(A.token_rewards(scores, kl, mask, 0.05), old_values, mask, 1.0, 0.95)
+    adv = A.masked_whiten(adv, mask)
+    trained = list(roles["policy"][0].adapter_parameters("policy").values()) + \
+        list(roles["critic"][0].adapter_parameters("critic").values()) + list(value_head.parameters())
+    opt = torch.optim.AdamW(trained, lr=1e-4)
+    pg, _, _ = A.policy_loss(logp("policy", grad=True), old_logp, adv, mask, 0.2)
+    values = value_head(hidden("critic", grad=True)[:, P - 1:P - 1 + completion_len])
+    vf, _ = A.value_loss(values, old_values, ret, mask, 0.2)
+    (pg + 0.5 * vf).backward()
+    opt.step()
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    samples.append(rss())
+    return {"peak_mb": max(samples) / 2 ** 20, "rss_before_step_mb": rss_before_step / 2 ** 20,
+            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "base_mb": bases[0].base_bytes() / 2 ** 20, "step_s": seconds, "bases": len(bases)}
+
+
+def run_child(args_list: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        raise RuntimeError(f"child {args_list} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- sync and rollout speed (one process, vLLM in-process) ----------------------------------------
+def sync_and_rollouts(model: str, n_prompts: int, n: int, max_new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    from align.model import SharedBase
+    from align.rollout import make_engine
+    from align.tasks.arithmetic import make_prompts
+
+    base = SharedBase.load(model)
+    base.model.eval()
+    base.add_adapter("policy")
+    with torch.no_grad():  # a trained-looking adapter: non-zero B, so the probe check means something
+        g = torch.Generator().manual_seed(0)
+        for name, p in base.adapter_parameters("policy").items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.002)
+    tok = base.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False) for r in make_prompts(n_prompts, 0)]
+    prompts = [list(p.tolist() if hasattr(p, "tolist") else p) for p in prompts]
+    out = {"full_weight_bytes": base.base_bytes()}
+
+    vllm = make_engine("vllm", model, base, dtype="float32")
+    try:
+        syncs = [vllm.sync(base, "policy") for _ in range(repeats)]
+        out.update(sync_bytes=syncs[-1].bytes, sync_s=statistics.median(s.seconds for s in syncs),
+                   logprob_max_abs_diff=max(s.max_abs_diff for s in syncs))
+        out["rollout_tok_per_s_vllm"] = _tok_per_s(vllm, prompts, n, max_new_tokens, repeats)
+    finally:
+        vllm.close()
+    hf = make_engine("hf", model, base, dtype="float32")
+    out["rollout_tok_per_s_hf"] = _tok_per_s(hf, prompts, n, max_new_tokens, repeats)
+    out["sync_ratio"] = out["full_weight_bytes"] / max(out["sync_bytes"], 1)
+    return out
+
+
+def _tok_per_s(engine, prompts, n, max_new_tokens, repeats) -> float:
+    engine.generate(prompts[:2], n=1, max_new_tokens=4, temperature=1.0, seed=0)  # warm-up
+    rates = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        samples = engine.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=r)
+        seconds = time.perf_counter() - start
+        rates.append(sum(len(s.completion_ids) for group in samples for s in group) / seconds)
+    return statistics.median(rates)
+
+
+# -- learning --------------------------------------------------------------------------------------
+def digit_fraction(prompts, completions, answers=None):
+    """Quick-mode reward a tiny random model can learn in a few steps: share of digit characters."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def learning(config: str, overrides: list[str], reuse_run: str | None) -> dict:
+    if reuse_run:
+        from align.metrics import read_metrics
+
+        evals = [r["eval/reward"] for r in read_metrics(reuse_run) if "eval/reward" in r]
+        return {"reward_before": evals[0], "reward_after": evals[-1], "reward_source": reuse_run}
+    from align.config import load_config
+    from align.ppo import PPOConfig, PPOTrainer
+
+    cfg = load_config(PPOConfig, config, overrides)
+    trainer = PPOTrainer(cfg)
+    start = time.perf_counter()
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    return {"reward_before": summary["eval/reward_before"], "reward_after": summary["eval/reward_after"],
+            "train_s": time.perf_counter() - start, "train_steps": cfg.steps, "reward_source": config}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model instead of SmolLM2-135M")
+    p.add_argument("--train-steps", type=int, default=None, help="steps of the learning run (default: config's)")
+    p.add_argument("--reuse-run", help="read reward_before/after from this finished run instead of training")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--reuse-speed", help="JSON file with the sync/rollout figures of an earlier run (skips them)")
+    p.add_argument("--child", nargs=5, metavar=("MODEL", "MODE", "B", "P", "T"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        model, mode, b, pl, cl = args.child
+        print(json.dumps(memory_child(model, mode, int(b), int(pl), int(cl))))
+        return
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
+    if args.quick:
+        from align.tiny import build_tiny_model
+
+        model = str(build_tiny_model(tmp / "tiny"))
+        name = "tiny-llama"
+        shape = ("16", "32", "16")
+        config = str(ROOT / "configs" / "grpo_demo.yaml")
+        overrides = [f"model={model}", f"output_dir={tmp / 'run'}", "steps=" + str(args.train_steps or 15),
+                     "reward_functions={__main__:digit_fraction: 1.0}", "system_prompt=null", "lr=3.0e-3",
+                     "num_eval_prompts=16", "eval_every=0", "max_new_tokens=8", "temperature=1.0", "engine=hf"]
+        rollout_shape = (8, 4, 16)
+    else:
+        from align.smollm import ensure_smollm2
+
+        model = str(ensure_smollm2())
+        name = "SmolLM2-135M-Instruct"
+        shape = ("4", "48", "16")  # a small batch: weights, not activations, dominate the peak
+        config = str(ROOT / "configs" / "grpo_demo.yaml")
+        overrides = [f"output_dir={tmp / 'run'}"] + ([f"steps={args.train_steps}"] if args.train_steps else [])
+        rollout_shape = (16, 4, 32)
+
+    print(f"[bench] model {name}: memory of one PPO step, each mode in its own process", flush=True)
+    shared = run_child(["--child", model, "shared", *shape])
+    four = run_child(["--child", model, "four", *shape])
+    base_mb = shared["base_mb"]
+    print(f"  shared base: peak {shared['peak_mb']:.0f} MB   four models: peak {four['peak_mb']:.0f} MB   "
+          f"base {base_mb:.1f} MB", flush=True)
+    print("[bench] adapter sync to vLLM and rollout speed", flush=True)
+    if args.reuse_speed:
+        speed = json.loads(Path(args.reuse_speed).read_text())
+    else:
+        speed = sync_and_rollouts(model, *rollout_shape, args.repeats)
+        (tmp / "speed.json").write_text(json.dumps(speed))
+    print(f"  sync {speed['sync_bytes']} B of {speed['full_weight_bytes']} B (x{speed['sync_ratio']:.0f}) in "
+          f"{speed['sync_s']:.2f} s, probe max |diff| {speed['logprob_max_abs_diff']:.2e}; rollout tok/s "
+          f"vLLM {speed['rollout_tok_per_s_vllm']:.0f}, HF {speed['rollout_tok_per_s_hf']:.0f}", flush=True)
+    print("[bench] learning run", flush=True)
+    learn = learning(config, overrides, args.reuse_run)
+    print(f"  held-out reward {learn['reward_before']:.3f} -> {learn['reward_after']:.3f}", flush=True)
+    result = {
+        "model": name,
+        "base_mb": round(base_mb, 2),
+        "peak_mb_shared": round(shared["peak_mb"], 1),
+        "peak_mb_four_models": round(four["peak_mb"], 1),
+        "saved_base_copies": round((four["peak_mb"] - shared["peak_mb"]) / base_mb, 3),
+        "ru_maxrss_mb_shared": round(shared["ru_maxrss_mb"], 1),
+        "ru_maxrss_mb_four_models": round(four["ru_maxrss_mb"], 1),
+        "step_s_shared": round(shared["step_s"], 3),
+        "step_s_four_models": round(four["step_s"], 3),
+        "sync_bytes": speed["sync_bytes"],
+        "full_weight_bytes": speed["full_weight_bytes"],
+        "sync_ratio": round(speed["sync_ratio"], 1),
+        "sync_s": round(speed["sync_s"], 4),
+        "rollout_tok_per_s_vllm": round(speed["rollout_tok_per_s_vllm"], 1),
+        "rollout_tok_per_s_hf": round(speed["rollout_tok_per_s_hf"], 1),
+        "logprob_max_abs_diff": speed["logprob_max_abs_diff"],
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in learn.items()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
