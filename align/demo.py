@@ -79,7 +79,9 @@ def run_demo(s: DemoSettings) -> dict:
     model_path = resolve_model(s.model)
     base = SharedBase.load(model_path)
     base.add_adapter("policy")  # B = 0: identical to the base until trained
-    engine = make_engine(s.engine, model_path, base, sync_mode="lora", seed=s.seed)
+    # Default sync mode "fold": the adapter is folded into the engine's weights (fast base path);
+    # before the first sync the engine is the base, which is what sampling and the "before" eval need.
+    engine = make_engine(s.engine, model_path, base, seed=s.seed)
     print(f"[demo] engine: {type(engine).__name__}", file=sys.stderr)
 
     train_rows = arithmetic.make_prompts(s.train_prompts, seed=s.seed + 1)
