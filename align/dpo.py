@@ -314,6 +314,7 @@ class DPOTrainer:
         """Held-out preference accuracy, reward margin and log-probs."""
         if not self.eval_pairs:
             return {}
+        self.base.model.eval()
         c = self.config
         sums: dict[str, float] = {}
         n = 0
@@ -341,6 +342,7 @@ class DPOTrainer:
             self.logger.log(self.step, {"precompute_ref_s": seconds})
         bar = tqdm(total=self.total_steps, initial=self.step, desc="dpo", unit="step")
         while self.step < self.total_steps:
+            self.base.model.train()  # gradient checkpointing only acts in train mode
             stats = self.train_step()
             if c.eval_every and self.step % c.eval_every == 0:
                 stats.update(self.evaluate())

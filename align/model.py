@@ -205,10 +205,12 @@ class SharedBase:
         weights = path / "adapter_model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: expected a PEFT adapter folder with adapter_model.safetensors")
+        was_training = self.model.training  # PEFT switches the whole model to eval when loading a frozen adapter
         if self.peft is None:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=trainable)
         else:
             self.peft.load_adapter(path, adapter_name=name, is_trainable=trainable)
+        self.model.train(was_training)
         if trainable:
             self.trainable.add(name)
         self.set_active(name)

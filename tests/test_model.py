@@ -112,3 +112,12 @@ def test_left_and_right_padding_give_the_same_logprobs(tiny_llama):
     r = completion_logprobs(base, right, rm, rc)
     lp = completion_logprobs(base, left, lm, lc)
     assert (r[rc[:, 1:].bool()] - lp[lc[:, 1:].bool()]).abs().max() < 1e-5
+
+
+def test_loading_a_frozen_adapter_keeps_train_mode(tiny_llama, tmp_path):
+    base = SharedBase.load(str(tiny_llama))
+    base.add_adapter("policy")
+    base.save_adapter("policy", tmp_path / "saved")
+    base.model.train()
+    base.load_adapter("frozen", tmp_path / "saved")  # PEFT alone would switch the model to eval
+    assert base.model.training
