@@ -281,6 +281,7 @@ class DPOTrainer:
     def train_step(self) -> dict:
         c = self.config
         t0 = time.perf_counter()
+        self.base.model.train()  # gradient checkpointing only acts in train mode
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -342,7 +343,6 @@ class DPOTrainer:
             self.logger.log(self.step, {"precompute_ref_s": seconds})
         bar = tqdm(total=self.total_steps, initial=self.step, desc="dpo", unit="step")
         while self.step < self.total_steps:
-            self.base.model.train()  # gradient checkpointing only acts in train mode
             stats = self.train_step()
             if c.eval_every and self.step % c.eval_every == 0:
                 stats.update(self.evaluate())

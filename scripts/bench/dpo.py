@@ -26,9 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_data(path: Path, n: int) -> None:
+    """Conversational rows, so that TRL applies the chat template too: both see the same tokens."""
     from align.tasks.arithmetic import preference_pairs
 
-    path.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(n, seed=0)))
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in preference_pairs(n, seed=0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def peak_mb() -> float:
