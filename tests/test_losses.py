@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.losses import dpo_loss, masked_mean
+from align.losses import dpo_loss
 
 # One pair: policy chosen -1, rejected -3; reference chosen -2, rejected -2.
 # h = (-1 - -3) - (-2 - -2) = 2; beta = 0.5 -> beta*h = 1.
@@ -59,11 +59,3 @@ def test_gradient_pushes_chosen_up():
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="nope")
-
-
-def test_masked_mean():
-    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    m = torch.tensor([[1, 1, 0], [0, 0, 1]])
-    # (1 + 2 + 6) / 3 = 3; per row: 1.5, 6
-    assert masked_mean(v, m).item() == pytest.approx(3.0)
-    assert masked_mean(v, m, dim=1).tolist() == pytest.approx([1.5, 6.0])
