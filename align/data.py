@@ -333,3 +333,18 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Te
         attention_mask[i, : len(s)] = 1
         completion_mask[i, : len(s)] = torch.tensor(c)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def step_batches(n_items: int, batch_size: int, grad_accum: int, seed: int, step: int) -> list[list[int]]:
+    """Item indices of each micro-batch of optimizer step `step` (0-based).
+
+    A pure function of its arguments, so a resumed run sees exactly the batches an
+    uninterrupted one would: each epoch is a fresh permutation seeded by `seed + epoch`,
+    cut into steps of `batch_size * grad_accum` items (the last step of an epoch may be short).
+    """
+    per_step = batch_size * grad_accum
+    steps_per_epoch = -(-n_items // per_step)
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    chunk = order[within * per_step:(within + 1) * per_step]
+    return [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]

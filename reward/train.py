@@ -31,7 +31,7 @@ from align.checkpoint import (
     save_checkpoint,
 )
 from align.config import dump_config
-from align.data import TokenizedPair, collate_pairs, load_preferences, tokenize_preferences
+from align.data import TokenizedPair, collate_pairs, load_preferences, step_batches, tokenize_preferences
 from align.errors import TrainingDiverged, UserError
 from align.metrics import MetricsLogger
 from align.model import RECOMMENDED_RANKS, LoraSettings, SharedBase
@@ -224,11 +224,7 @@ class RewardTrainer:
     def batches_for_step(self, step: int) -> list[list[int]]:
         """Pair indices of each micro-batch of optimizer step `step`: a pure function of (seed, step)."""
         c = self.config
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.pairs), generator=torch.Generator().manual_seed(c.seed + epoch)).tolist()
-        per_step = c.batch_size * c.grad_accum
-        chunk = order[within * per_step:(within + 1) * per_step]
-        return [chunk[i:i + c.batch_size] for i in range(0, len(chunk), c.batch_size) if chunk[i:i + c.batch_size]]
+        return step_batches(len(self.pairs), c.batch_size, c.grad_accum, c.seed, step)
 
     # -- one step -----------------------------------------------------------------------------
     def scores(self, pairs: list[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:

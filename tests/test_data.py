@@ -125,3 +125,15 @@ def test_chat_template_and_collation(tiny_llama):
     # completion tokens are exactly the answer tokens of each row
     assert int(batch["completion_mask"][0].sum()) == len(pairs[0].chosen_ids)
     assert int(batch["completion_mask"][3].sum()) == len(pairs[1].rejected_ids)
+
+
+def test_step_batches_cover_each_epoch_once():
+    from align.data import step_batches
+
+    # 5 items, 2 pairs x 1 micro-batch per step -> 3 steps per epoch: sizes 2, 2, 1
+    epoch0 = [step_batches(5, 2, 1, seed=7, step=s) for s in range(3)]
+    assert [[len(m) for m in b] for b in epoch0] == [[2], [2], [1]]
+    assert sorted(i for b in epoch0 for m in b for i in m) == [0, 1, 2, 3, 4]
+    # step 3 starts epoch 1, a different permutation; grad_accum splits a step into micro-batches
+    assert step_batches(5, 2, 1, seed=7, step=3) != epoch0[0] or step_batches(5, 2, 1, seed=7, step=4) != epoch0[1]
+    assert [len(m) for m in step_batches(8, 2, 2, seed=0, step=0)] == [2, 2]
