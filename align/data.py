@@ -78,7 +78,7 @@ class TokenizedPair:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def _read_jsonl(path: Path):
+def read_jsonl(path: Path):
     """Yield (where, record | DataIssue). Accepts a BOM, CRLF and blank lines."""
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
@@ -144,7 +144,7 @@ def read_records(source: str | os.PathLike, split: str = "train"):
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            yield from _read_jsonl(path)
+            yield from read_jsonl(path)
         elif suffix == ".json":
             yield from _read_json(path)
         elif suffix == ".parquet":

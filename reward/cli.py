@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def add_arguments(p) -> None:
@@ -61,22 +62,19 @@ def _score(args) -> int:
     base = SharedBase.load(resolve_model(base_name))
     rm = RewardModel.attach(base, args.model)
     prompts, completions, wheres = [], [], []
-    with open(args.pairs, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{args.pairs}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise UserError(f"{args.pairs}:{i}: expected an object with 'prompt' and 'completion' "
-                                f"(or 'chosen'/'rejected')")
-            for key in ("completion", "chosen", "rejected"):
-                if key in row:
-                    prompts.append(row["prompt"])
-                    completions.append(row[key])
-                    wheres.append(f"{args.pairs}:{i}:{key}")
+    from align.data import DataError, DataIssue, read_jsonl
+
+    for where, row in read_jsonl(Path(args.pairs)):
+        if isinstance(row, DataIssue):
+            raise DataError([row])
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise UserError(f"{where}: expected an object with 'prompt' and 'completion' "
+                            f"(or 'chosen'/'rejected')")
+        for key in ("completion", "chosen", "rejected"):
+            if key in row:
+                prompts.append(row["prompt"])
+                completions.append(row[key])
+                wheres.append(f"{where}:{key}")
     if not prompts:
         raise UserError(f"{args.pairs}: no rows with a 'completion', 'chosen' or 'rejected' field")
     scores = rm.score(prompts, completions, args.batch_size)

@@ -13,7 +13,6 @@ align/ppo/algorithms.py.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -64,17 +63,15 @@ def load_rows(spec: str, n: int, seed: int, exclude: set[str] = frozenset()) -> 
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"prompts: {spec!r} is neither 'arithmetic' nor an existing JSONL file")
+    from align.data import DataError, DataIssue, read_jsonl
+
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not a JSON object: {e}") from None
+    for where, row in read_jsonl(path):  # BOM, CRLF, blank lines and bad UTF-8 handled as for preference data
+        if isinstance(row, DataIssue):
+            raise DataError([row])
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UserError(f"{path}:{i}: expected an object with a string \"prompt\" (and optional \"answer\")")
-        rows.append({"prompt": row["prompt"], "answer": row.get("answer"), "row": f"{path}:{i}"})
+            raise UserError(f"{where}: expected an object with a string \"prompt\" (and optional \"answer\")")
+        rows.append({"prompt": row["prompt"], "answer": row.get("answer"), "row": where})
     if not rows:
         raise UserError(f"{path}: no prompt rows")
     return rows
