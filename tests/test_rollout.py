@@ -14,6 +14,7 @@ from align.model import LoraSettings, SharedBase
 from align.rollout import (
     AdapterSyncError,
     HFEngine,
+    check_probe,
     fused_delta,
     make_engine,
     trainer_logprobs,
@@ -247,3 +248,39 @@ def test_remote_engine_syncs_adapter_and_matches_trainer(server, base, tiny_llam
     finally:
         engine.close()
         perturb(base, seed=0)
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(engine, base):
+    # Without ignore_eos some of these samples stop at EOS (same seed), so the test can fail.
+    free = engine.generate(PROMPTS, n=16, max_new_tokens=24, temperature=1.0, seed=3)
+    assert any(s.finish_reason == "stop" for x in free for s in x)
+    fixed = engine.generate(PROMPTS, n=16, max_new_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
+    for prompt, samples in zip(PROMPTS, fixed, strict=True):
+        for s in samples:
+            assert len(s.completion_ids) == 24 and len(s.logprobs) == 24 and s.finish_reason == "length"
+        assert max_diff(samples[0].logprobs, trainer_logprobs(base, prompt, samples[0].completion_ids)) <= TOL
+
+
+def test_hf_engine_ignore_eos(base, tiny_llama):
+    engine = make_engine("hf", str(tiny_llama), base)
+    free = engine.generate(PROMPTS, n=16, max_new_tokens=24, seed=3)
+    assert any(s.finish_reason == "stop" for x in free for s in x)
+    fixed = engine.generate(PROMPTS, n=16, max_new_tokens=24, seed=3, ignore_eos=True)
+    eos = base.tokenizer.eos_token_id
+    assert all(len(s.completion_ids) == 24 and eos not in s.completion_ids and s.finish_reason == "length"
+               for x in fixed for s in x)
+
+
+def test_check_probe_compares_with_the_previous_weights():
+    old, new = [-1.0, -2.0, -3.0], [-1.3, -2.3, -3.3]  # the update moved each log-prob by 0.3
+    # A loose (low-precision) tolerance of 0.5 lets the stale engine pass the plain test ...
+    assert check_probe("policy", old, new, tol=0.5) == pytest.approx(0.3)
+    # ... but with the previous log-probs it is caught: it sits at the old ones, not the new.
+    with pytest.raises(AdapterSyncError, match="previous weights"):
+        check_probe("policy", [-1.01, -2.0, -2.99], new, tol=0.5, previous=old)
+    # An engine that took the update, with noise below the tolerance, passes.
+    assert check_probe("policy", [-1.25, -2.35, -3.3], new, tol=0.5, previous=old) == pytest.approx(0.05)
+    # A move below tol/2 is within noise: no verdict from the comparison, only the tolerance.
+    assert check_probe("policy", old, [-1.1, -2.1, -3.1], tol=0.5, previous=old) == pytest.approx(0.1)
+    with pytest.raises(AdapterSyncError, match="not serving"):
+        check_probe("policy", [-1.0], [-1.0002], tol=1e-4)

@@ -204,7 +204,8 @@ class PPOTrainer:
         if engine is None:
             from align.rollout import make_engine
 
-            engine = make_engine(c.engine, self.model_path, self.base, dtype=c.dtype, **c.engine_options)
+            engine = make_engine(c.engine, self.model_path, self.base, dtype=c.rollout_dtype or c.dtype,
+                                 **c.engine_options)
         self.engine = engine
         self.last_sync = self.engine.sync(self.base, adapter="policy")
 

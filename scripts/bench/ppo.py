@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,50 +150,50 @@ def run_child(args_list: list[str]) -> dict:
 
 
 # -- sync and rollout speed (one process, vLLM in-process) ----------------------------------------
-def sync_and_rollouts(model: str, n_prompts: int, n: int, max_new_tokens: int, repeats: int) -> dict:
-    import torch
+def sync_and_rollouts(model: str, n_prompts: int, max_new_tokens: int, repeats: int, dtypes: list[str]) -> dict:
+    """Adapter sync and rollout throughput per vLLM dtype (fold mode, the trainer's default), and HF.
+
+    Throughput is scripts/bench/rollout.py's `measure`: `n_prompts` prompts x exactly `max_new_tokens`
+    tokens (EOS ignored; *_natural: stopping at EOS). The sync figures come from the float32 engine,
+    whose probe must match the trainer within 1e-4.
+    """
+    import importlib.util
 
     from align.model import SharedBase
     from align.rollout import make_engine
     from align.tasks.arithmetic import make_prompts
 
+    spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).with_name("rollout.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.STD = 2e-3  # a trained-looking adapter: non-zero B, so the probe check means something
+
     base = SharedBase.load(model)
     base.model.eval()
     base.add_adapter("policy")
-    with torch.no_grad():  # a trained-looking adapter: non-zero B, so the probe check means something
-        g = torch.Generator().manual_seed(0)
-        for name, p in base.adapter_parameters("policy").items():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.002)
     tok = base.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for r in make_prompts(n_prompts, 0)]
     prompts = [list(p.tolist() if hasattr(p, "tolist") else p) for p in prompts]
-    out = {"full_weight_bytes": base.base_bytes()}
-
-    vllm = make_engine("vllm", model, base, dtype="float32")
-    try:
-        syncs = [vllm.sync(base, "policy") for _ in range(repeats)]
-        out.update(sync_bytes=syncs[-1].bytes, sync_s=statistics.median(s.seconds for s in syncs),
-                   logprob_max_abs_diff=max(s.max_abs_diff for s in syncs))
-        out["rollout_tok_per_s_vllm"] = _tok_per_s(vllm, prompts, n, max_new_tokens, repeats)
-    finally:
-        vllm.close()
+    out = {"full_weight_bytes": base.base_bytes(), "rollout_prompts": n_prompts, "rollout_new_tokens": max_new_tokens}
+    for dtype in dtypes:
+        engine = make_engine("vllm", model, base, dtype=dtype)
+        try:
+            r = bench.measure(engine, base, prompts, max_new_tokens, repeats, syncs=repeats)
+        finally:
+            engine.close()
+        out[f"rollout_tok_per_s_vllm_{dtype}"] = r["tok_per_s"]
+        out[f"rollout_tok_per_s_vllm_{dtype}_natural"] = r["tok_per_s_natural"]
+        out[f"logprob_max_abs_diff_{dtype}"] = r["max_abs_diff"]
+        if dtype == "float32" or "sync_bytes" not in out:
+            out.update(sync_bytes=r["sync_bytes"], sync_s=r["sync_seconds"], logprob_max_abs_diff=r["max_abs_diff"])
+    best = max(dtypes, key=lambda d: out[f"rollout_tok_per_s_vllm_{d}"])
+    out.update(rollout_tok_per_s_vllm=out[f"rollout_tok_per_s_vllm_{best}"], rollout_vllm_dtype=best)
     hf = make_engine("hf", model, base, dtype="float32")
-    out["rollout_tok_per_s_hf"] = _tok_per_s(hf, prompts, n, max_new_tokens, repeats)
+    r = bench.measure(hf, base, prompts, max_new_tokens, repeats, syncs=1)
+    out.update(rollout_tok_per_s_hf=r["tok_per_s"], rollout_tok_per_s_hf_natural=r["tok_per_s_natural"])
     out["sync_ratio"] = out["full_weight_bytes"] / max(out["sync_bytes"], 1)
     return out
-
-
-def _tok_per_s(engine, prompts, n, max_new_tokens, repeats) -> float:
-    engine.generate(prompts[:2], n=1, max_new_tokens=4, temperature=1.0, seed=0)  # warm-up
-    rates = []
-    for r in range(repeats):
-        start = time.perf_counter()
-        samples = engine.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=r)
-        seconds = time.perf_counter() - start
-        rates.append(sum(len(s.completion_ids) for group in samples for s in group) / seconds)
-    return statistics.median(rates)
 
 
 # -- learning --------------------------------------------------------------------------------------
@@ -229,6 +228,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=None, help="steps of the learning run (default: config's)")
     p.add_argument("--reuse-run", help="read reward_before/after from this finished run instead of training")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", default="float32,bfloat16", help="vLLM engine dtypes to time rollouts with")
     p.add_argument("--reuse-speed", help="JSON file with the sync/rollout figures of an earlier run (skips them)")
     p.add_argument("--child", nargs=5, metavar=("MODEL", "MODE", "B", "P", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -252,7 +252,7 @@ def main() -> None:
         overrides = [f"model={model}", f"output_dir={tmp / 'run'}", "steps=" + str(args.train_steps or 15),
                      "reward_functions={__main__:digit_fraction: 1.0}", "system_prompt=null", "lr=3.0e-3",
                      "num_eval_prompts=16", "eval_every=0", "max_new_tokens=8", "temperature=1.0", "engine=hf"]
-        rollout_shape = (8, 4, 16)
+        rollout_shape = (16, 16)
     else:
         from align.smollm import ensure_smollm2
 
@@ -261,7 +261,7 @@ def main() -> None:
         shape = ("4", "48", "16")  # a small batch: weights, not activations, dominate the peak
         config = str(ROOT / "configs" / "grpo_demo.yaml")
         overrides = [f"output_dir={tmp / 'run'}"] + ([f"steps={args.train_steps}"] if args.train_steps else [])
-        rollout_shape = (16, 4, 32)
+        rollout_shape = (64, 48)  # the issue's workload: 64 prompts x 48 new tokens
 
     print(f"[bench] model {name}: memory of one PPO step, each mode in its own process", flush=True)
     shared = run_child(["--child", model, "shared", *shape])
@@ -273,7 +273,7 @@ def main() -> None:
     if args.reuse_speed:
         speed = json.loads(Path(args.reuse_speed).read_text())
     else:
-        speed = sync_and_rollouts(model, *rollout_shape, args.repeats)
+        speed = sync_and_rollouts(model, *rollout_shape, args.repeats, args.dtypes.split(","))
         (tmp / "speed.json").write_text(json.dumps(speed))
     print(f"  sync {speed['sync_bytes']} B of {speed['full_weight_bytes']} B (x{speed['sync_ratio']:.0f}) in "
           f"{speed['sync_s']:.2f} s, probe max |diff| {speed['logprob_max_abs_diff']:.2e}; rollout tok/s "
@@ -295,9 +295,11 @@ def main() -> None:
         "full_weight_bytes": speed["full_weight_bytes"],
         "sync_ratio": round(speed["sync_ratio"], 1),
         "sync_s": round(speed["sync_s"], 4),
-        "rollout_tok_per_s_vllm": round(speed["rollout_tok_per_s_vllm"], 1),
-        "rollout_tok_per_s_hf": round(speed["rollout_tok_per_s_hf"], 1),
+        **{k: round(v, 1) for k, v in speed.items() if k.startswith("rollout_tok_per_s")},
+        "rollout_vllm_dtype": speed["rollout_vllm_dtype"],
+        "rollout_workload": f"{speed['rollout_prompts']} prompts x {speed['rollout_new_tokens']} new tokens",
         "logprob_max_abs_diff": speed["logprob_max_abs_diff"],
+        **{k: v for k, v in speed.items() if k.startswith("logprob_max_abs_diff_")},
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in learn.items()},
     }
     print(json.dumps(result))
