@@ -48,6 +48,8 @@ def worker_ours(args) -> dict:
             f"gradient_checkpointing={str(args.grad_ckpt).lower()}", "learning_rate=5.0e-5", "eval_fraction=0.0",
             f"precompute_ref={str(args.worker == 'precompute').lower()}",
             f"ref_model_copy={str(args.worker == 'ref_copy').lower()}"]
+    if args.worker == "shared_lean_heap":
+        sets.append("heap_mmap_threshold_mb=1.0")  # align/heap.py: lower peak memory, slower steps
     trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs" / "dpo_tiny.yaml", sets))
     trainer.setup()
     precompute_s = trainer.precompute_reference() if args.worker == "precompute" else 0.0
@@ -122,7 +124,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    args.steps = args.steps or (10 if args.quick else 4)
+    args.steps = args.steps or (10 if args.quick else 6)
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             from align.tiny import build_tiny_model
@@ -134,7 +136,8 @@ def main() -> None:
             model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
         data = Path(tmp) / "pairs.jsonl"
         make_data(data, args.rows)
-        runs: dict[str, list[dict]] = {m: [] for m in ("shared", "ref_copy", "precompute", "trl")}
+        runs: dict[str, list[dict]] = {m: [] for m in ("shared", "ref_copy", "precompute", "trl",
+                                                        "shared_lean_heap")}
         for r in range(args.repeats):  # interleave contenders so drift in machine load hits all alike
             for mode in runs:
                 runs[mode].append(run_worker(mode, args, data, model))
@@ -154,6 +157,11 @@ def main() -> None:
         "trl_peak_mb": round(med("trl", "peak_mb"), 1),
         "trl_steps_per_s": round(med("trl", "steps_per_s"), 4),
         "memory_vs_trl": round(med("shared", "peak_mb") / med("trl", "peak_mb"), 3),
+        # The same run with heap_mmap_threshold_mb=1 (align/heap.py): memory it saves, speed it costs.
+        "peak_mb_shared_lean_heap": round(med("shared_lean_heap", "peak_mb"), 1),
+        "steps_per_s_lean_heap": round(med("shared_lean_heap", "steps_per_s"), 4),
+        "memory_vs_trl_lean_heap": round(med("shared_lean_heap", "peak_mb") / med("trl", "peak_mb"), 3),
+        "speed_ratio_lean_heap": round(med("shared_lean_heap", "steps_per_s") / med("trl", "steps_per_s"), 3),
         "steps_per_s": round(med("shared", "steps_per_s"), 4),
         "speed_ratio": round(med("shared", "steps_per_s") / med("trl", "steps_per_s"), 3),
         "precompute_steps_per_s": round(med("precompute", "steps_per_s"), 4),
