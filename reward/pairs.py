@@ -46,13 +46,18 @@ def _wrong_near(c: int, rng: random.Random) -> int:
             return w
 
 
-def arithmetic_pairs(n: int, seed: int, low: int = 10, high: int = 50) -> list[dict]:
+def arithmetic_pairs(n: int, seed: int, low: int = 10, high: int = 50, bare_share: float = 0.25) -> list[dict]:
     """`n` preference rows for the demo task (align/tasks/arithmetic.py), length-balanced.
 
     chosen is the correct sum and rejected a wrong one with the same number of digits,
-    written in the same form (the bare number, or "a + b = c" as SmolLM2 likes to answer),
-    so "the longer answer wins" is no better than a coin: only correctness separates them.
+    written in the same form, so "the longer answer wins" is no better than a coin: only
+    correctness separates them. Most rows use the form SmolLM2 itself answers in, "a + b = c"
+    (what a PPO policy on this task samples); a `bare_share` of rows give the number alone.
+    A 135M base separates bare-number pairs at chance (it would have to add in its head),
+    so a mostly-bare set measures the base's arithmetic, not the reward model.
     """
+    if not 0.0 <= bare_share <= 1.0:
+        raise ValueError(f"bare_share: expected a fraction in [0, 1], got {bare_share}")
     from align.tasks.arithmetic import INSTRUCTION
 
     rng = random.Random(seed)
@@ -60,7 +65,7 @@ def arithmetic_pairs(n: int, seed: int, low: int = 10, high: int = 50) -> list[d
     for _ in range(n):
         a, b = rng.randint(low, high), rng.randint(low, high)
         c, w = a + b, _wrong_near(a + b, rng)
-        form = rng.choice(["{c}", "{a} + {b} = {c}"])
+        form = "{c}" if rng.random() < bare_share else "{a} + {b} = {c}"
         rows.append({"prompt": INSTRUCTION.format(a=a, b=b), "chosen": form.format(a=a, b=b, c=c),
                      "rejected": form.format(a=a, b=b, c=w), "answer": str(c)})
     return rows

@@ -61,6 +61,7 @@ class RewardConfig:
     eval_fraction: float = field(default=0.0, metadata={"help": "Without eval_file: fraction of train rows held out."})
     demo_pairs: int = field(default=0, metadata={"help": "Instead of train_file: generate this many arithmetic-demo pairs (and demo_eval_pairs held out) into output_dir/data/."})
     demo_eval_pairs: int = field(default=200, metadata={"help": "Held-out demo pairs (with demo_pairs)."})
+    demo_bare_share: float = field(default=0.25, metadata={"help": "Share of demo pairs answered with the bare number; the rest read 'a + b = c', as SmolLM2 answers."})
     format: str = field(default="auto", metadata={"help": "auto | standard | conversational."})
     on_bad_rows: str = field(default="error", metadata={"help": "error (abort, listing every bad row) | skip (drop and count)."})
     chat_template: bool = field(default=True, metadata={"help": "Apply the tokenizer's chat template to string rows."})
@@ -146,10 +147,11 @@ class RewardTrainer:
 
         c = self.config
         data = self.out / "data"
-        train = write_jsonl(arithmetic_pairs(c.demo_pairs, c.seed), data / "train.jsonl")
+        share = c.demo_bare_share
+        train = write_jsonl(arithmetic_pairs(c.demo_pairs, c.seed, bare_share=share), data / "train.jsonl")
         # A different seed: held-out pairs are drawn independently of the training ones.
-        ev = write_jsonl(arithmetic_pairs(c.demo_eval_pairs, c.seed + 10_000), data / "eval.jsonl") \
-            if c.demo_eval_pairs else None
+        ev = write_jsonl(arithmetic_pairs(c.demo_eval_pairs, c.seed + 10_000, bare_share=share),
+                         data / "eval.jsonl") if c.demo_eval_pairs else None
         return train, ev
 
     def _load_pairs(self, source: str) -> tuple[list[TokenizedPair], dict[str, float], int]:

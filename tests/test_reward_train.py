@@ -149,6 +149,10 @@ def test_demo_pairs_are_length_balanced():
     assert all(score(r["chosen"], r["answer"]) > score(r["rejected"], r["answer"]) for r in rows)
     assert all(len(r["chosen"]) == len(r["rejected"]) for r in rows)
     assert {r["chosen"].count("=") for r in rows} == {0, 1}  # both forms appear
+    bare = [sum("=" not in r["chosen"] for r in arithmetic_pairs(1000, seed=1, bare_share=s)) for s in (0.1, 0.5)]
+    assert 60 < bare[0] < 140 and 440 < bare[1] < 560  # the share of bare-number rows follows bare_share
+    with pytest.raises(ValueError, match="bare_share"):
+        arithmetic_pairs(10, seed=0, bare_share=1.5)
 
 
 def test_every_reward_config_loads():
