@@ -166,7 +166,7 @@ def sync_and_rollouts(model: str, n_prompts: int, max_new_tokens: int, repeats: 
     spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).with_name("rollout.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.STD = 2e-3  # a trained-looking adapter: non-zero B, so the probe check means something
+    std = 2e-3  # a trained-looking adapter: non-zero B, so the probe check means something
 
     base = SharedBase.load(model)
     base.model.eval()
@@ -179,7 +179,7 @@ def sync_and_rollouts(model: str, n_prompts: int, max_new_tokens: int, repeats: 
     for dtype in dtypes:
         engine = make_engine("vllm", model, base, dtype=dtype)
         try:
-            r = bench.measure(engine, base, prompts, max_new_tokens, repeats, syncs=repeats)
+            r = bench.measure(engine, base, prompts, max_new_tokens, repeats, syncs=repeats, std=std)
         finally:
             engine.close()
         out[f"rollout_tok_per_s_vllm_{dtype}"] = r["tok_per_s"]
@@ -190,7 +190,7 @@ def sync_and_rollouts(model: str, n_prompts: int, max_new_tokens: int, repeats: 
     best = max(dtypes, key=lambda d: out[f"rollout_tok_per_s_vllm_{d}"])
     out.update(rollout_tok_per_s_vllm=out[f"rollout_tok_per_s_vllm_{best}"], rollout_vllm_dtype=best)
     hf = make_engine("hf", model, base, dtype="float32")
-    r = bench.measure(hf, base, prompts, max_new_tokens, repeats, syncs=1)
+    r = bench.measure(hf, base, prompts, max_new_tokens, repeats, syncs=1, std=std)
     out.update(rollout_tok_per_s_hf=r["tok_per_s"], rollout_tok_per_s_hf_natural=r["tok_per_s_natural"])
     out["sync_ratio"] = out["full_weight_bytes"] / max(out["sync_bytes"], 1)
     return out

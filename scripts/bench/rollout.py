@@ -40,9 +40,6 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-STD = 1e-3  # set by main: the std of perturb's B entries
-
-
 def perturb(base, std: float, seed: int = 0) -> None:
     """A trained-looking adapter: small random B (a fresh one has B = 0, i.e. the base)."""
     import torch
@@ -54,10 +51,11 @@ def perturb(base, std: float, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def measure(engine, base, prompts, new_tokens: int, repeats: int, syncs: int) -> dict:
+def measure(engine, base, prompts, new_tokens: int, repeats: int, syncs: int, std: float) -> dict:
+    """Sync `syncs` times (after a fresh `perturb` of B with `std` each), then time generation."""
     sync = []
     for i in range(syncs):  # each sync after a real change, as in training (the probe must follow it)
-        perturb(base, std=STD, seed=i)
+        perturb(base, std=std, seed=i)
         sync.append(engine.sync(base, "policy"))
     engine.generate(prompts[:8], max_new_tokens=4, seed=0)  # warm-up: first-call costs out of the timing
     result = {"sync_bytes": sync[-1].bytes, "sync_seconds": statistics.median(s.seconds for s in sync[1:] or sync),
@@ -118,8 +116,7 @@ def main() -> None:
 
     base = SharedBase.load(str(model_path), dtype="float32")
     base.add_adapter("policy", LoraSettings(rank=args.rank))
-    global STD
-    STD = 0.3 if args.quick else 1e-3
+    std = 0.3 if args.quick else 1e-3
     tok = base.tokenizer
     rows = make_prompts(args.prompts, seed=0)
     prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
@@ -138,7 +135,8 @@ def main() -> None:
         else:
             engine = make_engine("vllm", str(model_path), base, dtype=dtype, sync_mode=mode)
         start_s = time.perf_counter() - t0
-        results[name] = measure(engine, base, prompts, args.new_tokens, args.repeats, syncs=1 if name == "hf" else 3)
+        results[name] = measure(engine, base, prompts, args.new_tokens, args.repeats,
+                                syncs=1 if name == "hf" else 3, std=std)
         results[name]["start_seconds"] = start_s
         engine.close()
         print(f"  {name}: {results[name]['tok_per_s']:.1f} tok/s, sync {results[name]['sync_bytes']} bytes in "
