@@ -76,6 +76,7 @@ class DPOConfig:
     precompute_ref: bool = field(default=False, metadata={"help": "Compute reference log-probs once (adapter off) instead of every step."})
     ref_model_copy: bool = field(default=False, metadata={"help": "Comparison only: keep a separate reference copy (more memory)."})
     gradient_checkpointing: bool = False
+    checkpoint_keep_last: int = field(default=0, metadata={"help": "With gradient_checkpointing: the last N decoder layers keep their activations instead of recomputing them in backward; faster steps for a little memory (SmolLM2-135M, 4 pairs x 128 tokens: 8 layers, +45 MB, ~9% faster; scripts/bench/dpo.py)."})
     heap_mmap_threshold_mb: float | None = field(default=None, metadata={"help": "CPU, glibc: allocations of at least this many MB get their own mapping, returned on free (align/heap.py). 1.0 cut peak memory by ~20% but steps ran ~28% slower (scripts/bench/dpo.py). null: glibc's default."})
     dtype: str = "float32"
     device: str = "cpu"
@@ -98,6 +99,10 @@ class DPOConfig:
             raise ValueError(f"label_smoothing: expected in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             raise ValueError(f"label_smoothing: only sigmoid and robust use it, not {self.loss_type}")
+        if self.checkpoint_keep_last < 0:
+            raise ValueError(f"checkpoint_keep_last: expected a number of layers >= 0, got {self.checkpoint_keep_last}")
+        if self.checkpoint_keep_last and not self.gradient_checkpointing:
+            raise ValueError("checkpoint_keep_last: only means something with gradient_checkpointing: true")
         if self.heap_mmap_threshold_mb is not None and self.heap_mmap_threshold_mb <= 0:
             raise ValueError(f"heap_mmap_threshold_mb: expected > 0 or null, got {self.heap_mmap_threshold_mb}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
@@ -155,7 +160,7 @@ class DPOTrainer:
         model_path = resolve_model(c.model)
         if self.base is None:
             self.base = SharedBase.load(model_path, c.dtype, c.device, c.trust_remote_code,
-                                        c.gradient_checkpointing)
+                                        c.gradient_checkpointing, c.checkpoint_keep_last)
         if c.adapter_name not in self.base.adapters:
             self.base.add_adapter(c.adapter_name, c.lora)
         self.base.set_active(c.adapter_name)

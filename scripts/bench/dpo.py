@@ -5,7 +5,9 @@
 
 Every figure is the median of --repeats runs, each run in its own process (peak RSS
 is per process). Same model, data, batch (4 pairs), max_length (128) and gradient
-checkpointing for every contender. Last line: one JSON object.
+checkpointing for every contender; ours keeps the last --keep-last layers' activations
+(checkpoint_keep_last, reported in the JSON), TRL checkpoints every layer. Last line: one
+JSON object.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def worker_ours(args) -> dict:
     sets = [f"model={args.model}", f"train_file={args.data}", f"output_dir={args.out}", "tensorboard=false",
             f"batch_size={args.batch}", f"max_length={args.max_length}", "save_every=0",
             f"gradient_checkpointing={str(args.grad_ckpt).lower()}", "learning_rate=5.0e-5", "eval_fraction=0.0",
+            f"checkpoint_keep_last={args.keep_last if args.grad_ckpt else 0}",
             f"precompute_ref={str(args.worker == 'precompute').lower()}",
             f"ref_model_copy={str(args.worker == 'ref_copy').lower()}"]
     if args.worker == "shared_lean_heap":
@@ -94,7 +97,8 @@ def worker_trl(args) -> dict:
 def run_worker(mode: str, args, data: Path, model: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, __file__, "--worker", mode, "--model", model, "--data", str(data), "--out", out,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
+               "--keep-last", str(args.keep_last)]
         if not args.grad_ckpt:
             cmd.append("--no-grad-ckpt")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -114,6 +118,11 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="disable gradient checkpointing (on by default, as in TRL)")
+    p.add_argument("--lean-heap", action="store_true",
+                   help="also time our run with heap_mmap_threshold_mb=1 (less memory, slower steps)")
+    p.add_argument("--keep-last", type=int, default=8,
+                   help="ours: the last N decoder layers keep their activations (checkpoint_keep_last); TRL "
+                        "checkpoints every layer")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -124,7 +133,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    args.steps = args.steps or (10 if args.quick else 6)
+    args.steps = args.steps or 10
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             from align.tiny import build_tiny_model
@@ -136,8 +145,8 @@ def main() -> None:
             model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
         data = Path(tmp) / "pairs.jsonl"
         make_data(data, args.rows)
-        runs: dict[str, list[dict]] = {m: [] for m in ("shared", "ref_copy", "precompute", "trl",
-                                                        "shared_lean_heap")}
+        modes = ["shared", "ref_copy", "precompute", "trl"] + (["shared_lean_heap"] if args.lean_heap else [])
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(args.repeats):  # interleave contenders so drift in machine load hits all alike
             for mode in runs:
                 runs[mode].append(run_worker(mode, args, data, model))
@@ -149,7 +158,8 @@ def main() -> None:
     base_mb = med("shared", "base_mb")
     out = {
         "model": name, "rows": args.rows, "batch_pairs": args.batch, "max_length": args.max_length,
-        "gradient_checkpointing": args.grad_ckpt, "repeats": args.repeats, "timed_steps": args.steps,
+        "gradient_checkpointing": args.grad_ckpt, "checkpoint_keep_last": args.keep_last if args.grad_ckpt else 0,
+        "repeats": args.repeats, "timed_steps": args.steps,
         "base_mb": round(base_mb, 1),
         "peak_mb_shared": round(med("shared", "peak_mb"), 1),
         "peak_mb_ref_copy": round(med("ref_copy", "peak_mb"), 1),
@@ -157,11 +167,6 @@ def main() -> None:
         "trl_peak_mb": round(med("trl", "peak_mb"), 1),
         "trl_steps_per_s": round(med("trl", "steps_per_s"), 4),
         "memory_vs_trl": round(med("shared", "peak_mb") / med("trl", "peak_mb"), 3),
-        # The same run with heap_mmap_threshold_mb=1 (align/heap.py): memory it saves, speed it costs.
-        "peak_mb_shared_lean_heap": round(med("shared_lean_heap", "peak_mb"), 1),
-        "steps_per_s_lean_heap": round(med("shared_lean_heap", "steps_per_s"), 4),
-        "memory_vs_trl_lean_heap": round(med("shared_lean_heap", "peak_mb") / med("trl", "peak_mb"), 3),
-        "speed_ratio_lean_heap": round(med("shared_lean_heap", "steps_per_s") / med("trl", "steps_per_s"), 3),
         "steps_per_s": round(med("shared", "steps_per_s"), 4),
         "speed_ratio": round(med("shared", "steps_per_s") / med("trl", "steps_per_s"), 3),
         "precompute_steps_per_s": round(med("precompute", "steps_per_s"), 4),
@@ -169,6 +174,13 @@ def main() -> None:
         "precompute_s": round(med("precompute", "precompute_s"), 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+    if args.lean_heap:  # the same run with heap_mmap_threshold_mb=1 (align/heap.py): memory saved, speed lost
+        out.update({
+            "peak_mb_shared_lean_heap": round(med("shared_lean_heap", "peak_mb"), 1),
+            "steps_per_s_lean_heap": round(med("shared_lean_heap", "steps_per_s"), 4),
+            "memory_vs_trl_lean_heap": round(med("shared_lean_heap", "peak_mb") / med("trl", "peak_mb"), 3),
+            "speed_ratio_lean_heap": round(med("shared_lean_heap", "steps_per_s") / med("trl", "steps_per_s"), 3),
+        })
     print(json.dumps(out))
 
 
