@@ -255,10 +255,17 @@ def make_engine(kind: str, model_path: str, base, dtype: str = "float32", **opti
 class HFEngine:
     """`RolloutEngine` backed by the trainer's own `SharedBase`."""
 
-    def __init__(self, base, model_path: str | None = None, dtype: str = "float32", batch_size: int = 64):
+    def __init__(self, base, model_path: str | None = None, dtype: str = "float32", batch_size: int = 64,
+                 seed: int | None = None):
         self.base = base
         self.tokenizer = base.tokenizer
         self.batch_size = batch_size
+        # Like vLLM's engine seed: calls without their own seed continue one seeded stream.
+        self.generator_state = None
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.generator_state = torch.get_rng_state()
 
     # -- sampling -------------------------------------------------------------------------------
     def generate(self, prompt_ids, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=None,
@@ -271,6 +278,8 @@ class HFEngine:
         with torch.random.fork_rng(devices=[]):  # sampling must not move the trainer's RNG
             if seed is not None:
                 torch.manual_seed(seed)
+            elif self.generator_state is not None:
+                torch.set_rng_state(self.generator_state)
             for name, group in groupby(order, key=lambda i: adapters[i]):
                 idx = list(group)
                 for start in range(0, len(idx), self.batch_size):
@@ -279,6 +288,8 @@ class HFEngine:
                                           temperature, top_p, name, ignore_eos)
                     for i, samples in zip(chunk, outs, strict=True):
                         results[i] = samples
+            if seed is None and self.generator_state is not None:
+                self.generator_state = torch.get_rng_state()
         return results
 
     @torch.no_grad()

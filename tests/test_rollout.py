@@ -180,6 +180,19 @@ def test_hf_engine_sampler_logprobs_equal_scoring(base, tiny_llama):
     assert [[s.completion_ids for s in x] for x in again] == [[s.completion_ids for s in x] for x in out]
 
 
+def test_hf_engine_seed_starts_a_repeatable_stream(base, tiny_llama):
+    # make_engine(..., seed=) works for every kind (the demos pass it): for HF it seeds one stream.
+    def draws(engine):
+        return [[s.completion_ids for s in x] for _ in range(2)
+                for x in engine.generate(PROMPTS[:2], n=2, max_new_tokens=6, temperature=1.0, adapter="policy")]
+
+    first, second = draws(make_engine("hf", str(tiny_llama), base, seed=3)), \
+        draws(make_engine("hf", str(tiny_llama), base, seed=3))
+    assert first == second  # same seed, same stream
+    assert first[:2] != first[2:]  # the stream moves on between calls
+    assert draws(make_engine("hf", str(tiny_llama), base, seed=4)) != first
+
+
 def test_make_engine_rejects_unknown_kind(base, tiny_llama):
     with pytest.raises(ValueError, match="expected one of"):
         make_engine("sglang", str(tiny_llama), base)
