@@ -62,6 +62,8 @@ def test_switched_off_and_other_dtypes_fall_back_to_peft(tiny_llama):
     with base.reference():
         assert torch.equal(layer(x), layer.base_layer(x))  # adapters off: exactly the base
     assert not torch.allclose(layer(x), layer.base_layer(x))  # on: the adapter adds something
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: PEFT's path, which casts as autocast wants
+        torch.testing.assert_close(layer(x), LoraLinear.forward(layer, x))
     # Activations in another dtype than the adapter: PEFT's own casting path, same numbers as PEFT.
     xb = x.to(torch.bfloat16)
     layer.base_layer.to(torch.bfloat16)
