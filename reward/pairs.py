@@ -76,3 +76,56 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> str:
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def pairs_from_samples(rows: list[dict], texts: list[list[str]], max_per_prompt: int = 3) -> list[dict]:
+    """Preference rows from several sampled answers per prompt, ranked by the task reward.
+
+    Every answer with a higher `arithmetic.score` beats every distinct answer with a lower
+    one; per prompt the pairs with the largest score gap come first, at most
+    `max_per_prompt` of them (pairs of one prompt share answers, so more adds little).
+    Prompts whose answers all score the same give no pair.
+    """
+    from align.tasks.arithmetic import score
+
+    out = []
+    for row, group in zip(rows, texts, strict=True):
+        scored = {t.strip(): score(t, row["answer"]) for t in group if t.strip()}
+        ranked = sorted(scored.items(), key=lambda kv: -kv[1])
+        pairs = [(hi, lo) for i, hi in enumerate(ranked) for lo in ranked[i + 1:] if hi[1] > lo[1]]
+        pairs.sort(key=lambda p: p[1][1] - p[0][1])  # largest gap first (stable: best answers first)
+        out += [{"prompt": row["prompt"], "chosen": hi[0], "rejected": lo[0], "answer": row["answer"]}
+                for hi, lo in pairs[:max_per_prompt]]
+    return out
+
+
+def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_per_prompt: int = 4,
+                             temperature: float = 0.7, max_new_tokens: int = 16, engine: str = "auto",
+                             max_rounds: int = 20, exclude: set[str] = frozenset()) -> list[dict]:
+    """`n` demo-task pairs made of the base model's own answers, as the DPO demo makes them.
+
+    This is what a reward model for the task meets in PPO: the policy's samples, right and
+    wrong, in whatever form the model writes. Prompts are sampled in rounds (vLLM when
+    installed, bfloat16 for speed; adapters off) until `n` pairs exist. Prompts in `exclude`
+    are not used (keep held-out prompts out of training).
+    """
+    from align.demo import prompt_ids
+    from align.rollout import make_engine, vllm_available
+    from align.tasks.arithmetic import make_prompts
+
+    options = {"dtype": "bfloat16"} if engine == "vllm" or (engine == "auto" and vllm_available()) else {}
+    eng = make_engine(engine, model_path, base, seed=seed, **options)
+    try:
+        pairs: list[dict] = []
+        batch = max(64, n)  # prompts per round; about a third of SmolLM2's prompts yield pairs
+        for r in range(max_rounds):
+            rows = [row for row in make_prompts(batch, seed=seed * 1000 + r) if row["prompt"] not in exclude]
+            outs = eng.generate(prompt_ids(base, rows), n=samples_per_prompt, max_new_tokens=max_new_tokens,
+                                temperature=temperature, adapter=None)
+            pairs += pairs_from_samples(rows, [[o.text for o in group] for group in outs])
+            if len(pairs) >= n:
+                return pairs[:n]
+    finally:
+        eng.close()
+    raise RuntimeError(f"only {len(pairs)} of {n} demo pairs after {max_rounds} rounds of {batch} prompts: the "
+                       "model's answers to a prompt rarely differ in reward; try demo_source: synthetic")

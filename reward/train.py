@@ -60,6 +60,7 @@ class RewardConfig:
     eval_file: str | None = field(default=None, metadata={"help": "Held-out preference data (optional)."})
     eval_fraction: float = field(default=0.0, metadata={"help": "Without eval_file: fraction of train rows held out."})
     demo_pairs: int = field(default=0, metadata={"help": "Instead of train_file: generate this many arithmetic-demo pairs (and demo_eval_pairs held out) into output_dir/data/."})
+    demo_source: str = field(default="samples", metadata={"help": "samples: the base model's own answers, ranked by the task reward (as the DPO demo builds pairs; held-out prompts never appear in training) | synthetic: the correct sum vs a near miss of equal length."})
     demo_eval_pairs: int = field(default=200, metadata={"help": "Held-out demo pairs (with demo_pairs)."})
     demo_bare_share: float = field(default=0.25, metadata={"help": "Share of demo pairs answered with the bare number; the rest read 'a + b = c', as SmolLM2 answers."})
     format: str = field(default="auto", metadata={"help": "auto | standard | conversational."})
@@ -99,6 +100,8 @@ class RewardConfig:
             raise ValueError("train_file: expected a preference data file or dataset name (or demo_pairs > 0)")
         if self.train_file and self.demo_pairs:
             raise ValueError("train_file and demo_pairs: choose one")
+        if self.demo_source not in ("samples", "synthetic"):
+            raise ValueError(f"demo_source: expected 'samples' or 'synthetic', got {self.demo_source!r}")
         if self.demo_pairs < 0 or self.demo_eval_pairs < 0:
             raise ValueError("demo_pairs and demo_eval_pairs: expected non-negative integers")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
@@ -142,11 +145,20 @@ class RewardTrainer:
         self.out = Path(config.output_dir)
 
     # -- setup --------------------------------------------------------------------------------
-    def _demo_files(self) -> tuple[str, str | None]:
-        from reward.pairs import arithmetic_pairs, write_jsonl
+    def _demo_files(self, model_path: str) -> tuple[str, str | None]:
+        from reward.pairs import arithmetic_pairs, sampled_arithmetic_pairs, write_jsonl
 
         c = self.config
         data = self.out / "data"
+        if c.demo_source == "samples":
+            t0 = time.perf_counter()
+            ev = sampled_arithmetic_pairs(self.base, model_path, c.demo_eval_pairs, c.seed + 10_000) \
+                if c.demo_eval_pairs else []
+            train = sampled_arithmetic_pairs(self.base, model_path, c.demo_pairs, c.seed,
+                                             exclude={r["prompt"] for r in ev})
+            print(f"[align] sampled {len(train)} + {len(ev)} demo pairs in {time.perf_counter() - t0:.0f} s")
+            return (write_jsonl(train, data / "train.jsonl"),
+                    write_jsonl(ev, data / "eval.jsonl") if ev else None)
         share = c.demo_bare_share
         train = write_jsonl(arithmetic_pairs(c.demo_pairs, c.seed, bare_share=share), data / "train.jsonl")
         # A different seed: held-out pairs are drawn independently of the training ones.
@@ -171,9 +183,9 @@ class RewardTrainer:
             torch.set_num_threads(c.num_threads)
         torch.manual_seed(c.seed)
         self.out.mkdir(parents=True, exist_ok=True)
-        train_file, eval_file = (c.train_file, c.eval_file) if c.train_file else self._demo_files()
-        self.base = SharedBase.load(resolve_model(c.model), c.dtype, c.device, c.trust_remote_code,
-                                    c.gradient_checkpointing)
+        model_path = resolve_model(c.model)
+        self.base = SharedBase.load(model_path, c.dtype, c.device, c.trust_remote_code, c.gradient_checkpointing)
+        train_file, eval_file = (c.train_file, c.eval_file) if c.train_file else self._demo_files(model_path)
         self.rm = RewardModel.create(self.base, c.adapter_name, c.lora, c.chat_template, c.max_length, seed=c.seed)
         pairs, self.margins, self.skipped_rows = self._load_pairs(train_file)
         if eval_file:

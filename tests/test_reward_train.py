@@ -155,6 +155,32 @@ def test_demo_pairs_are_length_balanced():
         arithmetic_pairs(10, seed=0, bare_share=1.5)
 
 
+def test_pairs_from_samples_rank_by_task_reward():
+    from reward.pairs import pairs_from_samples
+
+    rows = [{"prompt": "What is 2+3?", "answer": "5"}, {"prompt": "What is 1+1?", "answer": "2"},
+            {"prompt": "What is 4+4?", "answer": "8"}]
+    texts = [["5", "It is 5", "7", " 5 ", "", "2 + 3 = 6"],   # scores 1, 0.5, 0, (dup of "5"), (empty), 0
+             ["3", "4"],                                      # all wrong: no pair
+             ["8", "9", "10", "11", "12"]]                    # 1 vs four wrong: capped at 3
+    pairs = pairs_from_samples(rows, texts, max_per_prompt=3)
+    got = [(p["prompt"][8:11], p["chosen"], p["rejected"]) for p in pairs]
+    # Largest score gap first (1 vs 0), then 0.5 vs 0; ties keep the sampled order.
+    assert got == [("2+3", "5", "7"), ("2+3", "5", "2 + 3 = 6"), ("2+3", "5", "It is 5"),
+                   ("4+4", "8", "9"), ("4+4", "8", "10"), ("4+4", "8", "11")]
+    assert {p["answer"] for p in pairs} == {"5", "8"}
+
+
+def test_sampled_pairs_name_the_shortfall(tiny_llama):
+    # A random tiny model never writes a right sum: no pairs, and the error says what to do.
+    from align.model import SharedBase
+    from reward.pairs import sampled_arithmetic_pairs
+
+    base = SharedBase.load(str(tiny_llama))
+    with pytest.raises(RuntimeError, match="only 0 of 8 demo pairs after 1 rounds.*demo_source: synthetic"):
+        sampled_arithmetic_pairs(base, str(tiny_llama), 8, seed=0, engine="hf", max_rounds=1, max_new_tokens=4)
+
+
 def test_every_reward_config_loads():
     files = sorted((ROOT / "configs").glob("reward_*.yaml"))
     assert len(files) >= 2, files
