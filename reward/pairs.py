@@ -120,6 +120,8 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
         batch = max(64, n)  # prompts per round; about a third of SmolLM2's prompts yield pairs
         for r in range(max_rounds):
             rows = [row for row in make_prompts(batch, seed=seed * 1000 + r) if row["prompt"] not in exclude]
+            if not rows:
+                continue
             outs = eng.generate(prompt_ids(base, rows), n=samples_per_prompt, max_new_tokens=max_new_tokens,
                                 temperature=temperature, adapter=None)
             pairs += pairs_from_samples(rows, [[o.text for o in group] for group in outs])
