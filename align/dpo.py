@@ -38,6 +38,7 @@ from align.logprobs import completion_logprobs
 from align.losses import LOSS_TYPES, dpo_loss
 from align.metrics import MetricsLogger
 from align.model import RECOMMENDED_RANKS, LoraSettings, SharedBase
+from align.optim import adamw
 
 # LoRA's best learning rate is ~10x full fine-tuning's (Thinking Machines' LoRA study).
 # Full-parameter DPO typically uses 5e-7..5e-6, so the LoRA default is 5e-5.
@@ -184,7 +185,7 @@ class DPOTrainer:
             raise UserError(f"{c.train_file}: no training pairs left")
         self.pairs = pairs
         self.params = list(self.base.adapter_parameters(c.adapter_name).values())
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.optimizer = adamw(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
         self.steps_per_epoch = math.ceil(len(pairs) / (c.batch_size * c.grad_accum))
         total = self.steps_per_epoch * c.epochs
         self.total_steps = min(total, c.max_steps) if c.max_steps else total

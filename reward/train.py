@@ -35,6 +35,7 @@ from align.data import TokenizedPair, collate_pairs, load_preferences, step_batc
 from align.errors import TrainingDiverged, UserError
 from align.metrics import MetricsLogger
 from align.model import RECOMMENDED_RANKS, LoraSettings, SharedBase
+from align.optim import adamw
 from reward.losses import (
     DEFAULT_BUCKETS,
     bradley_terry_loss,
@@ -205,7 +206,7 @@ class RewardTrainer:
         adapter = list(self.base.adapter_parameters(c.adapter_name).values())
         head_lr = c.head_learning_rate or c.learning_rate
         # "peak_lr" is the group's lr before warm-up; it travels with the optimizer state on resume.
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = adamw(
             [{"params": adapter, "lr": c.learning_rate, "peak_lr": c.learning_rate},
              {"params": list(self.rm.head.parameters()), "lr": head_lr, "peak_lr": head_lr}],
             weight_decay=c.weight_decay)

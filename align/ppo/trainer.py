@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from align.errors import TrainingDiverged, UserError
 from align.logprobs import completion_logprobs
+from align.optim import adamw
 from align.ppo import algorithms as A
 from align.ppo.config import PPOConfig
 from align.ppo.heads import ValueHead
@@ -181,7 +182,7 @@ class PPOTrainer:
         if self.critic:
             groups.append({"params": list(self.base.adapter_parameters("critic").values())
                            + list(self.value_head.parameters()), "lr": c.critic_lr or c.lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
+        self.optimizer = adamw(groups, weight_decay=c.weight_decay)
         self.kl_coef = c.kl_coef
 
         tok = self.base.tokenizer
