@@ -4,7 +4,8 @@
     python scripts/bench/dpo.py --quick    # tiny model, seconds
 
 Every figure is the median of --repeats runs, each run in its own process (peak RSS
-is per process). Same model, data, batch (4 pairs), max_length (128) and gradient
+is per process). A run's steps/s is 1 / its median step time, so a noisy neighbour that
+stalls a few steps moves it little; the plain mean is kept as steps_per_s_mean. Same model, data, batch (4 pairs), max_length (128) and gradient
 checkpointing for every contender; ours keeps the last --keep-last layers' activations
 (checkpoint_keep_last, reported in the JSON), TRL checkpoints every layer. Last line: one
 JSON object.
@@ -57,12 +58,20 @@ def worker_ours(args) -> dict:
     trainer.setup()
     precompute_s = trainer.precompute_reference() if args.worker == "precompute" else 0.0
     trainer.train_step()  # warm-up
-    t0 = time.perf_counter()
+    marks = [time.perf_counter()]
     for _ in range(args.steps):
         trainer.train_step()
-    dt = time.perf_counter() - t0
-    return {"steps_per_s": args.steps / dt, "peak_mb": peak_mb(), "precompute_s": precompute_s,
+        marks.append(time.perf_counter())
+    return {**step_rates(marks), "peak_mb": peak_mb(), "precompute_s": precompute_s,
             "base_mb": trainer.base.base_bytes() / 2**20}
+
+
+def step_rates(marks: list[float]) -> dict:
+    """Steps/s from step-end times: 1 / median step time (a neighbour stalling a few steps moves
+    it little), and the plain mean next to it."""
+    durations = [b - a for a, b in zip(marks, marks[1:])]
+    return {"steps_per_s": 1 / statistics.median(durations),
+            "steps_per_s_mean": len(durations) / (marks[-1] - marks[0])}
 
 
 def worker_trl(args) -> dict:
@@ -91,7 +100,7 @@ def worker_trl(args) -> dict:
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
                          callbacks=[Clock()])
     trainer.train()
-    return {"steps_per_s": args.steps / (times[-1] - times[0]), "peak_mb": peak_mb()}
+    return {**step_rates(times), "peak_mb": peak_mb()}
 
 
 def run_worker(mode: str, args, data: Path, model: str) -> dict:
@@ -172,6 +181,7 @@ def main() -> None:
         "precompute_steps_per_s": round(med("precompute", "steps_per_s"), 4),
         "precompute_speed_ratio": round(med("precompute", "steps_per_s") / med("shared", "steps_per_s"), 3),
         "precompute_s": round(med("precompute", "precompute_s"), 2),
+        "steps_per_s_mean": {m: round(med(m, "steps_per_s_mean"), 4) for m in runs},
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if args.lean_heap:  # the same run with heap_mmap_threshold_mb=1 (align/heap.py): memory saved, speed lost
