@@ -146,20 +146,34 @@ class RewardTrainer:
         self.out = Path(config.output_dir)
 
     # -- setup --------------------------------------------------------------------------------
+    def demo_stamp(self, model_path: str) -> str:
+        """What sampled demo pairs depend on; stored next to them as data/demo.json."""
+        c = self.config
+        return json.dumps({"source": c.demo_source, "pairs": c.demo_pairs, "eval_pairs": c.demo_eval_pairs,
+                           "seed": c.seed, "model": model_path}, sort_keys=True)
+
     def _demo_files(self, model_path: str) -> tuple[str, str | None]:
+        from align.atomic import atomic_write_text
         from reward.pairs import arithmetic_pairs, sampled_arithmetic_pairs, write_jsonl
 
         c = self.config
         data = self.out / "data"
         if c.demo_source == "samples":
+            # Sampling takes minutes and is not bit-repeatable everywhere: a resumed run reuses the
+            # pairs its first start wrote, when they were made with the same settings.
+            key = self.demo_stamp(model_path)
+            stamp, train_path, eval_path = data / "demo.json", data / "train.jsonl", data / "eval.jsonl"
+            if stamp.is_file() and stamp.read_text() == key and train_path.is_file():
+                return str(train_path), str(eval_path) if c.demo_eval_pairs and eval_path.is_file() else None
             t0 = time.perf_counter()
             ev = sampled_arithmetic_pairs(self.base, model_path, c.demo_eval_pairs, c.seed + 10_000) \
                 if c.demo_eval_pairs else []
             train = sampled_arithmetic_pairs(self.base, model_path, c.demo_pairs, c.seed,
                                              exclude={r["prompt"] for r in ev})
             print(f"[align] sampled {len(train)} + {len(ev)} demo pairs in {time.perf_counter() - t0:.0f} s")
-            return (write_jsonl(train, data / "train.jsonl"),
-                    write_jsonl(ev, data / "eval.jsonl") if ev else None)
+            files = write_jsonl(train, train_path), write_jsonl(ev, eval_path) if ev else None
+            atomic_write_text(stamp, key)  # last: the stamp vouches for files already complete
+            return files
         share = c.demo_bare_share
         train = write_jsonl(arithmetic_pairs(c.demo_pairs, c.seed, bare_share=share), data / "train.jsonl")
         # A different seed: held-out pairs are drawn independently of the training ones.

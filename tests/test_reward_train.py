@@ -181,6 +181,30 @@ def test_sampled_pairs_name_the_shortfall(tiny_llama):
         sampled_arithmetic_pairs(base, str(tiny_llama), 8, seed=0, engine="hf", max_rounds=1, max_new_tokens=4)
 
 
+def test_resume_reuses_sampled_demo_pairs(tiny_llama, tmp_path):
+    # Sampled pairs cost minutes: a restart with the same settings reads the ones already written.
+    # The tiny model cannot make pairs itself, so setup succeeds only by reusing the files.
+    from reward.pairs import arithmetic_pairs, write_jsonl
+
+    config = load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={tmp_path}", "train_file=''", "demo_pairs=16",
+                                                "demo_eval_pairs=8", "demo_source=samples", "tensorboard=false"])
+    trainer = RewardTrainer(config)
+    data = tmp_path / "data"
+    write_jsonl(arithmetic_pairs(16, seed=0), data / "train.jsonl")
+    write_jsonl(arithmetic_pairs(8, seed=1), data / "eval.jsonl")
+    (data / "demo.json").write_text(trainer.demo_stamp(str(tiny_llama)))
+    written = (data / "train.jsonl").read_text(), (data / "eval.jsonl").read_text()
+    trainer.setup()
+    assert len(trainer.pairs) == 16 and len(trainer.eval_pairs) == 8
+    assert ((data / "train.jsonl").read_text(), (data / "eval.jsonl").read_text()) == written  # not re-sampled
+    # Other settings must not reuse these pairs: their stamp differs in what changed.
+    for change in ("demo_pairs=24", "demo_eval_pairs=4", "seed=1"):
+        other = load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={tmp_path}", "train_file=''",
+                                                   "demo_pairs=16", "demo_eval_pairs=8", "demo_source=samples",
+                                                   change])
+        assert RewardTrainer(other).demo_stamp(str(tiny_llama)) != trainer.demo_stamp(str(tiny_llama)), change
+
+
 def test_every_reward_config_loads():
     files = sorted((ROOT / "configs").glob("reward_*.yaml"))
     assert len(files) >= 2, files
