@@ -78,7 +78,7 @@ class DPOConfig:
     ref_model_copy: bool = field(default=False, metadata={"help": "Comparison only: keep a separate reference copy (more memory)."})
     gradient_checkpointing: bool = False
     checkpoint_keep_last: int = field(default=0, metadata={"help": "With gradient_checkpointing: the last N decoder layers keep their activations instead of recomputing them in backward; faster steps for a little memory (SmolLM2-135M, 4 pairs x 128 tokens: 8 layers, +45 MB, ~9% faster; scripts/bench/dpo.py)."})
-    heap_mmap_threshold_mb: float | None = field(default=None, metadata={"help": "CPU, glibc: allocations of at least this many MB get their own mapping, returned on free (align/heap.py). 1.0 cut peak memory by ~20% but steps ran ~28% slower (scripts/bench/dpo.py). null: glibc's default."})
+    heap_mmap_threshold_mb: float | None = field(default=None, metadata={"help": "CPU, glibc: allocations of at least this many MB get their own mapping, returned on free (align/heap.py). 1.0 cut peak memory by ~20% but steps ran ~28% slower, measured before the lean LoRA forward (scripts/bench/dpo.py --lean-heap). null: glibc's default."})
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
