@@ -113,8 +113,8 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
     from align.rollout import make_engine, vllm_available
     from align.tasks.arithmetic import make_prompts
 
-    options = {"dtype": "bfloat16"} if engine == "vllm" or (engine == "auto" and vllm_available()) else {}
-    eng = make_engine(engine, model_path, base, seed=seed, **options)
+    kind = engine if engine != "auto" else "vllm" if vllm_available() else "hf"
+    eng = make_engine(kind, model_path, base, seed=seed, **({"dtype": "bfloat16"} if kind == "vllm" else {}))
     try:
         pairs: list[dict] = []
         batch = max(64, n)  # prompts per round; about a third of SmolLM2's prompts yield pairs

@@ -5,10 +5,10 @@
 
 Every figure is the median of --repeats runs, each run in its own process (peak RSS
 is per process). A run's steps/s is 1 / its median step time, so a noisy neighbour that
-stalls a few steps moves it little; the plain mean is kept as steps_per_s_mean. Same model, data, batch (4 pairs), max_length (128) and gradient
-checkpointing for every contender; ours keeps the last --keep-last layers' activations
-(checkpoint_keep_last, reported in the JSON), TRL checkpoints every layer. Last line: one
-JSON object.
+stalls a few steps moves it little; the plain mean is kept as steps_per_s_mean. Same model,
+data, batch (4 pairs), max_length (128) and gradient checkpointing for every contender; ours
+keeps the last --keep-last layers' activations (checkpoint_keep_last, reported in the JSON),
+TRL checkpoints every layer. Last line: one JSON object.
 """
 
 from __future__ import annotations
