@@ -1,12 +1,14 @@
-"""YAML configs that mirror config dataclasses exactly.
+"""YAML configs and command-line flags that mirror config dataclasses exactly.
 
 An unknown key, a wrong type or a failed cross-field check is an error that
-names the file, the line and the key. `--set a.b=value` overrides go through
-the same checks.
+names the file, the line and the key. Overrides (`--learning_rate 1e-5` or
+`--set learning_rate=1e-5`) go through the same checks. A key that was renamed
+(a config class's `RENAMED`) is an error that names its new spelling.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -44,6 +46,13 @@ def _key_lines(path: Path) -> tuple[Any, dict[str, int]]:
     return ({} if data is None else data), lines
 
 
+def arg(default, help: str, **kw):
+    """A config field with help text (shown by `align <recipe> --help`); lists and dicts are copied per instance."""
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -67,6 +76,8 @@ def _coerce(value, tp, where: str):
     if tp is typing.Any:
         return value
     if origin in (list, tuple):
+        if isinstance(value, str) and typing.get_args(tp)[:1] == (str,):
+            value = [value]  # `--report_to tensorboard` means [tensorboard]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (arm,) = typing.get_args(tp)[:1] or (typing.Any,)
@@ -102,6 +113,9 @@ def _build(cls: type[T], data: dict, source: str, lines: dict[str, int], prefix:
         dotted = f"{prefix}{key}"
         where = f"{source}:{lines[dotted]}: {dotted}" if dotted in lines else f"{source}: {dotted}"
         if key not in fields:
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed:
+                raise ConfigError(f"{where}: renamed; use {renamed}")
             raise ConfigError(f"{where}: unknown key; expected one of {sorted(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
@@ -118,7 +132,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
@@ -148,6 +166,28 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         node[parts[-1]] = value
         lines.pop(key, None)
     return _build(cls, data, source, lines)
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """`--config FILE`, `--set key=value`, and one `--<field> VALUE` flag per field of `cls`, with its help."""
+    parser.add_argument("--config", help=f"YAML file mirroring {cls.__name__} (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set beta=0.2 (repeatable; same as --beta 0.2)")
+    group = parser.add_argument_group(f"{cls.__name__} fields (YAML keys; values are read as YAML)")
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        group.add_argument(f"--{f.name}", dest=f"field__{f.name}", default=argparse.SUPPRESS,
+                           metavar="VALUE", help=f"{help_text} (default: {default!r})".replace("%", "%%"))
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build `cls` from `--config`, then the `--<field>` flags, then `--set` (later wins)."""
+    flags = [f"{k[len('field__'):]}={v}" for k, v in vars(args).items() if k.startswith("field__")]
+    return load_config(cls, args.config, flags + list(args.overrides))
 
 
 def to_dict(config) -> dict:

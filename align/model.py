@@ -116,6 +116,18 @@ def peft_config(all_targets: tuple[list[str], list[str]], lora: LoraSettings):
     )
 
 
+def resolve_model(name: str) -> str:
+    """'smollm2' -> the offline SmolLM2-135M-Instruct folder (built on first use); anything else unchanged.
+
+    A local folder or a hub id then goes to transformers as it is.
+    """
+    if name == "smollm2":
+        from align.smollm import ensure_smollm2
+
+        return str(ensure_smollm2())
+    return name
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:

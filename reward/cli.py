@@ -1,6 +1,6 @@
 """`align reward`: train a reward model from a YAML config, or score text with a saved one.
 
-    align reward --config configs/reward_demo.yaml [--resume] [--set learning_rate=2e-4]
+    align reward --config configs/reward_demo.yaml [--resume] [--learning_rate 2e-4]
     align reward score --model runs/reward_demo/reward_model --pairs pairs.jsonl
 """
 
@@ -11,30 +11,26 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
+    from align.recipe_cli import add_recipe_arguments
+    from reward.train import RewardConfig
+
     p.add_argument("action", nargs="?", choices=["train", "score"], default="train",
                    help="train (default) a reward model, or score prompt/completion rows with a saved one")
-    p.add_argument("--config", help="train: YAML file mirroring RewardConfig (see configs/reward_demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="train: override a config field, e.g. --set lora.rank=4 --set center_coef=0.01")
-    p.add_argument("--resume", action="store_true", help="train: continue from the last checkpoint in output_dir")
     p.add_argument("--model", help="score: a saved reward-model folder (output_dir/reward_model)")
     p.add_argument("--base", help="score: the base model it was trained on (default: the one named in its metadata)")
     p.add_argument("--pairs", help="score: JSONL rows with prompt and completion (or chosen/rejected) fields")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="score: sequences per forward pass")
+    add_recipe_arguments(p, RewardConfig)
 
 
 def _train(args) -> int:
-    from align.config import load_config
-    from align.errors import UserError
+    from align.recipe_cli import config_or_check
     from reward.train import RewardConfig, RewardTrainer, format_calibration
 
-    if not args.config:
-        raise UserError("align reward: --config is required to train (e.g. configs/reward_demo.yaml)")
-    config = load_config(RewardConfig, args.config, args.overrides)
-    trainer = RewardTrainer(config)
-    trainer.setup()
-    if args.resume and not trainer.resume():
-        print(f"[align] no checkpoint in {config.output_dir}; starting fresh")
+    config = config_or_check(RewardConfig, args)
+    if config is None:
+        return 0
+    trainer = RewardTrainer(config, resume=args.resume, overwrite=args.overwrite)
     path = trainer.train()
     s = trainer.summary
     if "eval/accuracy" in s:
@@ -47,7 +43,7 @@ def _train(args) -> int:
 
 
 def _score(args) -> int:
-    from align.dpo import resolve_model
+    from align.model import resolve_model
     from align.errors import UserError
     from align.model import SharedBase
     from reward.model import RewardModel

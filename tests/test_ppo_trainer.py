@@ -14,18 +14,23 @@ import torch
 
 from align.config import ConfigError, load_config
 from align.errors import TrainingDiverged, UserError
+from align.ppo.batch import prompt_indices
 from align.ppo.config import PPOConfig
 from align.ppo.trainer import PPOTrainer
+from reward.functions import CombinedReward
 
 torch.set_num_threads(1)  # tiny tensors: thread hand-off costs more than it saves on a shared 2-core box
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def make(tiny_llama, tmp_path, *overrides, resume=False):
+def make(tiny_llama, tmp_path, *overrides):
+    """A set-up trainer on the tiny model (transformers engine), ready for `ppo_step`."""
     cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml",
-                      [f"model={tiny_llama}", f"output_dir={tmp_path / 'run'}", *overrides])
-    return PPOTrainer(cfg, resume=resume)
+                      [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", *overrides])
+    trainer = PPOTrainer(cfg)
+    trainer.setup()
+    return trainer
 
 
 def snapshot(params: dict) -> dict:
@@ -41,27 +46,27 @@ def test_every_ppo_config_loads():
     assert len(files) >= 3, files
     for f in files:
         cfg = load_config(PPOConfig, f)
-        assert cfg.estimator in ("ppo", "grpo", "rloo")
+        assert cfg.algorithm in ("ppo", "grpo", "rloo")
 
 
 def test_config_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("steps: 3\nestimator: ppo\nclip_epsilon: 0.2\n")
+    bad.write_text("max_steps: 3\nalgorithm: ppo\nclip_epsilon: 0.2\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:3: clip_epsilon: unknown key"):
         load_config(PPOConfig, bad)
-    bad.write_text("estimator: grpo\ngenerations_per_prompt: 1\n")
-    with pytest.raises(ConfigError, match="generations_per_prompt.*>= 2"):
+    bad.write_text("algorithm: grpo\nnum_generations: 1\n")
+    with pytest.raises(ConfigError, match="num_generations.*>= 2"):
         load_config(PPOConfig, bad)
 
 
 def test_first_step_kl_is_exactly_zero_then_the_policy_moves(tiny_llama, tmp_path):
     tr = make(tiny_llama, tmp_path)
-    m1 = tr.step(1)
+    m1 = tr.ppo_step(1)
     # policy B = 0 at the start, so policy and reference log-probs are the same numbers
     assert m1["kl/ref"] == 0.0 and m1["kl/ref_per_token"] == 0.0
     # the training side recomputes the sampler's log-probs (same base, transformers engine)
     assert m1["logprob/mismatch_max"] < 1e-4
-    m2 = tr.step(2)
+    m2 = tr.ppo_step(2)
     assert m2["kl/ref"] != 0.0  # after one update the policy differs from the reference
     for key in ("policy/clipfrac", "policy/approx_kl", "loss/value", "value/explained_variance", "policy/entropy",
                 "time/rollout", "time/sync", "time/score", "time/update", "tokens_per_s/rollout", "response/length"):
@@ -92,7 +97,7 @@ def test_update_trains_policy_and_critic_only(tiny_llama, tmp_path, reward_adapt
     base_before = snapshot(tr.base.base_parameters())
     head_before = snapshot(dict(tr.value_head.named_parameters()))
     rm_head_before = snapshot(dict(tr.reward_model.head.named_parameters()))
-    m = tr.step(1)
+    m = tr.ppo_step(1)
     # the reward adapter scored the completions: total = arithmetic + 0.5 * reward model
     assert m["reward/mean"] == pytest.approx(m["reward/arithmetic"] + 0.5 * m["reward/reward_model"], abs=1e-6)
     assert m["reward/reward_model"] != 0.0
@@ -117,11 +122,12 @@ def broken_reward(prompts, completions, answers):
 
 def test_failing_reward_function_names_the_row(tiny_llama, tmp_path, monkeypatch):
     tr = make(tiny_llama, tmp_path, "reward_functions={tests.test_ppo_trainer:broken_reward: 1.0}")
-    answers = [tr.train_rows[i]["answer"] for i in tr._prompt_indices(1) for _ in range(2)]
+    idx = prompt_indices(len(tr.train_rows), tr.config.prompts_per_step, tr.config.seed, 1)
+    answers = [tr.train_rows[i]["answer"] for i in idx for _ in range(2)]
     monkeypatch.setenv("PPO_TEST_BAD_ANSWER", answers[-1])  # the second prompt's rows divide by zero
     bad = answers.index(answers[-1])
     with pytest.raises(UserError, match=rf"broken_reward failed on row {bad} .*ZeroDivisionError"):
-        tr.step(1)
+        tr.ppo_step(1)
     tr.close()
 
 
@@ -154,7 +160,7 @@ def test_one_copy_of_the_base_during_a_step(tiny_llama, tmp_path):
         return values(batch)
 
     tr._values = counting_values
-    tr.step(1)
+    tr.ppo_step(1)
     assert counts and all(c == 1.0 for c in counts), counts
     # the count sees a second copy when there is one
     extra = copy.deepcopy(tr.base.model)
@@ -162,39 +168,6 @@ def test_one_copy_of_the_base_during_a_step(tiny_llama, tmp_path):
     del extra
     assert tr.base.base_bytes() == sum(p.numel() * 4 for p in tr.base.base_parameters().values())
     tr.close()
-
-
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_llama, tmp_path):
-    full = make(tiny_llama, tmp_path / "a", "steps=3")
-    full.train()
-    full.close()
-
-    killed = make(tiny_llama, tmp_path / "b", "steps=3")
-    step = killed.step
-
-    def dies_at_3(n):
-        if n == 3:
-            raise KeyboardInterrupt("killed")
-        return step(n)
-
-    killed.step = dies_at_3
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    killed.close()
-    with pytest.raises(UserError, match="--resume"):
-        make(tiny_llama, tmp_path / "b", "steps=3")
-    resumed = make(tiny_llama, tmp_path / "b", "steps=3", resume=True)
-    assert resumed.step_done == 2
-    resumed.train()
-    resumed.close()
-    for name in ("policy", "critic"):
-        a = snapshot(full.base.adapter_parameters(name))
-        b = snapshot(resumed.base.adapter_parameters(name))
-        assert same(a, b), name
-    assert same(dict(full.value_head.state_dict()), dict(resumed.value_head.state_dict()))
-    # metrics: one line per step, no duplicates after the resume
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]
 
 
 def _tree_hash(path: Path) -> str:
@@ -207,15 +180,16 @@ def _tree_hash(path: Path) -> str:
 
 def test_nan_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_llama, tmp_path):
     tr = make(tiny_llama, tmp_path)
-    tr.step(1)
-    good = tr.save_checkpoint(1)
+    tr.ppo_step(1)
+    tr.step = 1
+    good = tr.save_checkpoint()
     digest = _tree_hash(good)
     # a NaN gradient stops the run before the optimizer writes it into the adapter
     lora_b = next(p for n, p in tr.base.adapter_parameters("policy").items() if "lora_B" in n)
     hook = lora_b.register_hook(lambda g: g * float("nan"))
     before = snapshot(tr.base.adapter_parameters("policy"))
     with pytest.raises(TrainingDiverged, match=r"step 2: the gradient norm is nan.*step-000001 is intact"):
-        tr.step(2)
+        tr.ppo_step(2)
     hook.remove()
     assert same(before, snapshot(tr.base.adapter_parameters("policy")))
     assert _tree_hash(good) == digest
@@ -224,7 +198,7 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_llama, tmp
         next(p for n, p in tr.base.adapter_parameters("policy").items() if "lora_B" in n).normal_(0, 5.0)
     tr.config.max_kl = 1e-3
     with pytest.raises(TrainingDiverged, match=r"step 3: KL to the reference is .*max_kl=0.001.*step-000001 is intact"):
-        tr.step(3)
+        tr.ppo_step(3)
     assert _tree_hash(good) == digest
     tr.close()
 
@@ -233,19 +207,22 @@ def test_long_prompt_names_its_row(tiny_llama, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is 1+2?", "answer": "3"}\n\n'
                        + json.dumps({"prompt": "the quick brown fox " * 40, "answer": "0"}) + "\n")
-    with pytest.raises(UserError, match=r"prompts\.jsonl:3: \d+ tokens .*max_prompt_tokens=64"):
+    with pytest.raises(UserError, match=r"prompts\.jsonl:3: \d+ tokens .*max_prompt_length=64"):
         make(tiny_llama, tmp_path, f"prompts={prompts}", "eval_prompts=null")
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_critic_free_estimators_train_the_policy_only(tiny_llama, tmp_path, estimator):
-    tr = make(tiny_llama, tmp_path, f"estimator={estimator}", "whiten_advantages=false", "kl_in_reward=false",
-              "kl_estimator=k3", "generations_per_prompt=4", "prompts_per_step=1", "temperature=1.0")
+    tr = make(tiny_llama, tmp_path, f"algorithm={estimator}", "whiten_advantages=false", "kl_in_reward=false",
+              "kl_estimator=k3", "num_generations=4", "prompts_per_step=1", "temperature=1.0")
     assert "critic" not in tr.base.adapters
     before = snapshot(tr.base.adapter_parameters("policy"))
     # the tiny random model never solves arithmetic: give it a reward that varies within a group
-    tr.scorer.functions = [("length", lambda p, c, a: [float(len(x)) for x in c], 1.0)]
-    m = tr.step(1)
+    def length(prompts, completions, answers):
+        return [float(len(x)) for x in completions]
+
+    tr.scorer = CombinedReward([(length, 1.0)])
+    m = tr.ppo_step(1)
     assert "loss/value" not in m
     assert not same(before, snapshot(tr.base.adapter_parameters("policy")))
     tr.close()
@@ -255,14 +232,14 @@ def test_align_ppo_command_runs_and_plots(tiny_llama, tmp_path):
     from align.cli import main
 
     out = tmp_path / "cli"
-    args = ["ppo", "--config", str(CONFIGS / "ppo_tiny.yaml"), "--set", f"model={tiny_llama}",
-            "--set", f"output_dir={out}", "--set", "steps=1"]
+    args = ["ppo", "--config", str(CONFIGS / "ppo_tiny.yaml"), "--model_name_or_path", str(tiny_llama),
+            "--output_dir", str(out), "--max_steps", "1"]
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and "eval/reward" in rows[1]
     assert (out / "policy" / "adapter_model.safetensors").is_file()
     assert (out / "config.yaml").is_file()
-    assert main(args) == 2  # a second run into the same folder refuses to overwrite its checkpoints
+    assert main(args) == 2  # a second run into the same folder refuses to overwrite it
     assert main(args + ["--eval-only"]) == 0  # scores the latest checkpoint and logs it at its step
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and rows[-1]["eval/reward"] == rows[1]["eval/reward"]

@@ -22,14 +22,15 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @pytest.mark.vllm
 def test_ppo_with_vllm_rollouts_end_to_end(tiny_llama, tmp_path):
-    from align.rollout import probe_ids, trainer_logprobs
+    from align.engines import probe_ids, trainer_logprobs
 
     cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml",
-                      [f"model={tiny_llama}", f"output_dir={tmp_path / 'run'}", "engine=vllm", "steps=3",
-                       "eval_every=0", "num_eval_prompts=4"])
+                      [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "engine=vllm",
+                       "max_steps=3", "eval_steps=0", "num_eval_prompts=4"])
     tr = PPOTrainer(cfg)
     try:
-        summary = tr.train()
+        tr.train()
+        summary = tr.summary
         rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "reward/mean" in r]
         assert [r["step"] for r in steps] == [1, 2, 3]
@@ -39,7 +40,8 @@ def test_ppo_with_vllm_rollouts_end_to_end(tiny_llama, tmp_path):
             # vLLM's sampling log-probs vs the trainer's recomputation, float32: same numbers
             assert r["logprob/mismatch_max"] < 1e-4, r["logprob/mismatch_max"]
             assert r["sync/bytes"] > 0 and r["sync/max_abs_diff"] <= 1e-4
-        assert "eval/reward_before" in summary and "eval/reward_after" in summary
+        assert "eval/reward_before" in summary and "eval/reward" in summary
+        assert [r["step"] for r in rows if "eval/reward" in r] == [0, 3]
         # after the last sync, vLLM's log-probs of a probe equal the trainer's (the adapter is not zero now)
         prompt, completion = probe_ids(tr.base.tokenizer)
         want = trainer_logprobs(tr.base, prompt, completion, "policy")
@@ -64,8 +66,8 @@ def test_bfloat16_rollouts_sync_and_verify(tiny_llama, tmp_path):
     # probe test (tolerance + "closer to the new weights than the old"), and the update still uses
     # the trainer's own float32 log-probs.
     cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml",
-                      [f"model={tiny_llama}", f"output_dir={tmp_path / 'run'}", "engine=vllm", "steps=2",
-                       "eval_every=0", "num_eval_prompts=4", "rollout_dtype=bfloat16"])
+                      [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "engine=vllm",
+                       "max_steps=2", "eval_steps=0", "num_eval_prompts=4", "rollout_dtype=bfloat16"])
     tr = PPOTrainer(cfg)
     try:
         tr.train()

@@ -18,15 +18,15 @@ CONFIG = ROOT / "configs" / "reward_tiny.yaml"
 
 def _config(tiny_llama, out, *overrides):
     data = ROOT / "tests" / "data" / "prefs_tiny.jsonl"
-    return load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={out}", f"train_file={data}",
-                                              *overrides])
+    return load_config(RewardConfig, CONFIG, [f"model_name_or_path={tiny_llama}", f"output_dir={out}",
+                                              f"train_file={data}", *overrides])
 
 
 def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path, capsys):
     trainer = RewardTrainer(_config(tiny_llama, tmp_path / "run"))
     trainer.setup()
     base_before = {n: p.detach().clone() for n, p in trainer.base.base_parameters().items()}
-    start, _ = trainer.evaluate()
+    start = trainer.evaluate()
     path = trainer.train()
     end = trainer.summary
     assert all(torch.equal(p, base_before[n]) for n, p in trainer.base.base_parameters().items())
@@ -36,6 +36,7 @@ def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path, cap
     # The run folder holds what a user needs: the reward model, metrics, calibration.
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))  # 18 pairs / 6 per step * 3 epochs
+    assert {"accuracy", "margin", "learning_rate", "grad_norm", "epoch"} <= set(rows[0])  # TRL's names
     assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["calibration"]
     from align.model import SharedBase
 
@@ -62,25 +63,24 @@ def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path, cap
     assert [p["reward"] for p in printed] == expected
 
 
-def test_resume_equals_uninterrupted(tiny_llama, tmp_path):
-    straight = RewardTrainer(_config(tiny_llama, tmp_path / "a", "max_steps=4", "save_every=0"))
-    straight.setup()
+def test_resume_with_more_steps_equals_uninterrupted(tiny_llama, tmp_path):
+    # A finished run continued with a larger max_steps (constant lr, so the schedule does not depend on it).
+    straight = RewardTrainer(_config(tiny_llama, tmp_path / "a", "max_steps=4", "save_steps=0"))
     straight.train()
 
-    first = RewardTrainer(_config(tiny_llama, tmp_path / "b", "max_steps=2", "save_every=0"))
-    first.setup()
-    first.train()
-    second = RewardTrainer(_config(tiny_llama, tmp_path / "b", "max_steps=4", "save_every=0"))
+    RewardTrainer(_config(tiny_llama, tmp_path / "b", "max_steps=2", "save_steps=0")).train()
+    second = RewardTrainer(_config(tiny_llama, tmp_path / "b", "max_steps=4", "save_steps=0"), resume=True)
     second.setup()
-    assert second.resume() and second.step == 2
+    assert second.step == 2
     second.train()
 
     assert torch.equal(second.rm.head.weight, straight.rm.head.weight)
     for (n, p), q in zip(second.base.adapter_parameters("reward").items(),
                          straight.base.adapter_parameters("reward").values(), strict=True):
         assert torch.equal(p, q), n
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps)  # no duplicated steps after resume
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]  # each step once: the final eval row of the first attempt is dropped
 
 
 def _write(path, rows):
@@ -186,8 +186,9 @@ def test_resume_reuses_sampled_demo_pairs(tiny_llama, tmp_path):
     # The tiny model cannot make pairs itself, so setup succeeds only by reusing the files.
     from reward.pairs import arithmetic_pairs, write_jsonl
 
-    config = load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={tmp_path}", "train_file=''", "demo_pairs=16",
-                                                "demo_eval_pairs=8", "demo_source=samples", "tensorboard=false"])
+    config = load_config(RewardConfig, CONFIG, [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path}",
+                                                "train_file=''", "demo_pairs=16", "demo_eval_pairs=8",
+                                                "demo_source=samples"])
     trainer = RewardTrainer(config)
     data = tmp_path / "data"
     write_jsonl(arithmetic_pairs(16, seed=0), data / "train.jsonl")
@@ -199,7 +200,8 @@ def test_resume_reuses_sampled_demo_pairs(tiny_llama, tmp_path):
     assert ((data / "train.jsonl").read_text(), (data / "eval.jsonl").read_text()) == written  # not re-sampled
     # Other settings must not reuse these pairs: their stamp differs in what changed.
     for change in ("demo_pairs=24", "demo_eval_pairs=4", "seed=1"):
-        other = load_config(RewardConfig, CONFIG, [f"model={tiny_llama}", f"output_dir={tmp_path}", "train_file=''",
+        other = load_config(RewardConfig, CONFIG, [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path}",
+                                                   "train_file=''",
                                                    "demo_pairs=16", "demo_eval_pairs=8", "demo_source=samples",
                                                    change])
         assert RewardTrainer(other).demo_stamp(str(tiny_llama)) != trainer.demo_stamp(str(tiny_llama)), change
@@ -210,4 +212,4 @@ def test_every_reward_config_loads():
     assert len(files) >= 2, files
     for f in files:
         config = load_config(RewardConfig, f)
-        assert config.lora.alpha == 32
+        assert config.lora_alpha == 32 and config.lora.alpha == 32

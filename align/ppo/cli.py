@@ -4,38 +4,41 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="YAML mirroring align.ppo.config.PPOConfig (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set steps=20 --set lora.rank=4 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    from align.ppo.config import PPOConfig
+    from align.recipe_cli import add_recipe_arguments
+
+    add_recipe_arguments(p, PPOConfig)
     p.add_argument("--eval-only", action="store_true",
                    help="score the held-out prompts greedily with the latest checkpoint (or the base) and stop")
 
 
 def run(args) -> int:
-    from align.config import dump_config, load_config
     from align.ppo.config import PPOConfig
     from align.ppo.trainer import PPOTrainer
+    from align.recipe_cli import config_or_check
+    from align.train_state import latest_checkpoint
 
-    config = load_config(PPOConfig, args.config, args.overrides)
+    config = config_or_check(PPOConfig, args)
+    if config is None:
+        return 0
     if args.eval_only:
-        from align.checkpoint import latest_checkpoint
-
-        trainer = PPOTrainer(config, resume=latest_checkpoint(config.output_dir) is not None)
+        resume = True if latest_checkpoint(config.output_dir) is not None else None
+        trainer = PPOTrainer(config, resume=resume)
         try:
-            score = trainer.evaluate()
-            trainer.metrics.log(trainer.step_done, {"eval/reward": score})
+            trainer.setup()
+            score = trainer.evaluate()["eval/reward"]
+            trainer.logger.log(trainer.step, {"eval/reward": score})
         finally:
             trainer.close()
-        print(f"eval/reward at step {trainer.step_done}: {score:.4f}")
+        print(f"eval/reward at step {trainer.step}: {score:.4f}")
         return 0
-    trainer = PPOTrainer(config, resume=args.resume)
-    dump_config(config, trainer.run_dir / "config.yaml")
+    trainer = PPOTrainer(config, resume=args.resume, overwrite=args.overwrite)
     try:
-        summary = trainer.train()
+        policy = trainer.train()
     finally:
         trainer.close()
-    for key, value in summary.items():
-        print(f"{key}: {value:.4f}")
-    print(f"policy adapter: {trainer.run_dir / 'policy'}   curves: align plot {trainer.run_dir}")
+    for key in ("eval/reward_before", "eval/reward"):
+        if key in trainer.summary:
+            print(f"{key}: {trainer.summary[key]:.4f}")
+    print(f"policy adapter: {policy}   curves: align plot {trainer.out}")
     return 0

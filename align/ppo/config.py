@@ -1,100 +1,102 @@
-"""PPOConfig: every knob of `align ppo`, one field each, mirrored exactly by the YAML files in configs/."""
+"""PPOConfig: every knob of `align ppo`, one field each, mirrored exactly by the YAML files in configs/.
+
+Shared settings (model and LoRA, optimisation, run folder, logging) come from TrainConfig
+under TRL's names; the PPO-specific ones use TRL's PPO/GRPO names where TRL has one
+(num_generations, max_completion_length, num_ppo_epochs, cliprange, kl_coef, ...).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from align.model import LoraSettings
+from align.config import arg
+from align.train_config import TrainConfig
 
-ESTIMATORS = ("ppo", "grpo", "rloo")
-
-
-def _f(default, help: str, **kw):
-    if isinstance(default, (dict, list)) or callable(default):
-        factory = default if callable(default) else (lambda d=default: type(d)(d))
-        return field(default_factory=factory, metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
 @dataclass
-class PPOConfig:
-    # -- model ---------------------------------------------------------------------------------
-    model: str = _f("smollm2", "'smollm2' (SmolLM2-135M-Instruct, built offline once) or a local model folder.")
-    dtype: str = _f("float32", "Base weights dtype: float32 (CPU; vLLM log-probs match the trainer's) or bfloat16.")
-    seed: int = _f(0, "Seed for prompts, sampling, minibatch order and head initialisation.")
-    output_dir: str = _f("runs/ppo", "Run folder: metrics.jsonl, tb/, checkpoints/, final adapters.")
-    lora: LoraSettings = _f(LoraSettings, "Policy and critic adapters. RL needs little capacity: rank 8 "
-                                          "(4-8) with alpha 32 on all linear layers.")
+class PPOConfig(TrainConfig):
+    output_dir: str = arg("runs/ppo", "Run folder: metrics.jsonl, tb/, checkpoints/, final adapters.")
+    max_steps: int = arg(100, "PPO steps: rollout, scoring, update, adapter sync.")
+    learning_rate: float = arg(1e-4, "Policy adapter learning rate. LoRA rule of thumb: 10x the full-fine-tuning "
+                                     "lr (1e-5 full -> 1e-4 LoRA), nearly independent of rank at alpha 32.")
+    lr_scheduler_type: str = arg("constant", "transformers.get_scheduler name, over optimizer steps.")
+    per_device_train_batch_size: int = arg(8, "Sequences per forward/backward pass in the update.")
+    eval_steps: int = arg(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
+    save_steps: int = arg(10, "Checkpoint every N steps (and at the end).")
 
     # -- prompts -------------------------------------------------------------------------------
-    prompts: str = _f("arithmetic", "'arithmetic' (built-in demo task) or a JSONL file of {\"prompt\", \"answer\"} rows.")
-    eval_prompts: str | None = _f(None, "JSONL of held-out rows; with prompts=arithmetic, a fresh disjoint set.")
-    num_train_prompts: int = _f(1000, "Training prompts drawn for the arithmetic task.")
-    num_eval_prompts: int = _f(100, "Held-out prompts scored greedily for `eval/reward`.")
-    system_prompt: str | None = _f(None, "System message put before every prompt (a format hint helps small models).")
-    max_prompt_tokens: int = _f(128, "Longer prompts are an error naming their row.")
+    prompts: str = arg("arithmetic", "'arithmetic' (built-in demo task) or a JSONL file of {\"prompt\", \"answer\"} "
+                                     "rows.")
+    eval_prompts: str | None = arg(None, "JSONL of held-out rows; with prompts=arithmetic, a fresh disjoint set.")
+    num_train_prompts: int = arg(1000, "Training prompts drawn for the arithmetic task.")
+    num_eval_prompts: int = arg(100, "Held-out prompts scored greedily for `eval/reward`.")
+    system_prompt: str | None = arg(None, "System message put before every prompt (a format hint helps small models).")
+    max_prompt_length: int = arg(128, "Longer prompts are an error naming their row.")
 
     # -- rollout -------------------------------------------------------------------------------
-    estimator: str = _f("ppo", "'ppo' (critic + GAE), 'grpo' (group-normalised) or 'rloo' (leave-one-out).")
-    steps: int = _f(100, "PPO steps: rollout, scoring, update, adapter sync.")
-    prompts_per_step: int = _f(4, "Prompts sampled per step.")
-    generations_per_prompt: int = _f(4, "Completions per prompt (the group for GRPO/RLOO; >= 2 there).")
-    max_new_tokens: int = _f(16, "Completion length limit.")
-    temperature: float = _f(0.8, "Sampling temperature for rollouts (0.7-1.0 explores without babbling).")
-    top_p: float = _f(1.0, "Nucleus sampling for rollouts; 1.0 keeps the log-probs of the full distribution.")
-    engine: str = _f("auto", "Rollout engine: 'vllm', 'hf' (transformers generate on the shared base) or 'auto'.")
-    engine_options: dict[str, Any] = _f(dict, "Extra keyword arguments for align.rollout.make_engine.")
-    rollout_dtype: str | None = _f(None, "vLLM engine dtype (default: dtype). bfloat16 samples ~2.4x faster on CPUs with AMX "
-                                         "(scripts/bench/rollout.py); the sync probe's tolerance is then 0.25 instead of 1e-4, "
-                                         "and the update still uses the trainer's own log-probs (see logprob/mismatch_*).")
+    algorithm: str = arg("ppo", "'ppo' (critic + GAE), 'grpo' (group-normalised) or 'rloo' (leave-one-out).")
+    prompts_per_step: int = arg(4, "Prompts sampled per step.")
+    num_generations: int = arg(4, "Completions per prompt (the group for GRPO/RLOO; >= 2 there).")
+    max_completion_length: int = arg(16, "Completion length limit in tokens.")
+    temperature: float = arg(0.8, "Sampling temperature for rollouts (0.7-1.0 explores without babbling).")
+    top_p: float = arg(1.0, "Nucleus sampling for rollouts; 1.0 keeps the log-probs of the full distribution.")
+    engine: str = arg("auto", "Rollout engine: 'vllm', 'hf' (transformers generate on the shared base) or 'auto'.")
+    engine_options: dict[str, Any] = arg({}, "Extra keyword arguments for align.engines.make_engine.")
+    rollout_dtype: str | None = arg(None, "vLLM engine dtype (default: dtype). bfloat16 samples ~2.4x faster on "
+                                          "CPUs with AMX; the sync probe's tolerance is then 0.25 instead of 1e-4 "
+                                          "(docs/design.md, 'Rollout engines and adapter sync').")
 
     # -- rewards -------------------------------------------------------------------------------
-    reward_functions: dict[str, float] = _f({"arithmetic": 1.0},
-                                            "Programmatic rewards {spec: weight}; spec 'arithmetic' or 'module:function'.")
-    reward_model: str | None = _f(None, "Reward adapter folder (align reward); attached to the same base, frozen.")
-    reward_model_weight: float = _f(1.0, "Weight of the reward adapter's score in the total reward.")
+    reward_functions: dict[str, float] = arg({"arithmetic": 1.0}, "Programmatic rewards {spec: weight}; spec "
+                                                                  "'arithmetic' or 'module:function'.")
+    reward_model: str | None = arg(None, "Reward model folder (align reward); attached to the same base, frozen.")
+    reward_model_weight: float = arg(1.0, "Weight of the reward model's score in the total reward.")
 
-    # -- optimisation --------------------------------------------------------------------------
-    lr: float = _f(1e-4, "Policy adapter learning rate. LoRA rule of thumb: 10x the full-fine-tuning lr "
-                         "(1e-5 full -> 1e-4 LoRA), nearly independent of rank at alpha 32.")
-    critic_lr: float | None = _f(None, "Critic adapter + value head learning rate (default: lr).")
-    weight_decay: float = _f(0.0, "AdamW weight decay on adapters and head.")
-    epochs: int = _f(2, "Passes over each rollout batch (PPO epochs).")
-    minibatch_size: int = _f(8, "Sequences per gradient step.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping (total norm over all trained parameters).")
-    clip_eps: float = _f(0.2, "PPO ratio clipping: the policy moves at most this far per rollout.")
-    value_clip: float | None = _f(0.2, "Value clipping around the old values (null: plain squared error).")
-    vf_coef: float = _f(0.5, "Weight of the value loss.")
-    entropy_coef: float = _f(0.0, "Entropy bonus weight (0: off).")
-    gamma: float = _f(1.0, "Discount per token (1.0: the score at the end counts fully for every token).")
-    lam: float = _f(0.95, "GAE lambda: lower trusts the critic more (less variance, more bias).")
-    whiten_advantages: bool = _f(True, "Normalise advantages over the batch (PPO); GRPO's are already normalised.")
+    # -- the update ----------------------------------------------------------------------------
+    critic_learning_rate: float | None = arg(None, "Critic adapter + value head learning rate (default: "
+                                                   "learning_rate).")
+    num_ppo_epochs: int = arg(2, "Passes over each rollout batch.")
+    cliprange: float = arg(0.2, "PPO ratio clipping: the policy moves at most this far per rollout.")
+    cliprange_value: float | None = arg(0.2, "Value clipping around the old values (null: plain squared error).")
+    vf_coef: float = arg(0.5, "Weight of the value loss.")
+    entropy_coef: float = arg(0.0, "Entropy bonus weight (0: off).")
+    gamma: float = arg(1.0, "Discount per token (1.0: the score at the end counts fully for every token).")
+    lam: float = arg(0.95, "GAE lambda: lower trusts the critic more (less variance, more bias).")
+    whiten_advantages: bool = arg(True, "Normalise advantages over the batch (PPO); GRPO's are already normalised.")
 
     # -- KL to the reference -------------------------------------------------------------------
-    kl_estimator: str = _f("k1", "Per-token KL estimator: 'k1' (log p - log q) or 'k3' (non-negative, lower variance).")
-    kl_in_reward: bool = _f(True, "True: subtract kl_coef*KL from per-token rewards; False: add it as a loss term.")
-    kl_coef: float = _f(0.05, "Initial KL coefficient (beta); 0 disables the penalty.")
-    kl_target: float | None = _f(None, "Adaptive KL: steer the coefficient towards this KL (null: fixed coefficient).")
-    kl_horizon: int = _f(10000, "Adaptive KL controller horizon in sequences.")
-    max_kl: float = _f(20.0, "Stop with TrainingDiverged when the mean KL to the reference exceeds this.")
+    kl_estimator: str = arg("k1", "Per-token KL estimator: 'k1' (log p - log q) or 'k3' (non-negative, lower "
+                                  "variance).")
+    kl_in_reward: bool = arg(True, "True: subtract kl_coef*KL from per-token rewards; False: add it as a loss term.")
+    kl_coef: float = arg(0.05, "Initial KL coefficient (beta); 0 disables the penalty.")
+    kl_target: float | None = arg(None, "Adaptive KL: steer the coefficient towards this KL (null: fixed).")
+    kl_horizon: int = arg(10000, "Adaptive KL controller horizon in sequences.")
+    max_kl: float = arg(20.0, "Stop with TrainingDiverged when the mean KL to the reference exceeds this.")
 
-    # -- bookkeeping ---------------------------------------------------------------------------
-    eval_every: int = _f(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
-    save_every: int = _f(10, "Checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = _f(2, "How many checkpoints to keep.")
-    tensorboard: bool = _f(True, "Mirror metrics to TensorBoard under output_dir/tb.")
+    RENAMED = {**TrainConfig.RENAMED, "estimator": "algorithm", "epochs": "num_ppo_epochs",
+               "minibatch_size": "per_device_train_batch_size", "generations_per_prompt": "num_generations",
+               "max_new_tokens": "max_completion_length", "max_prompt_tokens": "max_prompt_length",
+               "clip_eps": "cliprange", "value_clip": "cliprange_value", "critic_lr": "critic_learning_rate"}
 
     def __post_init__(self):
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator: expected one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        super().__post_init__()
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {list(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps: PPO needs a positive number of steps, got {self.max_steps}")
+        if self.num_train_epochs != 1:
+            raise ValueError("num_train_epochs: PPO runs max_steps rollout steps; use num_ppo_epochs for passes "
+                             "over each rollout batch")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator: expected 'k1' or 'k3', got {self.kl_estimator!r}")
-        if self.estimator in ("grpo", "rloo") and self.generations_per_prompt < 2:
-            raise ValueError(f"generations_per_prompt: {self.estimator} compares completions of the same prompt; "
-                             f"expected >= 2, got {self.generations_per_prompt}")
-        for name in ("steps", "prompts_per_step", "generations_per_prompt", "max_new_tokens", "epochs",
-                     "minibatch_size", "max_prompt_tokens", "num_eval_prompts", "keep_checkpoints"):
+        if self.algorithm in ("grpo", "rloo") and self.num_generations < 2:
+            raise ValueError(f"num_generations: {self.algorithm} compares completions of the same prompt; "
+                             f"expected >= 2, got {self.num_generations}")
+        for name in ("prompts_per_step", "num_generations", "max_completion_length", "num_ppo_epochs",
+                     "max_prompt_length", "num_eval_prompts", "num_train_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
@@ -105,6 +107,8 @@ class PPOConfig:
             raise ValueError(f"gamma and lam: expected numbers in [0, 1], got {self.gamma}, {self.lam}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError(f"kl_target: expected a positive number or null, got {self.kl_target}")
+        if self.critic_learning_rate is not None and self.critic_learning_rate <= 0:
+            raise ValueError(f"critic_learning_rate: expected > 0, got {self.critic_learning_rate}")
         if not self.reward_functions and self.reward_model is None:
             raise ValueError("reward_functions and reward_model: expected at least one source of reward")
         if self.rollout_dtype not in (None, "float32", "bfloat16", "float16"):
@@ -114,4 +118,5 @@ class PPOConfig:
 
     @property
     def batch_size(self) -> int:
-        return self.prompts_per_step * self.generations_per_prompt
+        """Sequences per rollout: prompts x generations."""
+        return self.prompts_per_step * self.num_generations

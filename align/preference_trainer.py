@@ -1,0 +1,78 @@
+"""The part of the lifecycle that recipes trained on preference pairs share (DPO, reward models).
+
+Rows are read and validated by align.data (errors name file:line), tokenised once, and
+split into training and held-out pairs. Step `s` trains on `step_batches(..., s)`: a pure
+function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.data import TokenizedPair, load_preferences, step_batches, tokenize_preferences
+from align.errors import UserError
+from align.trainer import Trainer, epochs_to_steps
+
+
+class PreferenceTrainer(Trainer):
+    """A Trainer whose data are preference pairs; subclasses give `pair_loss` and `evaluate`."""
+
+    def pair_loss(self, pairs: list[TokenizedPair], indices: list[int] | None, train: bool):
+        """(loss, stats) of one micro-batch of pairs; `indices` are their positions in self.pairs."""
+        raise NotImplementedError
+
+    # -- data ----------------------------------------------------------------------------------
+    def tokenize(self, source: str) -> tuple[list[TokenizedPair], int]:
+        """(pairs, skipped rows) of one preference source, tokenised as every recipe does."""
+        c = self.config
+        data = load_preferences(source, c.format, c.on_bad_rows)
+        pairs = tokenize_preferences(data.rows, self.base.tokenizer, c.max_length, c.chat_template, c.on_bad_rows)
+        return pairs, len(data.skipped)
+
+    def load_pairs(self, train_file: str, eval_file: str | None) -> None:
+        """Set self.pairs, self.eval_pairs and self.skipped_rows."""
+        c = self.config
+        pairs, self.skipped_rows = self.tokenize(train_file)
+        if eval_file:
+            self.eval_pairs, _ = self.tokenize(eval_file)
+        elif c.eval_fraction:
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(c.seed)).tolist()
+            n_eval = max(1, int(len(pairs) * c.eval_fraction))
+            self.eval_pairs = [pairs[i] for i in order[:n_eval]]
+            pairs = [pairs[i] for i in sorted(order[n_eval:])]
+        else:
+            self.eval_pairs = []
+        if not pairs:
+            raise UserError(f"{train_file}: no training pairs left")
+        self.pairs = pairs
+
+    def num_steps(self) -> int:
+        c = self.config
+        self.steps_per_epoch, total = epochs_to_steps(
+            len(self.pairs), c.per_device_train_batch_size * c.gradient_accumulation_steps,
+            c.num_train_epochs, c.max_steps)
+        return total
+
+    def batches_for_step(self, step: int) -> list[list[int]]:
+        """Pair indices of each micro-batch of optimizer step `step` (0-based)."""
+        c = self.config
+        return step_batches(len(self.pairs), c.per_device_train_batch_size, c.gradient_accumulation_steps,
+                            c.seed, step)
+
+    def eval_chunks(self):
+        size = self.config.per_device_eval_batch_size
+        for start in range(0, len(self.eval_pairs), size):
+            yield self.eval_pairs[start:start + size]
+
+    # -- one step ------------------------------------------------------------------------------
+    def training_step(self) -> dict:
+        self.base.model.train()  # gradient checkpointing (and adapter dropout) act only in train mode
+        micro = self.batches_for_step(self.step)
+        stats = self.optimizer_step(micro, lambda idx: self.pair_loss([self.pairs[i] for i in idx], idx, True))
+        chosen = [self.pairs[i] for idx in micro for i in idx]
+        stats["pairs"] = len(chosen)
+        stats["tokens"] = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chosen)
+        return stats
+
+    def summary_extra(self) -> dict:
+        return {"skipped_rows": self.skipped_rows, "train_pairs": len(self.pairs)}

@@ -1,0 +1,37 @@
+"""The command-line face every training recipe shares (`align dpo|reward|ppo ...`).
+
+    align dpo --config configs/dpo_tiny.yaml --learning_rate 1e-4 --set beta=0.2
+    align dpo --config ... --resume                 # continue from the latest checkpoint
+    align dpo --config ... --resume step-000020     # or from a named one
+    align dpo --config ... --overwrite              # delete the run in output_dir and start over
+    align dpo --config ... --check-config           # validate and print the resolved config, load nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from align.config import add_config_arguments, config_from_args, to_dict
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, cls: type) -> None:
+    add_config_arguments(p, cls)
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue the run in output_dir from its latest checkpoint (or the one named: "
+                        "step-000010 or a checkpoint folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds a run: delete it and start over")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the config, print it resolved (defaults included) and exit")
+
+
+def config_or_check(cls: type, args: argparse.Namespace):
+    """The config the arguments describe; with --check-config, print it and return None."""
+    config = config_from_args(cls, args)
+    if args.check_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        print(f"# config OK: {cls.__name__}")
+        return None
+    return config

@@ -1,0 +1,108 @@
+"""The skeleton every recipe shares: config fields with help, TRL-style flags, renamed keys, and one
+output-folder policy."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.cli import main
+from align.config import ConfigError, load_config
+from align.dpo import DPOConfig
+from align.ppo.config import PPOConfig
+from reward.train import RewardConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "prefs_tiny.jsonl"
+RECIPES = {"dpo": (DPOConfig, "configs/dpo_tiny.yaml"), "reward": (RewardConfig, "configs/reward_tiny.yaml"),
+           "ppo": (PPOConfig, "configs/ppo_tiny.yaml")}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_field_has_help_and_the_help_lists_it(recipe, capsys):
+    cls, _ = RECIPES[recipe]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    missing = [f.name for f in fields if not f.metadata.get("help")]
+    assert not missing, f"{cls.__name__} fields without help: {missing}"
+    with pytest.raises(SystemExit):
+        main([recipe, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in fields:
+        assert f"--{f.name} VALUE" in text, f.name
+    assert "--lora_r VALUE LoRA rank" in text and "(default: 'all-linear')" in text
+
+
+def test_flags_and_set_override_the_file_in_order(capsys):
+    args = ["dpo", "--config", "configs/dpo_tiny.yaml", "--learning_rate", "3e-4", "--lora_r", "4",
+            "--report_to", "none", "--beta", "0.3", "--set", "beta=0.5", "--check-config"]
+    assert main(args) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["learning_rate"] == 3e-4 and shown["lora_r"] == 4 and shown["report_to"] == ["none"]
+    assert shown["beta"] == 0.5  # --set comes last
+    assert shown["max_length"] == 96  # from the file
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_renamed_keys_name_their_new_spelling(recipe, tmp_path):
+    cls, _ = RECIPES[recipe]
+    assert cls.RENAMED
+    for old, new in cls.RENAMED.items():
+        path = tmp_path / "old.yaml"
+        path.write_text(f"seed: 1\n{old}: 1\n")
+        with pytest.raises(ConfigError, match=rf"old.yaml:2: {old}: renamed; use {new.split(' ')[0]}"):
+            load_config(cls, path)
+        assert new.split(" ")[0] not in cls.RENAMED or old == new
+
+
+def _train_args(recipe: str, model: Path, out: Path) -> list[str]:
+    cls, config = RECIPES[recipe]
+    args = [recipe, "--config", config, "--model_name_or_path", str(model), "--output_dir", str(out),
+            "--max_steps", "1", "--report_to", "none"]
+    return args + (["--train_file", str(DATA)] if recipe != "ppo" else [])
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(recipe, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _train_args(recipe, tiny_llama, out)
+    assert main(args) == 0
+    first = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir: {out} already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "config.yaml").read_text() == first  # nothing touched
+    assert main(args + ["--resume"]) == 0  # finished: resumes at its last step, nothing left to train
+    assert main(args + ["--overwrite", "--seed", "7"]) == 0
+    assert "seed: 7" in (out / "config.yaml").read_text()
+    assert not (out / "checkpoints" / "step-000002").exists()
+    assert main(args + ["--resume", "step-000009"]) == 2
+    assert "--resume step-000009: no checkpoint of that name" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file_is_refused(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("not a folder")
+    assert main(_train_args("dpo", tiny_llama, out)) == 2
+    assert f"output_dir: {out} is a file" in capsys.readouterr().err
+
+
+def test_resume_from_a_named_checkpoint(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    args = _train_args("dpo", tiny_llama, out)[:-4] + ["--max_steps", "3", "--save_steps", "1",
+                                                        "--save_total_limit", "3", "--report_to", "none"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
+        "step-000001", "step-000002", "step-000003"]
+    from align.dpo import DPOTrainer
+
+    config = load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml",
+                         [f"model_name_or_path={tiny_llama}", f"output_dir={out}", f"train_file={DATA}",
+                          "max_steps=3", "report_to=[none]"])
+    trainer = DPOTrainer(config, resume="step-000001")
+    trainer.setup()
+    assert trainer.step == 1
+    trainer.close()
