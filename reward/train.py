@@ -191,7 +191,7 @@ class RewardTrainer:
         return pairs, margins, len(data.skipped)
 
     def setup(self) -> None:
-        from align.dpo import resolve_model
+        from align.model import resolve_model
 
         c = self.config
         if c.num_threads:
