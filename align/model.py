@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from align.atomic import atomic_dir
+from align.errors import UserError
 from align.lora_forward import use_lean_lora_forward
 
 DEFAULT_RANK = 8
@@ -116,16 +118,27 @@ def peft_config(all_targets: tuple[list[str], list[str]], lora: LoraSettings):
     )
 
 
-def resolve_model(name: str) -> str:
-    """'smollm2' -> the offline SmolLM2-135M-Instruct folder (built on first use); anything else unchanged.
+# "name" or "org/name" as the hub spells repository ids; a path ("./x", "/x", "a/b/c") is not one.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?")
 
-    A local folder or a hub id then goes to transformers as it is.
+
+def resolve_model(name: str) -> str:
+    """Where to load the model called `name` from; every recipe and CLI resolves `model:` here.
+
+    'smollm2' -> the offline SmolLM2-135M-Instruct folder (built from its PyPI wheel on first
+    use); an existing local folder -> itself; a hub id ("org/name" or "name") -> unchanged, for
+    transformers to resolve from its cache or the hub. Anything else is a path that does not exist.
     """
     if name == "smollm2":
         from align.smollm import ensure_smollm2
 
         return str(ensure_smollm2())
-    return name
+    if name and Path(name).is_dir():  # Path('') is the working directory
+        return name
+    if _HUB_ID.fullmatch(name) and ".." not in name:
+        return name
+    raise UserError(f"model_name_or_path: {name!r} is neither 'smollm2', an existing model folder, "
+                    f"nor a hub id ('org/name')")
 
 
 def resolve_dtype(name: str) -> torch.dtype:

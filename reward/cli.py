@@ -43,9 +43,8 @@ def _train(args) -> int:
 
 
 def _score(args) -> int:
-    from align.model import resolve_model
     from align.errors import UserError
-    from align.model import SharedBase
+    from align.model import SharedBase, resolve_model
     from reward.model import RewardModel
 
     if not args.model or not args.pairs:

@@ -54,21 +54,15 @@ def encode(tokenizer, prompt, completion, chat_template: bool = True,
            max_length: int | None = None) -> list[int]:
     """Token ids of one (prompt, completion), exactly as training reads a preference pair.
 
-    Rendering and tokenization follow `align.data` (chat template for string rows when the
-    tokenizer has one, else plain text + EOS). Over `max_length` the completion is cut like
-    in training; a prompt that leaves no room is cut from the left to keep its end.
+    The same function as training (`align.data.tokenize_answers`): chat template choice, EOS and
+    the completion cut to fit `max_length`. Training refuses a prompt that leaves no room; a
+    score is still owed, so such a prompt keeps its last `max_length - 1` tokens.
     """
-    from align.data import PreferenceRow, render
+    from align.data import tokenize_answers
 
-    row = PreferenceRow(prompt, completion, completion, "score")
-    p_text, c_text, _ = render(row, tokenizer, chat_template)
-    templated = row.conversational or (chat_template and getattr(tokenizer, "chat_template", None))
-    p_ids = tokenizer(p_text, add_special_tokens=not templated)["input_ids"]
-    c_ids = tokenizer(c_text, add_special_tokens=False)["input_ids"]
-    if max_length is not None and len(p_ids) + len(c_ids) > max_length:
-        if len(p_ids) >= max_length:
-            p_ids = p_ids[len(p_ids) - (max_length - 1):]
-        c_ids = c_ids[:max_length - len(p_ids)]
+    p_ids, (c_ids,) = tokenize_answers(prompt, [completion], tokenizer, max_length, chat_template, "score")
+    if max_length is not None and len(p_ids) >= max_length:
+        p_ids = p_ids[len(p_ids) - (max_length - 1):]
     return p_ids + c_ids
 
 

@@ -109,7 +109,7 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
     installed, bfloat16 for speed; adapters off) until `n` pairs exist. Prompts in `exclude`
     are not used (keep held-out prompts out of training).
     """
-    from align.demo import prompt_ids
+    from align.prompts import encode_prompts
     from align.rollout import make_engine, vllm_available
     from align.tasks.arithmetic import make_prompts
 
@@ -122,8 +122,8 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
             rows = [row for row in make_prompts(batch, seed=seed * 1000 + r) if row["prompt"] not in exclude]
             if not rows:
                 continue
-            outs = eng.generate(prompt_ids(base, rows), n=samples_per_prompt, max_new_tokens=max_new_tokens,
-                                temperature=temperature, adapter=None)
+            outs = eng.generate(encode_prompts(base.tokenizer, rows), n=samples_per_prompt,
+                                max_new_tokens=max_new_tokens, temperature=temperature, adapter=None)
             pairs += pairs_from_samples(rows, [[o.text for o in group] for group in outs])
             if len(pairs) >= n:
                 return pairs[:n]

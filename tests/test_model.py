@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -121,3 +122,23 @@ def test_loading_a_frozen_adapter_keeps_train_mode(tiny_llama, tmp_path):
     base.model.train()
     base.load_adapter("frozen", tmp_path / "saved")  # PEFT alone would switch the model to eval
     assert base.model.training
+
+
+def test_resolve_model_kinds(tmp_path, monkeypatch):
+    from align.errors import UserError
+    from align.model import resolve_model
+    from align.smollm import MODEL_DIRNAME
+
+    # 'smollm2' -> the cached conversion (a stand-in here, so nothing is downloaded).
+    cached = tmp_path / "models" / MODEL_DIRNAME
+    cached.mkdir(parents=True)
+    (cached / "model.safetensors").touch()
+    (cached / "config.json").touch()
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
+    assert resolve_model("smollm2") == str(cached)
+    assert resolve_model(str(tmp_path)) == str(tmp_path)  # an existing folder: itself
+    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "org/model.v1_2"):
+        assert resolve_model(hub_id) == hub_id  # left for transformers to resolve
+    for bad in (str(tmp_path / "missing"), "./missing", "a/b/c", "org/../x", ""):
+        with pytest.raises(UserError, match="neither 'smollm2', an existing model folder, nor a hub id"):
+            resolve_model(bad)

@@ -1,8 +1,12 @@
-"""RewardModel on the shared base: last-token head under any padding, attach next to a policy, save/load."""
+"""RewardModel on the shared base: last-token head under any padding, attach next to a policy, save/load,
+and scoring that reads a pair exactly as training did."""
+
+import json
 
 import pytest
 import torch
 
+from align.data import collate_pairs, load_preferences, tokenize_preferences
 from align.logprobs import completion_logprobs
 from align.model import SharedBase
 from reward.model import RewardModel, RewardModelError, last_token_index, pad_sequences
@@ -130,3 +134,43 @@ def test_attach_refuses_bad_folders_and_name_clashes(tiny_llama, saved_reward, t
         RewardModel.attach(base, path)
     rm = RewardModel.attach(base, path, name="judge")
     assert rm.name == "judge" and base.peft.active_adapter == "reward"
+
+
+# Standard strings, conversational messages, and an answer long enough to be cut at MAX_LENGTH (its
+# prompt is 2-12 tokens, the answer 37-38: it keeps 20-30; the other rows fit whole, at most 27 tokens).
+TRAINING_ROWS = [
+    {"prompt": "What is 12+30? Reply with the number only.", "chosen": "42", "rejected": "41"},
+    {"prompt": [{"role": "user", "content": "What is 41+17?"}],
+     "chosen": [{"role": "assistant", "content": "58"}], "rejected": [{"role": "assistant", "content": "57"}]},
+    {"prompt": "hello", "chosen": " ".join(["the quick brown fox jumps over the lazy dog"] * 4),
+     "rejected": "no"},
+]
+MAX_LENGTH = 32
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_scoring_reads_a_pair_exactly_as_training(tiny_llama, tmp_path, chat_template):
+    base = SharedBase.load(str(tiny_llama))
+    rm = RewardModel.create(base, chat_template=chat_template, max_length=MAX_LENGTH, seed=0)
+    _perturb(rm.parameters(), seed=4)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in TRAINING_ROWS))
+    rows = load_preferences(path).rows
+    # Training's side, as RewardTrainer builds it: tokenized pairs, collated, one forward over both sides.
+    pairs = tokenize_preferences(rows, base.tokenizer, MAX_LENGTH, chat_template)
+    assert len(pairs[2].prompt_ids) + len(pairs[2].chosen_ids) == MAX_LENGTH  # the long answer was cut
+    batch = collate_pairs(pairs, base.tokenizer.pad_token_id)
+    with torch.no_grad():
+        trained = rm.score_ids(batch["input_ids"], batch["attention_mask"])[:len(pairs)]
+
+    fed = []  # every sequence score() hands to the model, padding removed
+    score_ids = rm.score_ids
+
+    def recording(ids, mask):
+        fed.extend(row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True))
+        return score_ids(ids, mask)
+
+    rm.score_ids = recording
+    scored = rm.score([r.prompt for r in rows], [r.chosen for r in rows])
+    assert sorted(fed) == sorted(p.prompt_ids + p.chosen_ids for p in pairs)
+    torch.testing.assert_close(scored, trained, atol=1e-5, rtol=0)

@@ -2,7 +2,7 @@
 
 One server for the whole module (starting one costs 15-40 s on CPU); the SIGTERM test runs last and
 stops it. References come from offline vLLM (`vllm.LLM` + `LoRARequest`), one model per batch, which
-is exact (DESIGN.md §4: only batches mixing adapter and no-adapter requests go wrong).
+is exact (only batches mixing adapter and no-adapter requests go wrong: docs/design.md, "vLLM on CPU").
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "+2 with --adapter-dir). More adapters still work, swapped in turn.")
     p.add_argument("--no-zero-adapter", action="store_true",
                    help="Send base-model requests to vLLM without an adapter. Faster, but on vLLM-CPU a batch "
-                        "mixing base and adapter requests gives wrong log-probs for the base ones (DESIGN.md §4).")
+                        "mixing base and adapter requests gives wrong log-probs for the base ones "
+                        "(docs/design.md, 'vLLM on CPU').")
     p.add_argument("--start-timeout", type=float, default=600.0, help="Seconds to wait for vLLM to become healthy.")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER,
                    help="After `--`: extra arguments passed to vLLM as is (e.g. -- --enforce-eager --max-model-len 2048).")

@@ -2,8 +2,8 @@
 
 It owns the policy vLLM does not have: the API key, which model names exist (404 otherwise), runtime
 adapter loading only from the allowed folder and only for this base, and the zero-adapter routing of
-base-model requests (DESIGN.md §4). Request and response bodies pass through unchanged otherwise,
-streaming included.
+base-model requests (docs/design.md, "vLLM on CPU"). Request and response bodies pass through
+unchanged otherwise, streaming included.
 """
 
 from __future__ import annotations
