@@ -15,6 +15,7 @@ def make_adapter(base_path, out, rank=4, seed=0, scale=0.5):
     from align.model import LoraSettings, SharedBase
 
     sb = SharedBase.load(str(base_path))
+    torch.manual_seed(seed)  # lora_A is drawn from the global RNG: without this the adapter depends on test order
     sb.add_adapter("policy", LoraSettings(rank=rank))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
