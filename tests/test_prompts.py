@@ -44,7 +44,7 @@ def test_encode_prompts_limit_names_the_row(tiny_llama):
     assert len(encode_prompts(tok, rows)) == 3  # no limit given: none applied
     n = len(encode_prompt(tok, rows[1]["prompt"]))
     assert n > 64
-    with pytest.raises(UserError, match=rf"prompts p\.jsonl:2: {n} tokens .*max_prompt_tokens=64"):
+    with pytest.raises(UserError, match=rf"prompts p\.jsonl:2: {n} tokens .*max_prompt_length=64"):
         encode_prompts(tok, rows, None, max_tokens=64)
     # A row without a place is named by its index; exactly max_tokens is still allowed.
     with pytest.raises(UserError, match=r"prompts row 0: "):
