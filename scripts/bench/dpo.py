@@ -46,21 +46,30 @@ def worker_ours(args) -> dict:
     from align.config import load_config
     from align.dpo import DPOConfig, DPOTrainer
 
-    sets = [f"model={args.model}", f"train_file={args.data}", f"output_dir={args.out}", "tensorboard=false",
-            f"batch_size={args.batch}", f"max_length={args.max_length}", "save_every=0",
+    sets = [f"model_name_or_path={args.model}", f"train_file={args.data}", f"output_dir={args.out}",
+            "report_to=[none]", f"per_device_train_batch_size={args.batch}", f"per_device_eval_batch_size={args.batch}",
+            f"max_length={args.max_length}", "save_steps=0",
             f"gradient_checkpointing={str(args.grad_ckpt).lower()}", "learning_rate=5.0e-5", "eval_fraction=0.0",
             f"checkpoint_keep_last={args.keep_last if args.grad_ckpt else 0}",
-            f"precompute_ref={str(args.worker == 'precompute').lower()}",
+            f"precompute_ref_log_probs={str(args.worker == 'precompute').lower()}",
             f"ref_model_copy={str(args.worker == 'ref_copy').lower()}"]
     if args.worker == "shared_lean_heap":
         sets.append("heap_mmap_threshold_mb=1.0")  # align/heap.py: lower peak memory, slower steps
-    trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs" / "dpo_tiny.yaml", sets))
+    trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs" / "dpo_tiny.yaml", sets), overwrite=True)
     trainer.setup()
-    precompute_s = trainer.precompute_reference() if args.worker == "precompute" else 0.0
-    trainer.train_step()  # warm-up
+    t0 = time.perf_counter()
+    if args.worker == "precompute":
+        trainer.precompute_reference()
+    precompute_s = time.perf_counter() - t0
+
+    def one_step():  # the recipe's own step, as Trainer.train drives it
+        trainer.training_step()
+        trainer.step += 1
+
+    one_step()  # warm-up
     marks = [time.perf_counter()]
     for _ in range(args.steps):
-        trainer.train_step()
+        one_step()
         marks.append(time.perf_counter())
     return {**step_rates(marks), "peak_mb": peak_mb(), "precompute_s": precompute_s,
             "base_mb": trainer.base.base_bytes() / 2**20}

@@ -6,11 +6,12 @@
 
 Each memory figure is the peak RSS (sampled from /proc every 2 ms while the step runs, after the
 loads; ru_maxrss, which includes loading transients, is reported alongside) of its own child process
-running one PPO step
-(policy/reference/critic/reward forward passes, then a policy+critic update) with
-  shared: every role on one SharedBase (adapters "policy", "critic", "reward"; reference = adapters off)
-  four:   separate policy, reference, critic and reward models (4 loads of the base)
-on the same token batch, so only the weights differ. The last line is one JSON object.
+running one PPO step (policy/reference/critic/reward forward passes, then a policy+critic update):
+  shared: PPOTrainer.ppo_step itself, every role on one SharedBase (adapters "policy", "critic" and a
+          saved reward model attached as "reward"; reference = adapters off), transformers rollouts
+  four:   the same step written out over separate policy, reference, critic and reward models
+          (4 loads of the base): what the toolkit saves, since it has no four-model trainer
+with the same batch shape. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 # -- one PPO step in a child process -------------------------------------------------------------
 def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_len: int) -> dict:
-    import resource
-
     import torch
 
     from align.logprobs import completion_logprobs
@@ -52,21 +51,14 @@ def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_
         return b
 
     if mode == "shared":
-        base = load()
-        base.add_adapter("policy")
-        base.add_adapter("critic")
-        base.add_adapter("reward", trainable=False)
-        roles = {"policy": (base, "policy"), "reference": (base, None), "critic": (base, "critic"),
-                 "reward": (base, "reward")}
-        bases = [base]
-    else:
-        roles = {}
-        for role in ("policy", "reference", "critic", "reward"):
-            b = load()
-            if role != "reference":
-                b.add_adapter(role, trainable=role != "reward")
-            roles[role] = (b, None if role == "reference" else role)
-        bases = [b for b, _ in roles.values()]
+        return trainer_child(model, batch, completion_len)
+    roles = {}
+    for role in ("policy", "reference", "critic", "reward"):
+        b = load()
+        if role != "reference":
+            b.add_adapter(role, trainable=role != "reward")
+        roles[role] = (b, None if role == "reference" else role)
+    bases = [b for b, _ in roles.values()]
     for b in bases:
         b.model.eval()
     H = bases[0].hidden_size
@@ -91,33 +83,7 @@ def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_
         with b.adapter(name), torch.set_grad_enabled(grad):
             return b.hidden(ids, attn)
 
-    # Loading leaves transient peaks (mmapped checkpoint pages, freed copies); measure the step itself:
-    # give freed memory back, then sample this process's RSS while the step runs.
-    import ctypes
-    import gc
-    import threading
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    page = os.sysconf("SC_PAGE_SIZE")
-    samples, stop = [], threading.Event()
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    def sample():
-        while not stop.is_set():
-            samples.append(rss())
-            time.sleep(0.002)
-
-    rss_before_step = rss()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
+    meter = RssMeter()
     old_logp, ref_logp = logp("policy"), logp("reference")
     old_values = value_head(hidden("critic")[:, P - 1:P - 1 + completion_len]).detach()
     scores = reward_head(hidden("reward")[:, -1]).detach()
@@ -132,13 +98,88 @@ def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_
     vf, _ = A.value_loss(values, old_values, ret, mask, 0.2)
     (pg + 0.5 * vf).backward()
     opt.step()
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    samples.append(rss())
-    return {"peak_mb": max(samples) / 2 ** 20, "rss_before_step_mb": rss_before_step / 2 ** 20,
-            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "base_mb": bases[0].base_bytes() / 2 ** 20, "step_s": seconds, "bases": len(bases)}
+    return {**meter.stop(), "base_mb": bases[0].base_bytes() / 2 ** 20, "bases": len(bases),
+            "batch_shape": [batch, prompt_len, completion_len]}
+
+
+class RssMeter:
+    """Peak RSS of this process while a step runs, sampled from /proc every 2 ms.
+
+    Loading leaves transient peaks (mmapped checkpoint pages, freed copies); the step itself is
+    measured: freed memory is given back first, then sampling starts.
+    """
+
+    def __init__(self):
+        import ctypes
+        import gc
+        import threading
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.samples, self._stop = [], threading.Event()
+        self.before = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.start = time.perf_counter()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.samples.append(self.rss())
+            time.sleep(0.002)
+
+    def stop(self) -> dict:
+        import resource
+
+        seconds = time.perf_counter() - self.start
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.rss())
+        return {"peak_mb": max(self.samples) / 2 ** 20, "rss_before_step_mb": self.before / 2 ** 20,
+                "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "step_s": seconds}
+
+
+def trainer_child(model: str, batch: int, completion_len: int) -> dict:
+    """One real PPOTrainer.ppo_step (policy, critic, attached reward model, reference) on one base."""
+    import gc
+
+    import torch
+
+    from align.config import load_config
+    from align.model import SharedBase
+    from align.ppo import PPOConfig, PPOTrainer
+    from reward.model import RewardModel
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-child-"))
+    scratch = SharedBase.load(model)  # a saved reward model to attach, as `align reward` writes one
+    RewardModel.create(scratch, seed=0).save(tmp / "reward_model")
+    del scratch
+    gc.collect()
+    cfg = load_config(PPOConfig, ROOT / "configs" / "ppo_demo.yaml", [
+        f"model_name_or_path={model}", f"output_dir={tmp / 'run'}", "engine=hf", "report_to=[none]",
+        f"reward_model={tmp / 'reward_model'}", "prompts_per_step=1", f"num_generations={batch}",
+        f"max_completion_length={completion_len}", f"per_device_train_batch_size={batch}", "num_ppo_epochs=1",
+        "num_train_prompts=8", "num_eval_prompts=1"])
+    trainer = PPOTrainer(cfg)
+    trainer.setup()
+    # Copy the weights into anonymous memory, as the four-model child does for each of its loads.
+    with torch.no_grad():
+        for p in trainer.base.model.parameters():
+            p.data = p.data.clone()
+    meter = RssMeter()
+    metrics = trainer.ppo_step(1)
+    out = meter.stop()
+    shape = [batch, max(len(ids) for ids in trainer.train_ids), round(metrics["response/length"], 1)]
+    trainer.close()
+    return {**out, "base_mb": trainer.base.base_bytes() / 2 ** 20, "bases": 1, "batch_shape": shape,
+            "adapters": trainer.base.adapters}
 
 
 def run_child(args_list: list[str]) -> dict:
@@ -215,11 +256,11 @@ def learning(config: str, overrides: list[str], reuse_run: str | None) -> dict:
     trainer = PPOTrainer(cfg)
     start = time.perf_counter()
     try:
-        summary = trainer.train()
+        trainer.train()
     finally:
         trainer.close()
-    return {"reward_before": summary["eval/reward_before"], "reward_after": summary["eval/reward_after"],
-            "train_s": time.perf_counter() - start, "train_steps": cfg.steps, "reward_source": config}
+    return {"reward_before": trainer.summary["eval/reward_before"], "reward_after": trainer.summary["eval/reward"],
+            "train_s": time.perf_counter() - start, "train_steps": cfg.max_steps, "reward_source": config}
 
 
 def main() -> None:
@@ -249,9 +290,10 @@ def main() -> None:
         name = "tiny-llama"
         shape = ("16", "32", "16")
         config = str(ROOT / "configs" / "grpo_demo.yaml")
-        overrides = [f"model={model}", f"output_dir={tmp / 'run'}", "steps=" + str(args.train_steps or 15),
-                     "reward_functions={__main__:digit_fraction: 1.0}", "system_prompt=null", "lr=3.0e-3",
-                     "num_eval_prompts=16", "eval_every=0", "max_new_tokens=8", "temperature=1.0", "engine=hf"]
+        overrides = [f"model_name_or_path={model}", f"output_dir={tmp / 'run'}",
+                     "max_steps=" + str(args.train_steps or 15), "reward_functions={__main__:digit_fraction: 1.0}",
+                     "system_prompt=null", "learning_rate=3.0e-3", "num_eval_prompts=16", "eval_steps=0",
+                     "max_completion_length=8", "temperature=1.0", "engine=hf"]
         rollout_shape = (16, 16)
     else:
         from align.smollm import ensure_smollm2
@@ -260,7 +302,7 @@ def main() -> None:
         name = "SmolLM2-135M-Instruct"
         shape = ("4", "48", "16")  # a small batch: weights, not activations, dominate the peak
         config = str(ROOT / "configs" / "grpo_demo.yaml")
-        overrides = [f"output_dir={tmp / 'run'}"] + ([f"steps={args.train_steps}"] if args.train_steps else [])
+        overrides = [f"output_dir={tmp / 'run'}"] + ([f"max_steps={args.train_steps}"] if args.train_steps else [])
         rollout_shape = (64, 48)  # the issue's workload: 64 prompts x 48 new tokens
 
     print(f"[bench] model {name}: memory of one PPO step, each mode in its own process", flush=True)
@@ -291,6 +333,8 @@ def main() -> None:
         "ru_maxrss_mb_four_models": round(four["ru_maxrss_mb"], 1),
         "step_s_shared": round(shared["step_s"], 3),
         "step_s_four_models": round(four["step_s"], 3),
+        "batch_shape_shared": shared["batch_shape"],
+        "batch_shape_four_models": four["batch_shape"],
         "sync_bytes": speed["sync_bytes"],
         "full_weight_bytes": speed["full_weight_bytes"],
         "sync_ratio": round(speed["sync_ratio"], 1),

@@ -41,12 +41,13 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()
     out = args.out or str(Path(tmp.name) / "run")
-    overrides = [f"output_dir={out}", "tensorboard=false", "save_every=0"]
+    overrides = [f"output_dir={out}", "report_to=[none]", "save_steps=0"]
     if args.quick:
         from align.tiny import build_tiny_model
 
         tiny = build_tiny_model(Path(tmp.name) / "tiny", "llama")
-        overrides += [f"model={tiny}", "demo_pairs=48", "demo_eval_pairs=32", "demo_source=synthetic", "learning_rate=1.0e-2", "epochs=2"]
+        overrides += [f"model_name_or_path={tiny}", "demo_pairs=48", "demo_eval_pairs=32", "demo_source=synthetic",
+                      "learning_rate=1.0e-2", "num_train_epochs=2"]
     config = load_config(RewardConfig, args.config, overrides + args.overrides)
 
     trainer = RewardTrainer(config)
@@ -79,7 +80,7 @@ def main() -> None:
     step_rates = [r["pairs_per_s"] for r in read_metrics(out) if "pairs_per_s" in r]
     print(format_calibration(s["calibration"]))
     result = {
-        "model": "tiny-llama" if args.quick else config.model,
+        "model": "tiny-llama" if args.quick else config.model_name_or_path,
         "train_pairs": s["train_pairs"], "eval_pairs": s["eval/pairs"], "steps": s["step"],
         "learning_rate": config.learning_rate, "lora_rank": config.lora.rank, "lora_alpha": config.lora.alpha,
         "heldout_accuracy": round(s["eval/accuracy"], 4),
