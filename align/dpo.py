@@ -197,11 +197,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from align.recipe_cli import config_or_check
+    from align.recipe_cli import train_from_args
 
-    config = config_or_check(DPOConfig, args)
-    if config is None:
-        return 0
-    adapter = train_dpo(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"adapter saved to {adapter}")
+    done = train_from_args(DPOConfig, DPOTrainer, args)
+    if done is not None:
+        print(f"adapter saved to {done[1]}")
     return 0

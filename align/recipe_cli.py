@@ -35,3 +35,15 @@ def config_or_check(cls: type, args: argparse.Namespace):
         print(f"# config OK: {cls.__name__}")
         return None
     return config
+
+
+def train_from_args(config_cls: type, trainer_cls: type, args: argparse.Namespace):
+    """Build the config, then train it to the end; returns (trainer, what it saved), or None for --check-config."""
+    config = config_or_check(config_cls, args)
+    if config is None:
+        return None
+    trainer = trainer_cls(config, resume=args.resume, overwrite=args.overwrite)
+    try:
+        return trainer, trainer.train()
+    finally:
+        trainer.close()

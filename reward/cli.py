@@ -24,14 +24,13 @@ def add_arguments(p) -> None:
 
 
 def _train(args) -> int:
-    from align.recipe_cli import config_or_check
+    from align.recipe_cli import train_from_args
     from reward.train import RewardConfig, RewardTrainer, format_calibration
 
-    config = config_or_check(RewardConfig, args)
-    if config is None:
+    done = train_from_args(RewardConfig, RewardTrainer, args)
+    if done is None:
         return 0
-    trainer = RewardTrainer(config, resume=args.resume, overwrite=args.overwrite)
-    path = trainer.train()
+    trainer, path = done
     s = trainer.summary
     if "eval/accuracy" in s:
         print(f"held-out: accuracy {s['eval/accuracy']:.3f} (longer-answer baseline "

@@ -15,30 +15,34 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from align.ppo.config import PPOConfig
     from align.ppo.trainer import PPOTrainer
-    from align.recipe_cli import config_or_check
-    from align.train_state import latest_checkpoint
+    from align.recipe_cli import config_or_check, train_from_args
 
-    config = config_or_check(PPOConfig, args)
-    if config is None:
-        return 0
     if args.eval_only:
-        resume = True if latest_checkpoint(config.output_dir) is not None else None
-        trainer = PPOTrainer(config, resume=resume)
-        try:
-            trainer.setup()
-            score = trainer.evaluate()["eval/reward"]
-            trainer.logger.log(trainer.step, {"eval/reward": score})
-        finally:
-            trainer.close()
-        print(f"eval/reward at step {trainer.step}: {score:.4f}")
+        config = config_or_check(PPOConfig, args)
+        return 0 if config is None else evaluate_only(config)
+    done = train_from_args(PPOConfig, PPOTrainer, args)
+    if done is None:
         return 0
-    trainer = PPOTrainer(config, resume=args.resume, overwrite=args.overwrite)
-    try:
-        policy = trainer.train()
-    finally:
-        trainer.close()
+    trainer, policy = done
     for key in ("eval/reward_before", "eval/reward"):
         if key in trainer.summary:
             print(f"{key}: {trainer.summary[key]:.4f}")
     print(f"policy adapter: {policy}   curves: align plot {trainer.out}")
+    return 0
+
+
+def evaluate_only(config) -> int:
+    """Score the held-out prompts with the run's latest checkpoint (or the bare policy) and log it at its step."""
+    from align.ppo.trainer import PPOTrainer
+    from align.train_state import latest_checkpoint
+
+    resume = True if latest_checkpoint(config.output_dir) is not None else None
+    trainer = PPOTrainer(config, resume=resume)
+    try:
+        trainer.setup()
+        score = trainer.evaluate()["eval/reward"]
+        trainer.logger.log(trainer.step, {"eval/reward": score})
+    finally:
+        trainer.close()
+    print(f"eval/reward at step {trainer.step}: {score:.4f}")
     return 0
