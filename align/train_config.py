@@ -87,7 +87,7 @@ class ModelConfig:
             raise ValueError(f"heap_mmap_threshold_mb: expected > 0 or null, got {self.heap_mmap_threshold_mb}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
-        self.lora  # builds LoraSettings, whose checks name the lora_* field
+        _ = self.lora  # builds LoraSettings now, so a bad lora_* field fails at load, named
 
     @property
     def lora(self) -> LoraSettings:
@@ -96,7 +96,8 @@ class ModelConfig:
             return LoraSettings(rank=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
         except ValueError as e:
             raise ValueError(str(e).replace("lora.rank", "lora_r").replace("lora.alpha", "lora_alpha")
-                             .replace("lora.dropout", "lora_dropout").replace("lora.targets", "lora_target_modules"))
+                             .replace("lora.dropout", "lora_dropout").replace("lora.targets", "lora_target_modules")
+                             ) from None
 
 
 @dataclass

@@ -202,7 +202,6 @@ class Trainer:
         """Work done once before the first step (e.g. reference log-probs, the 'before' evaluation)."""
 
     def train(self) -> Path:
-        from tqdm import tqdm
 
         if not self._setup_done:
             self.setup()

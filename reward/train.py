@@ -21,7 +21,13 @@ from align.config import arg
 from align.data import TokenizedPair, collate_pairs
 from align.preference_trainer import PreferenceTrainer
 from align.train_config import PreferenceDataConfig, TrainConfig
-from reward.losses import DEFAULT_BUCKETS, bradley_terry_loss, calibration, expected_calibration_error, pair_stats
+from reward.losses import (
+    DEFAULT_BUCKETS,
+    bradley_terry_loss,
+    calibration,
+    expected_calibration_error,
+    pair_stats,
+)
 from reward.model import RewardModel
 
 
