@@ -66,8 +66,8 @@ def run_demo(s: DemoSettings) -> dict:
     from align.atomic import atomic_write_text
     from align.config import load_config
     from align.dpo import DPOConfig, DPOTrainer
+    from align.engines import make_engine
     from align.model import SharedBase, resolve_model
-    from align.rollout import make_engine
 
     t_start = time.perf_counter()
     out = Path(s.output_dir)

@@ -75,9 +75,10 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from align.adapter_files import BaseInfo
     from align.atomic import atomic_dir
     from align.model import load_tokenizer, resolve_dtype
-    from align.serve.adapters import AdapterRefused, BaseInfo, check_adapter, read_adapter
+    from align.serve.adapters import AdapterRefused, check_adapter, read_adapter
 
     adapter, out = Path(adapter), Path(out)
     prompts = list(prompts or DEFAULT_PROMPTS)
@@ -87,7 +88,11 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None 
         raise UserError(f"--adapter: {e.message}") from None
     base_path = find_base(adapter, None if base is None else str(base))
     try:
-        check_adapter(info, BaseInfo.read(base_path), max_rank=info.rank)
+        base_info = BaseInfo.read(base_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"base model folder: {e}") from None
+    try:
+        check_adapter(info, base_info, max_rank=info.rank)
     except AdapterRefused as e:
         raise UserError(e.message) from None
 

@@ -109,8 +109,8 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
     installed, bfloat16 for speed; adapters off) until `n` pairs exist. Prompts in `exclude`
     are not used (keep held-out prompts out of training).
     """
+    from align.engines import make_engine, vllm_available
     from align.prompts import encode_prompts
-    from align.rollout import make_engine, vllm_available
     from align.tasks.arithmetic import make_prompts
 
     kind = engine if engine != "auto" else "vllm" if vllm_available() else "hf"

@@ -7,22 +7,25 @@ so that "engine equals trainer" cannot hold by accident of the base.
 
 from __future__ import annotations
 
+import os
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from align.model import LoraSettings, SharedBase
-from align.rollout import (
+from align.engines import (
     AdapterSyncError,
     HFEngine,
     check_probe,
-    fused_delta,
     make_engine,
     trainer_logprobs,
     verify_adapter,
-    vllm_lora_rank,
 )
+from align.engines.fold import fused_delta
+from align.model import LoraSettings, SharedBase
 
-TOL = 1e-4  # float32: engines match the trainer within ~1e-6 (DESIGN.md §4)
+TOL = 1e-4  # float32: engines match the trainer within ~1e-6 (docs/design.md, "Rollout engines and adapter sync")
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
 
 
@@ -62,11 +65,6 @@ def engine(request, base, tiny_llama):
 
 
 # -- pure parts ---------------------------------------------------------------------------------
-
-def test_vllm_lora_rank_rounds_up_to_allowed_values():
-    # vLLM accepts max_lora_rank in {1, 8, 16, 32, ...}
-    assert [vllm_lora_rank(r) for r in (1, 2, 4, 8, 9, 16, 17)] == [1, 8, 8, 8, 16, 16, 32]
-
 
 def test_fused_delta_stacks_scaled_products_in_row_order():
     # q: A = [[1, 2]] (r=1, in=2), B = [[1], [3]] (out=2), scale 0.5 -> 0.5 * B@A = [[0.5, 1], [1.5, 3]]
@@ -162,7 +160,6 @@ def test_reference_sampling_by_mode(engine, base):
 def test_hf_engine_sampler_logprobs_equal_scoring(base, tiny_llama):
     engine = make_engine("hf", str(tiny_llama), base)
     assert isinstance(engine, HFEngine)
-    assert engine.sync(base, "policy").bytes == 0  # the sampler is the trainer's own model
     rng_before = torch.get_rng_state()
     out = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.7, seed=0,
                           adapter=["policy", None, "policy", "policy"])
@@ -178,6 +175,24 @@ def test_hf_engine_sampler_logprobs_equal_scoring(base, tiny_llama):
     again = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.7, seed=0,
                             adapter=["policy", None, "policy", "policy"])
     assert [[s.completion_ids for s in x] for x in again] == [[s.completion_ids for s in x] for x in out]
+
+
+def test_hf_engine_samples_the_trainers_current_weights_without_a_sync(base, tiny_llama):
+    # The sampler is the trainer's own model: an update reaches it at once, and sync only checks its arguments.
+    engine = make_engine("hf", str(tiny_llama), base)
+    prompt, completion = [3, 40, 41, 42], [50, 60, 70, 80]
+    before = engine.logprobs(prompt, completion)
+    perturb(base, seed=5)
+    try:
+        after = engine.logprobs(prompt, completion)  # no sync in between
+        assert max_diff(after, before) > 0.05
+        assert after == trainer_logprobs(base, prompt, completion)
+        with pytest.raises(ValueError, match="its own SharedBase"):
+            engine.sync(SimpleNamespace(adapters=base.adapters), "policy")  # another base
+        with pytest.raises(KeyError, match="no adapter named 'value'"):
+            engine.sync(base, "value")
+    finally:
+        perturb(base, seed=0)
 
 
 def test_hf_engine_seed_starts_a_repeatable_stream(base, tiny_llama):
@@ -297,3 +312,48 @@ def test_check_probe_compares_with_the_previous_weights():
     assert check_probe("policy", old, [-1.1, -2.1, -3.1], tol=0.5, previous=old) == pytest.approx(0.1)
     with pytest.raises(AdapterSyncError, match="not serving"):
         check_probe("policy", [-1.0], [-1.0002], tol=1e-4)
+
+
+# -- vLLM engine construction ---------------------------------------------------------------------
+
+@pytest.mark.vllm
+def test_building_an_engine_leaves_os_environ_as_it_was(base, tiny_llama, monkeypatch):
+    pytest.importorskip("vllm")
+    from align.engines import vllm_compat
+
+    # Importing vLLM sets a few variables once per process (its own defaults): not the engine's doing.
+    vllm_compat.import_vllm()
+    for key in vllm_compat.ENGINE_ENV_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)  # the engine must supply these for its own construction
+    before = dict(os.environ)
+    engine = make_engine("vllm", str(tiny_llama), base, sync_mode="fold")  # fold fails unless built in-process
+    try:
+        assert dict(os.environ) == before
+        assert engine.sync(base, "policy").max_abs_diff <= TOL  # and it works with the environment restored
+        assert len(engine.generate(PROMPTS[:1], max_new_tokens=2, seed=0)[0][0].completion_ids) >= 1
+    finally:
+        engine.close()
+    assert dict(os.environ) == before
+
+
+def test_kv_cache_size_must_be_whole_gib(base, tiny_llama):
+    with pytest.raises(ValueError, match="whole number of GiB"):
+        make_engine("vllm", str(tiny_llama), base, kv_cache_gib=1.5)
+
+
+def test_another_vllm_version_is_named_in_one_warning_line(monkeypatch):
+    from align.engines import vllm_compat
+
+    assert vllm_compat.version_warning("0.32.0") is None
+    message = vllm_compat.version_warning("0.33.1")
+    assert "\n" not in message and "vLLM 0.32.0" in message and "vLLM 0.33.1" in message
+    monkeypatch.setattr(vllm_compat, "installed_version", lambda: "0.31.0")
+    vllm_compat.check_version.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="0.32.0 .* installed: vLLM 0.31.0"):
+            vllm_compat.check_version()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vllm_compat.check_version()  # once per process
+    finally:
+        vllm_compat.check_version.cache_clear()

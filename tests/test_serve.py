@@ -161,15 +161,6 @@ def raw(setup, path, body: bytes, key=API_KEY):
 
 
 # -- checks that need no server ------------------------------------------------------------------
-def test_max_lora_rank_rounds_up_to_what_vllm_accepts():
-    from align.serve.adapters import vllm_max_lora_rank
-
-    # vLLM accepts 1, 8, 16, 32, ...: 4 -> 8, 9 -> 16, 1 stays 1, nothing given -> 8 (the default rank).
-    assert [vllm_max_lora_rank(r) for r in ([4], [1], [8], [4, 9], [33], [])] == [8, 1, 8, 16, 64, 8]
-    with pytest.raises(ValueError, match="exceeds"):
-        vllm_max_lora_rank([513])
-
-
 def test_allowed_folder_follows_symlinks(tmp_path):
     from align.serve.adapters import AdapterRefused, resolve_in_folder
 
@@ -186,7 +177,8 @@ def test_allowed_folder_follows_symlinks(tmp_path):
 
 
 def test_adapter_checks(tiny_llama, tmp_path):
-    from align.serve.adapters import AdapterRefused, BaseInfo, check_adapter, read_adapter
+    from align.adapter_files import BaseInfo
+    from align.serve.adapters import AdapterRefused, check_adapter, read_adapter
 
     base = BaseInfo.read(tiny_llama)
     path = make_adapters(tiny_llama, tmp_path, ["blue"])["blue"]  # rank 8
@@ -201,20 +193,6 @@ def test_adapter_checks(tiny_llama, tmp_path):
     with pytest.raises(AdapterRefused, match="adapter_config.json: line 2: not valid JSON") as e:
         read_adapter(path)
     assert e.value.status == 400
-
-
-def test_zero_adapter_is_all_zero_and_covers_every_layer(tiny_llama, tmp_path):
-    from safetensors.torch import load_file
-
-    from align.serve.adapters import BaseInfo, write_zero_adapter
-
-    tensors = load_file(write_zero_adapter(BaseInfo.read(tiny_llama), tmp_path / "zero") / "adapter_model.safetensors")
-    # tiny llama: 2 layers x 7 projections (q, k, v, o, gate, up, down) x (A, B) = 28 tensors.
-    assert len(tensors) == 28
-    assert all(t.abs().max().item() == 0.0 for t in tensors.values())
-    # q_proj of the tiny model is (2 heads x 32) x 64: A is 1 x 64, B is 64 x 1.
-    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (1, 64)
-    assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 1)
 
 
 # -- a real server -------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("vllm")
 
+from align.engines import trainer_logprobs  # noqa: E402
 from align.model import LoraSettings, SharedBase  # noqa: E402
-from align.rollout import trainer_logprobs  # noqa: E402
 
 
 @pytest.mark.vllm

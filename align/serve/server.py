@@ -14,18 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from align.adapter_files import ZERO_ADAPTER_NAME, BaseInfo, ZeroAdapter, vllm_max_lora_rank
 from align.errors import UserError
-from align.serve.adapters import (
-    AdapterRefused,
-    BaseInfo,
-    check_adapter,
-    read_adapter,
-    vllm_max_lora_rank,
-    write_zero_adapter,
-)
-
-# Hidden adapter name for base-model requests; clients never see it (the proxy filters and renames).
-ZERO_ADAPTER_NAME = "align-base-zero-adapter"
+from align.serve.adapters import AdapterInfo, AdapterRefused, check_adapter, read_adapter
 
 
 class _Stop(Exception):
@@ -40,24 +31,9 @@ def _adapters_in(folder: Path) -> list[Path]:
     return [p.parent for p in folder.glob("*/adapter_config.json")]
 
 
-def serve(base: str, adapters: dict[str, str], adapter_dir: str | None = None, name: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
-          max_lora_rank: int | None = None, max_loras: int | None = None, zero_adapter: bool = True,
-          start_timeout: float = 600.0, vllm_args: list[str] | None = None) -> int:
-    """Serve `base` with `adapters` (name -> folder) until SIGINT/SIGTERM; returns the exit code."""
-    from align.serve.process import start_vllm, stop_tree, vllm_command, wait_healthy
-
-    try:
-        base_info = BaseInfo.read(base)
-    except (FileNotFoundError, AdapterRefused) as e:
-        raise UserError(f"--base: {e}") from None
-    name = name or base_info.path.name
-    allowed = Path(adapter_dir).resolve() if adapter_dir else None
-    if allowed is not None and not allowed.is_dir():
-        raise UserError(f"--adapter-dir {adapter_dir}: not a folder")
-    if name in adapters or name == ZERO_ADAPTER_NAME:
-        raise UserError(f"--adapter: the name {name!r} is the base model's name (--name)")
-
+def _startup_adapters(adapters: dict[str, str], allowed: Path | None, base_info: BaseInfo,
+                      max_lora_rank: int | None) -> tuple[dict[str, AdapterInfo], int]:
+    """Read and check the adapters given at startup; max_lora_rank defaults to what holds them and --adapter-dir's."""
     infos = {}
     for adapter_name, path in adapters.items():
         try:
@@ -81,6 +57,28 @@ def serve(base: str, adapters: dict[str, str], adapter_dir: str | None = None, n
             check_adapter(info, base_info, max_lora_rank)
         except AdapterRefused as e:
             raise UserError(f"--adapter {adapter_name}: {e.message}") from None
+    return infos, max_lora_rank
+
+
+def serve(base: str, adapters: dict[str, str], adapter_dir: str | None = None, name: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, dtype: str = "auto",
+          max_lora_rank: int | None = None, max_loras: int | None = None, zero_adapter: bool = True,
+          start_timeout: float = 600.0, vllm_args: list[str] | None = None) -> int:
+    """Serve `base` with `adapters` (name -> folder) until SIGINT/SIGTERM; returns the exit code."""
+    from align.serve.process import start_vllm, stop_tree, vllm_command, wait_healthy
+
+    try:
+        base_info = BaseInfo.read(base)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"--base: {e}") from None
+    name = name or base_info.path.name
+    allowed = Path(adapter_dir).resolve() if adapter_dir else None
+    if allowed is not None and not allowed.is_dir():
+        raise UserError(f"--adapter-dir {adapter_dir}: not a folder")
+    if name in adapters or name == ZERO_ADAPTER_NAME:
+        raise UserError(f"--adapter: the name {name!r} is the base model's name (--name)")
+
+    infos, max_lora_rank = _startup_adapters(adapters, allowed, base_info, max_lora_rank)
     if api_key is None and not host.startswith(("127.", "::1", "localhost")):
         _log(f"WARNING: binding {host} without an API key: anyone who can reach it can use the model "
              f"(set ALIGN_API_KEY or --api-key)")
@@ -90,10 +88,11 @@ def serve(base: str, adapters: dict[str, str], adapter_dir: str | None = None, n
     served = {n: str(i.path) for n, i in infos.items()}
     if zero_adapter:
         try:
-            served[ZERO_ADAPTER_NAME] = str(write_zero_adapter(base_info, private / "zero-adapter"))
+            zero = ZeroAdapter(base_info.shapes, str(base_info.path))
+            served[ZERO_ADAPTER_NAME] = str(zero.write(private / "zero-adapter"))
         except ValueError as e:
             shutil.rmtree(private, ignore_errors=True)
-            raise UserError(str(e)) from None
+            raise UserError(f"{e} (pass --no-zero-adapter)") from None
     if max_loras is None:
         max_loras = max(1, len(served) + (2 if allowed is not None else 0))
     env = dict(os.environ)

@@ -200,8 +200,8 @@ def sync_and_rollouts(model: str, n_prompts: int, max_new_tokens: int, repeats: 
     """
     import importlib.util
 
+    from align.engines import make_engine
     from align.model import SharedBase
-    from align.rollout import make_engine
     from align.tasks.arithmetic import make_prompts
 
     spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).with_name("rollout.py"))

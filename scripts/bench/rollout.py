@@ -89,8 +89,8 @@ def main() -> None:
 
     import torch
 
+    from align.engines import make_engine
     from align.model import LoraSettings, SharedBase
-    from align.rollout import make_engine
     from align.tasks.arithmetic import make_prompts
 
     tmp = tempfile.TemporaryDirectory()
