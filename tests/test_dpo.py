@@ -112,6 +112,7 @@ def lr_sequence(tiny_llama, out, steps, **over) -> list[float]:
     lrs = []
     for _ in range(steps):
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()  # no gradients: moves nothing, keeps the scheduler's order check quiet
         trainer.scheduler.step()
     trainer.close()
     return lrs
