@@ -106,15 +106,19 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
 
     This is what a reward model for the task meets in PPO: the policy's samples, right and
     wrong, in whatever form the model writes. Prompts are sampled in rounds (vLLM when
-    installed, bfloat16 for speed; adapters off) until `n` pairs exist. Prompts in `exclude`
+    installed, bfloat16 where the hardware has it; adapters off) until `n` pairs exist. Prompts in `exclude`
     are not used (keep held-out prompts out of training).
     """
     from align.engines import make_engine, vllm_available
     from align.prompts import encode_prompts
     from align.tasks.arithmetic import make_prompts
 
+    from align.hardware import fast_bfloat16
+
     kind = engine if engine != "auto" else "vllm" if vllm_available() else "hf"
-    eng = make_engine(kind, model_path, base, seed=seed, **({"dtype": "bfloat16"} if kind == "vllm" else {}))
+    # bfloat16 samples ~2.4x faster where the CPU has it natively, and several times slower where not.
+    fast = kind == "vllm" and fast_bfloat16(str(next(base.model.parameters()).device))
+    eng = make_engine(kind, model_path, base, seed=seed, **({"dtype": "bfloat16"} if fast else {}))
     try:
         pairs: list[dict] = []
         batch = max(64, n)  # prompts per round; about a third of SmolLM2's prompts yield pairs

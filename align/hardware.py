@@ -1,0 +1,23 @@
+"""What the machine can do fast, checked rather than assumed."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+
+@functools.cache
+def fast_bfloat16(device: str = "cpu") -> bool:
+    """True where bfloat16 matrix work runs natively: a CUDA GPU that supports it, or a CPU with
+    AMX or AVX-512 BF16. Elsewhere (e.g. an AVX2-only CPU) bfloat16 is emulated and several times
+    slower than float32, so sampling in bfloat16 would cost time instead of saving it.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
