@@ -110,10 +110,9 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
     are not used (keep held-out prompts out of training).
     """
     from align.engines import make_engine, vllm_available
+    from align.hardware import fast_bfloat16
     from align.prompts import encode_prompts
     from align.tasks.arithmetic import make_prompts
-
-    from align.hardware import fast_bfloat16
 
     kind = engine if engine != "auto" else "vllm" if vllm_available() else "hf"
     # bfloat16 samples ~2.4x faster where the CPU has it natively, and several times slower where not.
