@@ -47,6 +47,8 @@ def test_reward_package_depends_only_on_align_core():
 def test_no_reference_to_documents_outside_the_repository():
     files = [*SOURCES, *(ROOT / "scripts").rglob("*"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "docs").rglob("*"),
              *(ROOT / "configs").rglob("*"), ROOT / "README.md", ROOT / "pyproject.toml"]
-    cited = [str(p.relative_to(ROOT)) for p in files if p.is_file() and p != Path(__file__)
-             and ("DESIGN.md" in p.read_text(errors="ignore") or "../shared" in p.read_text(errors="ignore"))]
+    # The team brief beside the checkout; spelled in pieces so this file does not cite it itself.
+    outside = ("DESIGN" + ".md", ".." + "/shared")
+    cited = [str(p.relative_to(ROOT)) for p in files
+             if p.is_file() and any(name in p.read_text(errors="ignore") for name in outside)]
     assert not cited, cited
