@@ -243,12 +243,16 @@ class CombinedReward:
         """Unweighted values of each part, keyed by its name."""
         return {name: compute_rewards(fn, prompts, completions, answers) for name, fn, _ in self.fns}
 
-    def __call__(self, prompts, completions, answers=None) -> list[float]:
+    def total_and_parts(self, prompts, completions, answers=None) -> tuple[list[float], dict[str, list[float]]]:
+        """The weighted sum and the unweighted parts it was made of, each part computed once."""
         parts = self.parts(prompts, completions, answers)
         total = [0.0] * len(completions)
         for name, _, w in self.fns:
             total = [t + w * v for t, v in zip(total, parts[name], strict=True)]
-        return total
+        return total, parts
+
+    def __call__(self, prompts, completions, answers=None) -> list[float]:
+        return self.total_and_parts(prompts, completions, answers)[0]
 
 
 def combine(specs: list[tuple[str | RewardFn, float]]) -> CombinedReward:

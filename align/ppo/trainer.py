@@ -249,11 +249,8 @@ class PPOTrainer(Trainer):
     def score(self, scorer, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
         """(B,) total reward and each part's (B,) values."""
         prompts, answers = [r["prompt"] for r in rows], [r.get("answer") for r in rows]
-        parts = {k: torch.tensor(v) for k, v in scorer.parts(prompts, texts, answers).items()}
-        total = torch.zeros(len(texts))
-        for name, _, weight in scorer.fns:
-            total += weight * parts[name]
-        return total, parts
+        total, parts = scorer.total_and_parts(prompts, texts, answers)
+        return torch.tensor(total), {k: torch.tensor(v) for k, v in parts.items()}
 
     def _logprobs(self, batch: Rollout, adapter: str | None, with_entropy: bool = False):
         """(B, T) per-token log-probs of the completions (and entropy) under `adapter` (None: reference)."""
