@@ -202,7 +202,6 @@ class Trainer:
         """Work done once before the first step (e.g. reference log-probs, the 'before' evaluation)."""
 
     def train(self) -> Path:
-
         if not self._setup_done:
             self.setup()
         try:
@@ -232,7 +231,8 @@ class Trainer:
             if last or (c.eval_steps and self.step % c.eval_steps == 0):
                 evaluation = self.evaluate()
                 stats.update(evaluation)
-                final = evaluation if last else None
+                if last:
+                    final = evaluation
             if self.step % c.logging_steps == 0 or last:
                 self.logger.log(self.step, stats)
             bar.update(1)
