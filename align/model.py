@@ -148,6 +148,36 @@ def resolve_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+@dataclass(frozen=True)
+class FourBit:
+    """QLoRA's frozen base: linear layers stored in 4 bits by bitsandbytes (transformers' BitsAndBytesConfig names)."""
+
+    bnb_4bit_quant_type: str = "nf4"  # "nf4" (QLoRA's NormalFloat) or "fp4"
+    bnb_4bit_use_double_quant: bool = True  # quantise the per-block scales too (~0.4 bit/weight less)
+    bnb_4bit_compute_dtype: str = "bfloat16"  # what the 4-bit weights are dequantised to for each matmul
+
+    def __post_init__(self):
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_4bit_quant_type: expected 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}")
+        if self.bnb_4bit_compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"bnb_4bit_compute_dtype: expected float32, bfloat16 or float16, "
+                             f"got {self.bnb_4bit_compute_dtype!r}")
+
+    def bnb_config(self):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+                                  bnb_4bit_compute_dtype=resolve_dtype(self.bnb_4bit_compute_dtype))
+
+
+def require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # a broken install counts as missing
+        raise UserError(f"load_in_4bit: needs the bitsandbytes package (pip install 'align[qlora]'): {e}") from None
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -169,6 +199,7 @@ class SharedBase:
         self.model = model
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path
+        self.load_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.trainable: set[str] = set()
         self.settings: dict[str, LoraSettings] = {}
         # Taken from the plain model: once PEFT has injected layers, lora_A/lora_B are Linear too.
@@ -186,20 +217,30 @@ class SharedBase:
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         checkpoint_keep_last: int = 0,
+        load_in_4bit: FourBit | None = None,
     ) -> "SharedBase":
         """Load a causal LM once, frozen.
 
+        `load_in_4bit`: store the decoder's linear weights in 4 bits (QLoRA); embeddings, norms and
+        lm_head keep `dtype`. Adapters still train in float32 and save in the usual PEFT format.
         `gradient_checkpointing`: recompute each decoder layer's activations in backward
         instead of keeping them; `checkpoint_keep_last` layers at the top keep theirs
         (see `checkpoint_layers`).
         """
         from transformers import AutoModelForCausalLM
 
+        kwargs = {}
+        if load_in_4bit is not None:
+            require_bitsandbytes()
+            kwargs = {"quantization_config": load_in_4bit.bnb_config(), "device_map": {"": device}}
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
-        ).to(device)
+            name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
+            **kwargs)
+        if load_in_4bit is None:
+            model = model.to(device)
         model.config.use_cache = False
         base = cls(model, load_tokenizer(name_or_path, trust_remote_code), str(name_or_path))
+        base.load_dtype = dtype
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.checkpoint_layers(keep_last=checkpoint_keep_last)
@@ -356,7 +397,7 @@ class SharedBase:
                         if "lora_" not in n)
         for n, p in params[:: max(1, len(params) // 8)]:
             h.update(n.encode())
-            h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+            h.update(self._unquantised(n, p).float().flatten()[:4096].cpu().numpy().tobytes())
         return {
             "architecture": (model.config.architectures or [type(model).__name__])[0],
             "model_type": model.config.model_type,
@@ -365,6 +406,26 @@ class SharedBase:
             "vocab_size": model.config.vocab_size,
             "weights_sha256": h.hexdigest(),
         }
+
+    @property
+    def quantized(self) -> bool:
+        return bool(getattr(self._plain_model(), "is_loaded_in_4bit", False))
+
+    def _unquantised(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """`p` as the unquantised base holds it: a 4-bit weight is read back from the checkpoint.
+
+        So a 4-bit base and its full-precision original share one fingerprint, and adapters trained
+        on the former load onto (and serve on) the latter.
+        """
+        if not self.quantized or p.dtype != torch.uint8:
+            return p.detach()
+        from safetensors import safe_open
+
+        for f in sorted(Path(self.name_or_path).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                if name in st.keys():
+                    return st.get_tensor(name).to(resolve_dtype(self.load_dtype))
+        raise ValueError(f"{self.name_or_path}: no safetensors file holds {name}; cannot fingerprint the 4-bit base")
 
     def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
         """Write adapter `name` as a PEFT folder (safetensors), atomically, with the base fingerprint."""

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 from align.config import arg
-from align.model import RECOMMENDED_RANKS, LoraSettings
+from align.model import RECOMMENDED_RANKS, FourBit, LoraSettings
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORTERS = ("tensorboard", "none")
@@ -78,9 +78,17 @@ class ModelConfig:
                                                      "memory, slower steps. null: glibc's default.")
     num_threads: int = arg(0, "CPU threads for torch (0: torch's default). On a CPU shared with other jobs, 1 "
                               "avoids oversubscription.")
+    load_in_4bit: bool = arg(False, "QLoRA: keep the frozen base's linear weights in 4 bits (bitsandbytes); the "
+                                    "reference is the same 4-bit base with adapters off. Needs `align[qlora]`.")
+    bnb_4bit_quant_type: str = arg("nf4", "With load_in_4bit: 'nf4' (NormalFloat, QLoRA's) or 'fp4'.")
+    bnb_4bit_use_double_quant: bool = arg(True, "With load_in_4bit: quantise the per-block scales too.")
+    bnb_4bit_compute_dtype: str = arg("bfloat16", "With load_in_4bit: dtype the 4-bit weights are dequantised to "
+                                                  "for each matmul (bfloat16 is emulated and slow on CPUs without "
+                                                  "AVX-512 BF16/AMX; float32 there).")
 
     def __post_init__(self):
         _at_least_zero(self, "checkpoint_keep_last", "num_threads")
+        _ = self.four_bit  # a bad bnb_4bit_* field fails at load, named
         if self.checkpoint_keep_last and not self.gradient_checkpointing:
             raise ValueError("checkpoint_keep_last: only means something with gradient_checkpointing: true")
         if self.heap_mmap_threshold_mb is not None and self.heap_mmap_threshold_mb <= 0:
@@ -88,6 +96,12 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
         _ = self.lora  # builds LoraSettings now, so a bad lora_* field fails at load, named
+
+    @property
+    def four_bit(self) -> FourBit | None:
+        """The 4-bit base settings, or None without load_in_4bit."""
+        four_bit = FourBit(self.bnb_4bit_quant_type, self.bnb_4bit_use_double_quant, self.bnb_4bit_compute_dtype)
+        return four_bit if self.load_in_4bit else None
 
     @property
     def lora(self) -> LoraSettings:

@@ -140,7 +140,8 @@ class Trainer:
             # Build order matters: the base, then adapters and heads on it (build), then the optimizer
             # over exactly the trained tensors, then the restored state, then engines (start).
             self.base = SharedBase.load(self.model_path, c.dtype, c.device, c.trust_remote_code,
-                                        c.gradient_checkpointing, c.checkpoint_keep_last)
+                                        c.gradient_checkpointing, c.checkpoint_keep_last,
+                                        load_in_4bit=getattr(c, "four_bit", None))
         groups = self.build()
         self.optimizer = adamw(groups, weight_decay=c.weight_decay)
         self.total_steps = self.num_steps()

@@ -1,14 +1,41 @@
-"""`RemoteEngine`: a running vLLM OpenAI-compatible server, sent adapter folders by path."""
+"""`RemoteEngine`: a running vLLM OpenAI-compatible server (or `align serve`), sent adapter folders by path.
+
+The server may restart under a run (a crash, a redeploy): it then forgets every adapter loaded at run
+time. A request that finds the server gone (connection refused or reset, 502/503) or that names an
+adapter it no longer knows (404) waits for the server with backoff, re-sends every adapter from the
+trainer's current weights, re-runs the sync probe on each, and is then retried once
+(docs/design.md, "Rollout engines and adapter sync").
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
+import time
 import weakref
 from pathlib import Path
 
 from align.adapter_files import ZERO_ADAPTER_NAME, ZeroAdapter, folder_bytes, scratch_dir
-from align.engines.protocol import AdapterArg, Sample, VerifiedSyncEngine, check_sampling, per_prompt_adapters
+from align.engines.protocol import (
+    AdapterArg,
+    Sample,
+    VerifiedSyncEngine,
+    check_sampling,
+    per_prompt_adapters,
+    verify_adapter,
+)
+
+# HTTP statuses that mean "the server is (re)starting", not "your request is wrong".
+UNAVAILABLE_STATUSES = (502, 503, 504)
+
+
+class ServerUnavailable(RuntimeError):
+    """The server did not answer (down, restarting, or its backend is)."""
+
+
+class UnknownModel(RuntimeError):
+    """The server does not know the model name asked for (404): after a restart, our adapters are gone."""
 
 
 class RemoteEngine(VerifiedSyncEngine):
@@ -21,16 +48,26 @@ class RemoteEngine(VerifiedSyncEngine):
     name would keep the old weights) and unloads the previous one. Requests with adapter=None are
     served by an all-zero adapter once any adapter is loaded: other clients' adapter requests may be
     batched with them, and vLLM gets no-adapter requests wrong in such batches.
+
+    With `align serve`, start it with `--adapter-dir D` and give the same `adapter_dir=D` here.
+    `api_key` is sent as a bearer token. `reconnect_timeout`: how long a request waits for a
+    restarted server before the run fails.
     """
 
     def __init__(self, model_path: str, base, dtype: str = "float32", url: str = "http://127.0.0.1:8000",
                  adapter_dir: str | None = None, served_model: str | None = None,
                  verify_tol: float | None = None, probe: tuple[list[int], list[int]] | None = None,
-                 timeout: float = 600.0, max_concurrency: int = 64):
+                 timeout: float = 600.0, max_concurrency: int = 64, api_key: str | None = None,
+                 reconnect_timeout: float = 600.0):
         import uuid
 
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key
+        self.reconnect_timeout = reconnect_timeout
+        self.recoveries = 0  # times the adapters were re-sent to a restarted server
+        self._base = None  # the trainer's SharedBase, kept from the last sync to re-send adapters
+        self._recovering = False
         self.max_concurrency = max_concurrency
         self._init_probe(base, dtype, verify_tol, probe)
         self.sync_mode = "lora"
@@ -53,18 +90,25 @@ class RemoteEngine(VerifiedSyncEngine):
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read().decode()
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:500]
-            hint = (" (is the server running with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True?)"
-                    if "lora" in path else "")
+            if e.code in UNAVAILABLE_STATUSES:
+                raise ServerUnavailable(f"{method} {self.url}{path}: HTTP {e.code}: {detail}") from None
+            if e.code == 404 and path in ("/v1/completions", "/v1/chat/completions"):
+                raise UnknownModel(f"{method} {self.url}{path}: HTTP 404: {detail}") from None
+            hint = (" (is the server running with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or "
+                    "`align serve --adapter-dir` holding adapter_dir?)" if "lora" in path else "")
             raise RuntimeError(f"{method} {self.url}{path}: HTTP {e.code}: {detail}{hint}") from None
-        except urllib.error.URLError as e:
-            raise RuntimeError(f"{method} {self.url}{path}: cannot reach the vLLM server ({e.reason})") from None
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise ServerUnavailable(f"{method} {self.url}{path}: cannot reach the vLLM server ({reason})") from None
         try:
             return json.loads(raw)
         except json.JSONDecodeError:
@@ -73,7 +117,59 @@ class RemoteEngine(VerifiedSyncEngine):
     def _load(self, name: str, folder: Path) -> None:
         self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
 
+    # -- restarts ----------------------------------------------------------------------------------
+    def _resilient(self, call):
+        """`call()`, and once more after re-sending every adapter if the server restarted under it."""
+        if self._recovering:
+            return call()
+        try:
+            return call()
+        except (ServerUnavailable, UnknownModel) as e:
+            self._recover(e)
+            return call()
+
+    def _wait_for_server(self, why: Exception) -> None:
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.5
+        while True:
+            try:
+                self._request("GET", "/v1/models")
+                return
+            except ServerUnavailable as e:
+                if time.monotonic() + delay > deadline:
+                    raise ServerUnavailable(f"{e}; still down after {self.reconnect_timeout:g} s "
+                                            f"(first failure: {why})") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _recover(self, why: Exception) -> None:
+        """Wait for the server, then load every adapter again from the trainer's weights and verify each."""
+        self._recovering = True
+        try:
+            self._wait_for_server(why)
+            adapters = [a for a in self._loras if a != ZERO_ADAPTER_NAME]
+            stale = self._loras
+            self._loras = {}  # a restarted server knows none of them: nothing to unload
+            for _, folder in stale.values():
+                shutil.rmtree(folder, ignore_errors=True)
+            if adapters and self._base is None:
+                raise ServerUnavailable(f"the server restarted and this engine has no trainer base to re-send "
+                                        f"{adapters} from ({why})")
+            for adapter in adapters:
+                self._send(self._base, adapter)
+                verify_adapter(self, self._base, adapter, *self.probe, tol=self.verify_tol,
+                               history=self._probe_history)
+            self.recoveries += 1
+        finally:
+            self._recovering = False
+
+    def sync(self, base, adapter: str = "policy"):
+        self._base = base
+        return self._resilient(lambda: super(RemoteEngine, self).sync(base, adapter))
+
+    # -- adapters ----------------------------------------------------------------------------------
     def _send(self, base, adapter: str) -> int:
+        self._base = base
         k = self._next_id
         self._next_id += 1
         name = f"{adapter}-{self._tag}-{k}"
@@ -82,7 +178,10 @@ class RemoteEngine(VerifiedSyncEngine):
         old = self._loras.get(adapter)
         self._loras[adapter] = (name, folder)
         if old is not None:
-            self._request("POST", "/v1/unload_lora_adapter", {"lora_name": old[0]})
+            try:
+                self._request("POST", "/v1/unload_lora_adapter", {"lora_name": old[0]})
+            except RuntimeError:
+                pass  # e.g. a restarted server that never had it; the new name is what serves
             shutil.rmtree(old[1], ignore_errors=True)
         return folder_bytes(folder)
 
@@ -106,7 +205,15 @@ class RemoteEngine(VerifiedSyncEngine):
         from concurrent.futures import ThreadPoolExecutor
 
         check_sampling(prompt_ids, n, max_new_tokens, temperature, top_p)
-        names = [self._served_name(a) for a in per_prompt_adapters(adapter, len(prompt_ids))]
+        adapters = per_prompt_adapters(adapter, len(prompt_ids))
+        return self._resilient(lambda: self._generate(prompt_ids, adapters, n, max_new_tokens, temperature, top_p,
+                                                      seed, ignore_eos))
+
+    def _generate(self, prompt_ids, adapters, n, max_new_tokens, temperature, top_p, seed,
+                  ignore_eos) -> list[list[Sample]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = [self._served_name(a) for a in adapters]
 
         def one(i: int) -> list[Sample]:
             # One request per prompt, sent concurrently so the server batches them; seeds as VLLMEngine.
@@ -134,6 +241,9 @@ class RemoteEngine(VerifiedSyncEngine):
     def logprobs(self, prompt_ids, completion_ids, adapter="policy") -> list[float]:
         if not completion_ids:
             return []
+        return self._resilient(lambda: self._logprobs(prompt_ids, completion_ids, adapter))
+
+    def _logprobs(self, prompt_ids, completion_ids, adapter) -> list[float]:
         ids = list(prompt_ids) + list(completion_ids)
         body = {"model": self._served_name(adapter), "prompt": ids, "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": 0, "return_token_ids": True}

