@@ -1,0 +1,162 @@
+"""QLoRA: DPO on a 4-bit (NF4, double-quantised) base vs the same DPO on a bf16 base.
+
+    python scripts/bench/qlora.py                 # SmolLM2-135M (offline); slow on a CPU without bf16 units
+    python scripts/bench/qlora.py --quick         # tiny random model, synthetic pairs: the plumbing only
+
+Figures (targets in brackets):
+- linear_mb_4bit / linear_mb_bf16 [<= 0.30]: bytes of the decoder's linear weights, the 4-bit side
+  counted with its quantisation state (per-block scales and their second-level scales);
+- base_mb_4bit / base_mb_bf16: every base weight (embeddings and norms stay bf16; SmolLM2's 28M-param
+  tied embedding is a fifth of the model, hence ~0.4 rather than ~0.3);
+- gain_4bit [>= +0.10]: the `align demo` task (configs/dpo_smollm2.yaml, align/demo.py): held-out greedy
+  arithmetic reward after minus before DPO, both measured on the 4-bit base (before: adapter off);
+- steps_per_s_4bit / steps_per_s_bf16: DPO step speed (median step time), same pairs and batch.
+Pairs: --pairs FILE (e.g. runs/demo/pairs.jsonl from `align demo`), else sampled from the base as the
+demo does. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def linear_bytes(base) -> int:
+    """Bytes of the decoder's linear weights as stored: 4-bit ones with their quantisation state."""
+    total = 0
+    for name, m in base.model.named_modules():
+        if ".layers." not in name or "lora_" in name or not isinstance(m, torch.nn.Linear):
+            continue
+        w = m.weight
+        total += w.numel() * w.element_size()
+        state = getattr(w, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size() + state.code.numel() * 4
+            if state.nested:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
+def load(model_path: str, four_bit, compute_dtype: str):
+    from align.model import FourBit, SharedBase
+
+    q = FourBit(bnb_4bit_compute_dtype=compute_dtype) if four_bit else None
+    return SharedBase.load(model_path, dtype="bfloat16", load_in_4bit=q)
+
+
+def make_pairs(args, model_path: str, out: Path) -> Path:
+    from align.demo import DemoSettings, build_pairs
+    from align.engines import make_engine
+    from align.model import SharedBase
+    from align.prompts import encode_prompts
+    from align.tasks import arithmetic
+
+    path = out / "pairs.jsonl"
+    if args.quick:
+        pairs = arithmetic.preference_pairs(args.train_prompts, seed=0)
+    else:
+        s = DemoSettings()
+        base = SharedBase.load(model_path)
+        base.add_adapter("policy")
+        engine = make_engine("auto", model_path, base, seed=0)
+        rows = arithmetic.make_prompts(args.train_prompts, seed=s.seed + 1)
+        samples = engine.generate(encode_prompts(base.tokenizer, rows), n=s.samples_per_prompt,
+                                  max_new_tokens=s.max_new_tokens, temperature=s.temperature, adapter=None)
+        pairs, _ = build_pairs(rows, samples)
+        engine.close()
+        del base, engine
+        gc.collect()
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
+def run_variant(args, model_path: str, pairs: Path, out: Path, four_bit: bool) -> dict:
+    from align.config import load_config
+    from align.demo import DemoSettings, evaluate
+    from align.dpo import DPOConfig, DPOTrainer
+    from align.engines import make_engine
+    from align.tasks import arithmetic
+
+    s = DemoSettings()
+    base = load(model_path, four_bit, args.compute_dtype)
+    sizes = {"linear_mb": linear_bytes(base) / 2**20, "base_mb": base.base_bytes() / 2**20}
+    sets = [f"model_name_or_path={model_path}", f"train_file={pairs}", f"output_dir={out}", "max_length=128",
+            f"learning_rate={s.learning_rate}", f"beta={s.beta}", f"num_train_epochs={s.epochs}",
+            f"per_device_train_batch_size={s.batch_size}", f"per_device_eval_batch_size={s.batch_size}",
+            "seed=0", "save_steps=0", "precompute_ref_log_probs=true", "report_to=[none]", "dtype=bfloat16",
+            f"load_in_4bit={str(four_bit).lower()}", f"bnb_4bit_compute_dtype={args.compute_dtype}"]
+    if args.max_steps:
+        sets.append(f"max_steps={args.max_steps}")
+    trainer = DPOTrainer(load_config(DPOConfig, None, sets), base=base, overwrite=True)
+    trainer.setup()
+    eval_rows = arithmetic.make_prompts(args.eval_prompts, seed=s.seed + 2)
+    engine = make_engine("hf", model_path, base)
+    before, _ = evaluate(engine, base, eval_rows, None, s.max_new_tokens)
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    after, _ = evaluate(engine, base, eval_rows, "policy", s.max_new_tokens)
+    steps = [json.loads(line).get("step_s") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [t for t in steps if t]
+    trainer.close()
+    return {**{k: round(v, 2) for k, v in sizes.items()}, "before": round(before, 4), "after": round(after, 4),
+            "gain": round(after - before, 4), "steps": len(steps), "train_s": round(train_s, 1),
+            "steps_per_s": round(1 / statistics.median(steps), 4) if steps else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny random model, synthetic pairs")
+    p.add_argument("--pairs", default=None, help="preference JSONL to train on (default: sampled like the demo)")
+    p.add_argument("--train-prompts", type=int, default=300)
+    p.add_argument("--eval-prompts", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=0, help="stop DPO after this many steps (0: one epoch)")
+    p.add_argument("--compute-dtype", default="bfloat16", help="bnb_4bit_compute_dtype (bfloat16 or float32)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.train_prompts, args.eval_prompts, args.max_steps = 32, 8, args.max_steps or 3
+    from align.model import resolve_model
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-qlora-"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        from align.tiny import build_tiny_model
+
+        model_path = str(build_tiny_model(out / "tiny", "llama"))
+    else:
+        model_path = resolve_model("smollm2")
+    pairs = Path(args.pairs) if args.pairs else make_pairs(args, model_path, out)
+    results = {}
+    for name, four_bit in (("4bit", True), ("bf16", False)):
+        results[name] = run_variant(args, model_path, pairs, out / f"dpo-{name}", four_bit)
+        print(f"[qlora] {name}: {results[name]}", file=sys.stderr, flush=True)
+        gc.collect()
+    q, b = results["4bit"], results["bf16"]
+    summary = {
+        "model": "tiny" if args.quick else "SmolLM2-135M-Instruct", "compute_dtype": args.compute_dtype,
+        "pairs": sum(1 for _ in open(pairs)), "eval_prompts": args.eval_prompts,
+        "linear_mb_4bit": q["linear_mb"], "linear_mb_bf16": b["linear_mb"],
+        "linear_ratio": round(q["linear_mb"] / b["linear_mb"], 4), "linear_ratio_target": 0.30,
+        "base_mb_4bit": q["base_mb"], "base_mb_bf16": b["base_mb"], "base_ratio": round(q["base_mb"] / b["base_mb"], 4),
+        "gain_4bit": q["gain"], "gain_4bit_target": 0.10, "before_4bit": q["before"], "after_4bit": q["after"],
+        "gain_bf16": b["gain"], "steps_per_s_4bit": q["steps_per_s"], "steps_per_s_bf16": b["steps_per_s"],
+        "steps_ratio": round(q["steps_per_s"] / b["steps_per_s"], 3) if q["steps_per_s"] and b["steps_per_s"] else None,
+        "steps": q["steps"],
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
