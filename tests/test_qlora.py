@@ -92,3 +92,21 @@ def test_reference_is_the_same_4bit_base_with_adapters_off(tiny_llama):
 def test_bad_4bit_settings_name_the_field(tiny_llama, tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         config(tiny_llama, tmp_path, **{field: value})
+
+
+def test_ppo_steps_on_a_4bit_base(tiny_llama, tmp_path):
+    from align.ppo.config import PPOConfig
+    from align.ppo.trainer import PPOTrainer
+
+    cfg = load_config(PPOConfig, REPO / "configs" / "ppo_tiny.yaml", [
+        f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "load_in_4bit=true", "engine=auto"])
+    trainer = PPOTrainer(cfg)
+    trainer.setup()
+    try:
+        assert type(trainer.engine).__name__ == "HFEngine"  # samples from the 4-bit policy itself
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.base.model.modules())
+        first, second = trainer.ppo_step(1), trainer.ppo_step(2)
+        assert first["kl/ref"] == 0.0 and second["kl/ref"] != 0.0  # the adapter trained through 4-bit layers
+        assert second["logprob/mismatch_max"] < 1e-3
+    finally:
+        trainer.close()

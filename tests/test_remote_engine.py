@@ -140,6 +140,10 @@ def test_remote_engine_config_is_checked(tmp_path):
         load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine_url=http://127.0.0.1:1"])
     with pytest.raises(Exception, match="vllm_enable_sleep_mode: .*CUDA"):
         load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=vllm", "vllm_enable_sleep_mode=true"])
+    with pytest.raises(Exception, match="load_in_4bit: engine: remote"):
+        load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=remote", "engine_url=http://127.0.0.1:1",
+                                                           "load_in_4bit=true"])
+    assert load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=auto", "load_in_4bit=true"]).rollout_engine == "hf"
     cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=vllm", "device=cuda"])
     assert cfg.rollout_engine_options()["gpu_memory_utilization"] == 0.3
     cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", ["engine=vllm"])

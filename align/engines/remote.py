@@ -4,7 +4,7 @@ The server may restart under a run (a crash, a redeploy): it then forgets every 
 time. A request that finds the server gone (connection refused or reset, 502/503) or that names an
 adapter it no longer knows (404) waits for the server with backoff, re-sends every adapter from the
 trainer's current weights, re-runs the sync probe on each, and is then retried once
-(docs/design.md, "Rollout engines and adapter sync").
+(docs/design.md, "Remote rollouts and server restarts").
 """
 
 from __future__ import annotations

@@ -136,12 +136,20 @@ class PPOConfig(TrainConfig):
                              f"got {self.engine_url!r}")
         if self.engine != "remote" and self.engine_url is not None:
             raise ValueError(f"engine_url: only used with engine: remote (engine is {self.engine!r})")
+        if self.load_in_4bit and self.engine in ("vllm", "remote"):
+            raise ValueError(f"load_in_4bit: engine: {self.engine} samples from the full-precision base, whose "
+                             f"log-probs differ from the 4-bit policy's (the sync probe would fail); use engine: hf")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization: expected a fraction in (0, 1], "
                              f"got {self.vllm_gpu_memory_utilization}")
         if self.vllm_enable_sleep_mode and (self.engine not in ("vllm", "auto") or not self.device.startswith("cuda")):
             raise ValueError(f"vllm_enable_sleep_mode: vLLM's sleep mode needs engine: vllm on a CUDA device "
                              f"(engine: {self.engine}, device: {self.device}); set it to false")
+
+    @property
+    def rollout_engine(self) -> str:
+        """The engine kind to build: 'auto' means transformers on a 4-bit base (see _check_engine)."""
+        return "hf" if self.load_in_4bit and self.engine == "auto" else self.engine
 
     def rollout_engine_options(self) -> dict[str, Any]:
         """Keyword arguments for align.engines.make_engine: engine_options plus what the fields above set."""
@@ -152,7 +160,7 @@ class PPOConfig(TrainConfig):
                 options.setdefault("api_key", os.environ[self.engine_api_key_env])
             if self.engine_adapter_dir is not None:
                 options.setdefault("adapter_dir", self.engine_adapter_dir)
-        elif self.engine in ("vllm", "auto") and self.device.startswith("cuda"):
+        elif self.rollout_engine in ("vllm", "auto") and self.device.startswith("cuda"):
             options.setdefault("gpu_memory_utilization", self.vllm_gpu_memory_utilization)
             if self.vllm_enable_sleep_mode:
                 options.setdefault("enable_sleep_mode", True)

@@ -110,7 +110,7 @@ class PPOTrainer(Trainer):
         if self.engine is None:
             from align.engines import make_engine
 
-            self.engine = make_engine(c.engine, self.model_path, self.base, dtype=c.rollout_dtype or c.dtype,
+            self.engine = make_engine(c.rollout_engine, self.model_path, self.base, dtype=c.rollout_dtype or c.dtype,
                                       **c.rollout_engine_options())
         self.last_sync = self.engine.sync(self.base, adapter="policy")
 
