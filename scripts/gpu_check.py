@@ -35,11 +35,23 @@ def recipes(model: str, out: Path, device: str, steps: int) -> dict:
         "ppo": ("align.ppo.config:PPOConfig", "ppo_tiny.yaml", ["engine=hf", "algorithm=ppo"],
                 "align.ppo.trainer:PPOTrainer"),
     }
-    sft_yaml = REPO / "configs" / "sft_tiny.yaml"
-    if _has_module("align.sft") and sft_yaml.is_file():
+    if sft_note() is None:
         table = {"sft": ("align.sft:SFTConfig", "sft_tiny.yaml", [], "align.sft:SFTTrainer"), **table}
     return {name: (cfg, yaml, common + [f"output_dir={out / name}", *extra], tr)
             for name, (cfg, yaml, extra, tr) in table.items()}
+
+
+def sft_note() -> str | None:
+    """Why SFT is skipped, or None when this checkout has `align sft` with a tiny config to run."""
+    if not _has_module("align.sft"):
+        return "this checkout has no `align sft`"
+    if not (REPO / "configs" / "sft_tiny.yaml").is_file():
+        return "no configs/sft_tiny.yaml to run `align sft` with"
+    import align.sft
+
+    if not (hasattr(align.sft, "SFTConfig") and hasattr(align.sft, "SFTTrainer")):
+        return "align.sft has no SFTConfig/SFTTrainer"
+    return None
 
 
 def _has_module(name: str) -> bool:
@@ -129,8 +141,8 @@ def main() -> int:
     device = "cuda" if cuda else "cpu"
     report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "gpus": torch.cuda.device_count(),
                     "torch": torch.__version__, "recipes": {}}
-    if not _has_module("align.sft"):
-        report["recipes"]["sft"] = {"ok": None, "skipped": "this checkout has no `align sft`"}
+    if sft_note() is not None:
+        report["recipes"]["sft"] = {"ok": None, "skipped": sft_note()}
     for name, (cfg, yaml, sets, trainer) in recipes(model, work, device, args.steps).items():
         t = time.perf_counter()
         try:
