@@ -123,6 +123,7 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=0, help="stop DPO after this many steps (0: one epoch)")
     p.add_argument("--compute-dtype", default="bfloat16", help="bnb_4bit_compute_dtype (bfloat16 or float32)")
+    p.add_argument("--memory-only", action="store_true", help="only the byte counts (seconds): no DPO, no demo")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.quick:
@@ -137,6 +138,19 @@ def main() -> None:
         model_path = str(build_tiny_model(out / "tiny", "llama"))
     else:
         model_path = resolve_model("smollm2")
+    if args.memory_only:
+        sizes = {}
+        for name, four_bit in (("4bit", True), ("bf16", False)):
+            base = load(model_path, four_bit, args.compute_dtype)
+            sizes[name] = (linear_bytes(base) / 2**20, base.base_bytes() / 2**20)
+            del base
+            gc.collect()
+        (l4, b4), (l16, b16) = sizes["4bit"], sizes["bf16"]
+        print(json.dumps({"model": "tiny" if args.quick else "SmolLM2-135M-Instruct", "linear_mb_4bit": round(l4, 2),
+                          "linear_mb_bf16": round(l16, 2), "linear_ratio": round(l4 / l16, 4),
+                          "linear_ratio_target": 0.30, "base_mb_4bit": round(b4, 2), "base_mb_bf16": round(b16, 2),
+                          "base_ratio": round(b4 / b16, 4), "gain_4bit": "not measured (--memory-only)"}))
+        return
     pairs = Path(args.pairs) if args.pairs else make_pairs(args, model_path, out)
     results = {}
     for name, four_bit in (("4bit", True), ("bf16", False)):
