@@ -202,7 +202,6 @@ class RemoteEngine(VerifiedSyncEngine):
 
     def generate(self, prompt_ids, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=None,
                  adapter: AdapterArg = "policy", ignore_eos: bool = False) -> list[list[Sample]]:
-
         check_sampling(prompt_ids, n, max_new_tokens, temperature, top_p)
         adapters = per_prompt_adapters(adapter, len(prompt_ids))
         return self._resilient(lambda: self._generate(prompt_ids, adapters, n, max_new_tokens, temperature, top_p,
