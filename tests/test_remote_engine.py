@@ -109,7 +109,7 @@ def test_grpo_samples_from_align_serve_and_survives_a_restart(tiny_llama, tmp_pa
     monkeypatch.setenv("ALIGN_API_KEY", KEY)
     cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", [
         f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "algorithm=grpo", "max_steps=3",
-        "save_steps=0", "engine=remote", f"engine_url={server.url}", f"engine_adapter_dir={server.adapter_dir}"])
+        "save_steps=0", "num_generations=4", "reward_functions={length_penalty: 1.0}", "engine=remote", f"engine_url={server.url}", f"engine_adapter_dir={server.adapter_dir}"])
     trainer = RestartingTrainer(cfg)
     trainer.server = server
     trainer.train()
