@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=0, help="stop DPO after this many steps (0: one epoch)")
     p.add_argument("--compute-dtype", default="bfloat16", help="bnb_4bit_compute_dtype (bfloat16 or float32)")
     p.add_argument("--memory-only", action="store_true", help="only the byte counts (seconds): no DPO, no demo")
+    p.add_argument("--variants", default="4bit,bf16", help="which bases to train: 4bit, bf16 or both")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.quick:
@@ -154,20 +155,25 @@ def main() -> None:
     pairs = Path(args.pairs) if args.pairs else make_pairs(args, model_path, out)
     results = {}
     for name, four_bit in (("4bit", True), ("bf16", False)):
+        if name not in args.variants.split(","):
+            continue
         results[name] = run_variant(args, model_path, pairs, out / f"dpo-{name}", four_bit)
         print(f"[qlora] {name}: {results[name]}", file=sys.stderr, flush=True)
         gc.collect()
-    q, b = results["4bit"], results["bf16"]
+    q, b = results.get("4bit", {}), results.get("bf16", {})
+
+    def ratio(key: str, nd: int = 4):
+        return round(q[key] / b[key], nd) if q.get(key) and b.get(key) else None
+
     summary = {
         "model": "tiny" if args.quick else "SmolLM2-135M-Instruct", "compute_dtype": args.compute_dtype,
-        "pairs": sum(1 for _ in open(pairs)), "eval_prompts": args.eval_prompts,
-        "linear_mb_4bit": q["linear_mb"], "linear_mb_bf16": b["linear_mb"],
-        "linear_ratio": round(q["linear_mb"] / b["linear_mb"], 4), "linear_ratio_target": 0.30,
-        "base_mb_4bit": q["base_mb"], "base_mb_bf16": b["base_mb"], "base_ratio": round(q["base_mb"] / b["base_mb"], 4),
-        "gain_4bit": q["gain"], "gain_4bit_target": 0.10, "before_4bit": q["before"], "after_4bit": q["after"],
-        "gain_bf16": b["gain"], "steps_per_s_4bit": q["steps_per_s"], "steps_per_s_bf16": b["steps_per_s"],
-        "steps_ratio": round(q["steps_per_s"] / b["steps_per_s"], 3) if q["steps_per_s"] and b["steps_per_s"] else None,
-        "steps": q["steps"],
+        "pairs": sum(1 for _ in open(pairs)), "eval_prompts": args.eval_prompts, "variants": sorted(results),
+        "linear_mb_4bit": q.get("linear_mb"), "linear_mb_bf16": b.get("linear_mb"),
+        "linear_ratio": ratio("linear_mb"), "linear_ratio_target": 0.30,
+        "base_mb_4bit": q.get("base_mb"), "base_mb_bf16": b.get("base_mb"), "base_ratio": ratio("base_mb"),
+        "gain_4bit": q.get("gain"), "gain_4bit_target": 0.10, "before_4bit": q.get("before"),
+        "after_4bit": q.get("after"), "gain_bf16": b.get("gain"), "steps_per_s_4bit": q.get("steps_per_s"),
+        "steps_per_s_bf16": b.get("steps_per_s"), "steps_ratio": ratio("steps_per_s", 3), "steps": q.get("steps"),
     }
     print(json.dumps(summary))
 
