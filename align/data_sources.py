@@ -87,11 +87,24 @@ def read_json(path: Path):
         yield f"{path}: row {i}", record
 
 
+def _csv_options(path: Path) -> dict:
+    """Every CSV column read as text: pandas would turn an answer "70" into the number 70, "" into NaN."""
+    import csv
+
+    import datasets
+
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False}
+
+
 def _read_table(path: Path, builder: str):
     import datasets
 
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        options = _csv_options(path) if builder == "csv" else {}
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as e:  # pyarrow and pandas raise many types; the message is what matters
         raise DataError([DataIssue(str(path), None, f"could not read it as {builder}: {_first_line(e)}")]) from None
     yield from _read_rows(ds, str(path))
