@@ -255,3 +255,6 @@ def test_tokenisation_is_cached_on_disk(tmp_path, tiny_llama, hf_cache, monkeypa
     tokenize_preferences(rows, tok, 96)
     assert len(calls) == 2 * len(rows)
     assert len(list((hf_cache / "align_tokenized").glob("*.arrow"))) == 2
+    # other rows under the same settings are tokenised afresh, not served another set's tokens
+    assert len(tokenize_preferences(rows[:3], tok, 96)) == 3
+    assert len(calls) == 2 * len(rows) + 3
