@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("align.dpo", "Train a DPO adapter from a YAML config."),
     "reward": ("reward.cli", "Train a reward model (LoRA + scalar head, Bradley-Terry), or score text with one."),
     "data": ("align.data_cli", "Validate a preference dataset (`align data check FILE`)."),
+    "advise": ("align.advise", "Count a dataset's training tokens against a LoRA adapter's capacity; suggest rank and lr."),
     "ppo": ("align.ppo.cli", "PPO / GRPO / RLOO with policy, reference, critic and reward on one frozen base."),
     "plot": ("align.plot_cli", "Draw a run's metrics.jsonl curves to a PNG."),
     "serve": ("align.serve", "Serve a base model and its LoRA adapters through vLLM's OpenAI-compatible API."),

@@ -3,13 +3,14 @@
 Formats (one JSON object per row):
   standard:        {"prompt": str, "chosen": str, "rejected": str}
   conversational:  {"prompt": [{"role", "content"}, ...], "chosen": [...], "rejected": [...]}
-                   or without "prompt" when chosen/rejected are whole conversations sharing
-                   everything but the final assistant turn (TRL's implicit prompt).
-Sources: local .jsonl/.json/.parquet, or a dataset name for `datasets.load_dataset`.
+Rows without a prompt of their own (implicit-prompt conversations, Anthropic HH strings, the H4
+UltraFeedback layout) have it split out as TRL does: align/prompt_extraction.py.
+Sources (files, save_to_disk folders, dataset names, Dataset objects, lists): align/data_sources.py.
 
-Every problem is reported with its place (`file:line` for JSONL, `file: row N`
+Every problem is reported with its place (`file:line` for JSONL, `SOURCE: row N`
 otherwise), the field and what was expected. `on_bad_rows="error"` (default) raises
-one DataError listing every bad row; "skip" drops them and counts them.
+one DataError listing every bad row; "skip" drops them and counts them. Tokenisation runs
+through `datasets.map`, cached on disk (align/data_tokenize.py), so a resumed run does not redo it.
 """
 
 from __future__ import annotations
@@ -17,37 +18,20 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from align.errors import UserError
+from align.data_issues import DataError, DataIssue
+from align.data_sources import describe, read_jsonl, read_source
+from align.prompt_extraction import extract_prompt
+
+__all__ = ["DataError", "DataIssue", "read_jsonl", "read_records"]
+read_records = read_source  # the name other modules know
 
 Message = dict
 Text = str | list[Message]
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("auto", "standard", "conversational")
-
-
-@dataclass
-class DataIssue:
-    where: str
-    field: str | None
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: field '{self.field}': {self.message}" if self.field else f"{self.where}: {self.message}"
-
-
-class DataError(UserError):
-    """One or more bad rows (or a bad file); `issues` lists them all."""
-
-    def __init__(self, issues: list[DataIssue], limit: int = 20):
-        self.issues = issues
-        shown = "\n  ".join(str(i) for i in issues[:limit])
-        more = f"\n  ... and {len(issues) - limit} more" if len(issues) > limit else ""
-        head = f"{len(issues)} bad row(s):\n  " if len(issues) > 1 else ""
-        super().__init__(f"{head}{shown}{more}")
 
 
 @dataclass
@@ -71,87 +55,6 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     where: str
-
-
-# -- reading ------------------------------------------------------------------------------------
-def read_jsonl(path: Path):
-    """Yield (where, record | DataIssue). Accepts a BOM, CRLF and blank lines."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        raw = raw.rstrip(b"\r")
-        where = f"{path}:{lineno}"
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield where, DataIssue(where, None, f"invalid UTF-8 at byte {e.start} of the line; expected UTF-8 text")
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield where, DataIssue(where, None, f"not valid JSON ({e.msg} at column {e.colno}); "
-                                                f"expected one JSON object per line")
-            continue
-        yield where, record
-
-
-def _read_json(path: Path):
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        yield f"{path}:{line}", DataIssue(f"{path}:{line}", None, "invalid UTF-8; expected UTF-8 text")
-        return
-    if not text.strip():
-        return
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        yield f"{path}:{e.lineno}", DataIssue(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg})")
-        return
-    if isinstance(records, dict) and isinstance(records.get("train"), list):
-        records = records["train"]
-    if not isinstance(records, list):
-        yield str(path), DataIssue(str(path), None, "expected a JSON array of row objects (or JSONL)")
-        return
-    for i, record in enumerate(records):
-        yield f"{path}: row {i}", record
-
-
-def _read_datasets(source: str, split: str, **kwargs):
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, split=split, **kwargs)
-    except Exception as e:  # datasets raises many types; the message is what matters
-        raise DataError([DataIssue(source, None, f"could not load dataset: {e}")]) from None
-    name = kwargs.get("data_files", source)
-    for i, record in enumerate(ds):
-        yield f"{name}: row {i}", record
-
-
-def read_records(source: str | os.PathLike, split: str = "train"):
-    """Yield (where, record-or-DataIssue) from a local file or a `datasets` name."""
-    path = Path(source)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            yield from read_jsonl(path)
-        elif suffix == ".json":
-            yield from _read_json(path)
-        elif suffix == ".parquet":
-            yield from _read_datasets("parquet", "train", data_files=str(path))
-        else:
-            raise DataError([DataIssue(str(path), None, f"unknown file type {suffix!r}; "
-                                                        "expected .jsonl, .json or .parquet")])
-    elif path.suffix.lower() in (".jsonl", ".json", ".parquet") or os.sep in str(source):
-        raise DataError([DataIssue(str(path), None, "file not found")])
-    else:
-        yield from _read_datasets(str(source), split)
 
 
 # -- validating ---------------------------------------------------------------------------------
@@ -214,37 +117,40 @@ def validate_record(record, where: str, fmt: str = "auto") -> tuple[PreferenceRo
                                                    "message lists)")]
     kind = kinds.pop()
     chosen, rejected = record["chosen"], record["rejected"]
-    if "prompt" in record and record["prompt"] is not None:
-        prompt = record["prompt"]
+    prompt = record.get("prompt")
+    if isinstance(prompt, str) and kind == "conversational":
+        prompt = None  # H4 UltraFeedback: the answers repeat the prompt turn (prompt_extraction.py)
+    if prompt is not None:
         pkind = _check_text(prompt, "prompt", where, fmt, issues, completion=False)
         if issues:
             return None, issues
         if pkind != kind:
             return None, [DataIssue(where, "prompt", f"expected the same format as chosen ({kind}), got {pkind}")]
-    elif kind == "conversational":
-        # Implicit prompt: everything before the final assistant turn, which must be shared.
-        if chosen[:-1] != rejected[:-1]:
-            return None, [DataIssue(where, "rejected", "without a prompt field, chosen and rejected must share "
-                                                       "every message but the last")]
-        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
-        if not prompt:
-            return None, [DataIssue(where, "prompt", "missing; expected a prompt or earlier messages")]
     else:
-        return None, [DataIssue(where, "prompt", "missing; expected a non-empty string")]
+        split, why = extract_prompt(chosen, rejected)
+        if split is None:
+            return None, [DataIssue(where, "prompt" if kind == "standard" else "rejected", why)]
+        prompt, chosen, rejected = split
+        if kind == "standard" and not (chosen.strip() and rejected.strip()):
+            return None, [DataIssue(where, "chosen" if not chosen.strip() else "rejected",
+                                    "expected an answer after the last 'Assistant:', got nothing")]
     if chosen == rejected:
         return None, [DataIssue(where, "rejected", "identical to chosen; a preference pair needs two different "
                                                    "answers")]
     return PreferenceRow(prompt, chosen, rejected, where), []
 
 
-def load_preferences(source: str | os.PathLike, fmt: str = "auto", on_bad_rows: str = "error",
-                     split: str = "train") -> PreferenceSet:
-    """Read and validate every row. Raises DataError listing all bad rows unless `on_bad_rows="skip"`."""
+def load_preferences(source, fmt: str = "auto", on_bad_rows: str = "error", split: str = "train",
+                     config: str | None = None, label: str | None = None) -> PreferenceSet:
+    """Read and validate every row of any source `read_source` takes.
+
+    Raises DataError listing all bad rows unless `on_bad_rows="skip"`.
+    """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows: expected 'error' or 'skip', got {on_bad_rows!r}")
     rows, issues = [], []
     seen_any = False
-    for where, record in read_records(source, split):
+    for where, record in read_source(source, split, config, label):
         seen_any = True
         if isinstance(record, DataIssue):
             issues.append(record)
@@ -253,13 +159,15 @@ def load_preferences(source: str | os.PathLike, fmt: str = "auto", on_bad_rows: 
         issues.extend(row_issues)
         if row is not None:
             rows.append(row)
+    name = label or describe(source)
     if not seen_any:
-        raise DataError([DataIssue(str(source), None, "empty file; expected at least one preference row")])
+        raise DataError([DataIssue(name, None, f"empty {'file' if isinstance(source, (str, os.PathLike)) else 'dataset'}; "
+                                                 "expected at least one preference row")])
     if issues and on_bad_rows == "error":
         raise DataError(issues)
     if not rows:
-        raise DataError(issues + [DataIssue(str(source), None, "no valid rows left")])
-    return PreferenceSet(rows, issues, str(source))
+        raise DataError(issues + [DataIssue(name, None, "no valid rows left")])
+    return PreferenceSet(rows, issues, name)
 
 
 # -- tokenizing ---------------------------------------------------------------------------------
@@ -308,22 +216,44 @@ def tokenize_answers(prompt: Text, answers: list[Text], tokenizer, max_length: i
     return prompt_ids, [tokenizer(t, add_special_tokens=False)["input_ids"][:room] for t in texts]
 
 
+def _tokenize_pair(example: dict, tokenizer, max_length: int, chat_template: bool) -> dict:
+    """One row of the tokenising `datasets.map`: ids, or the issue that stops the row."""
+    prompt, chosen, rejected = json.loads(example["row"])
+    prompt_ids, (chosen_ids, rejected_ids) = tokenize_answers(prompt, [chosen, rejected], tokenizer, max_length,
+                                                              chat_template, example["where"])
+    issue = ""
+    if len(prompt_ids) >= max_length:
+        issue = f"prompt\t{len(prompt_ids)} tokens leave no room for the answer under max_length={max_length}"
+    elif chosen_ids == rejected_ids:
+        issue = f"rejected\tidentical to chosen after truncation to max_length={max_length}"
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "issue": issue}
+
+
 def tokenize_preferences(rows: list[PreferenceRow], tokenizer, max_length: int, chat_template: bool = True,
                          on_bad_rows: str = "error") -> list[TokenizedPair]:
-    """Tokenize rows; answers are truncated to fit `max_length`, a prompt that leaves no room is an error."""
+    """Tokenize rows; answers are truncated to fit `max_length`, a prompt that leaves no room is an error.
+
+    Runs as a cached `datasets.map` (align/data_tokenize.py): the same rows, tokenizer and settings
+    are tokenised once and read back from the cache afterwards.
+    """
+    from align.data_tokenize import cache_key, cached_map
+
+    if not rows:
+        return []
+    texts = [json.dumps([r.prompt, r.chosen, r.rejected]) for r in rows]
+    places = [r.where for r in rows]
+    key = cache_key(texts, places, tokenizer, max_length=max_length, chat_template=chat_template)
+    done = cached_map({"row": texts, "where": places}, _tokenize_pair,
+                      {"tokenizer": tokenizer, "max_length": max_length, "chat_template": chat_template},
+                      key, desc="tokenizing pairs")
     pairs, issues = [], []
-    for row in rows:
-        prompt_ids, (chosen_ids, rejected_ids) = tokenize_answers(
-            row.prompt, [row.chosen, row.rejected], tokenizer, max_length, chat_template, row.where)
-        if len(prompt_ids) >= max_length:
-            issues.append(DataIssue(row.where, "prompt", f"{len(prompt_ids)} tokens leave no room for the answer "
-                                                         f"under max_length={max_length}"))
+    cols = {k: done[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "issue")}
+    for i, where in enumerate(places):
+        if cols["issue"][i]:
+            name, message = cols["issue"][i].split("\t", 1)
+            issues.append(DataIssue(where, name, message))
             continue
-        if chosen_ids == rejected_ids:
-            issues.append(DataIssue(row.where, "rejected", f"identical to chosen after truncation to "
-                                                           f"max_length={max_length}"))
-            continue
-        pairs.append(TokenizedPair(prompt_ids, chosen_ids, rejected_ids, row.where))
+        pairs.append(TokenizedPair(cols["prompt_ids"][i], cols["chosen_ids"][i], cols["rejected_ids"][i], where))
     if issues and on_bad_rows == "error":
         raise DataError(issues)
     return pairs

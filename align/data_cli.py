@@ -1,4 +1,7 @@
-"""`align data check FILE`: validate a preference dataset without training.
+"""`align data check SOURCE`: validate a preference dataset without training.
+
+SOURCE is anything the trainers take: a .jsonl/.json/.parquet/.csv file, a save_to_disk
+folder, or a dataset name for `datasets.load_dataset` (`--dataset_config`, `--dataset_split`).
 
 Lists every bad row (file:line, field, what was expected) and exits non-zero if
 there is any. With `--model`, rows are also tokenized to check that each prompt
@@ -13,7 +16,10 @@ import sys
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = sub.add_parser("check", help="validate a dataset and list every bad row")
-    c.add_argument("file", help=".jsonl, .json or .parquet file (or a datasets name)")
+    c.add_argument("file", metavar="SOURCE", help=".jsonl/.json/.parquet/.csv file, save_to_disk folder or dataset "
+                                                 "name")
+    c.add_argument("--dataset_config", default=None, help="a dataset name's configuration")
+    c.add_argument("--dataset_split", default="train", help="the split, for a dataset name or a DatasetDict")
     c.add_argument("--format", default="auto", choices=["auto", "standard", "conversational"])
     c.add_argument("--model", help="tokenizer (model folder or name) to check lengths with")
     c.add_argument("--max-length", type=int, default=512, help="token budget for prompt + answer")
@@ -24,7 +30,8 @@ def run(args) -> int:
     from align.data import DataError, load_preferences, tokenize_preferences
 
     try:
-        data = load_preferences(args.file, fmt=args.format, on_bad_rows="skip")
+        data = load_preferences(args.file, fmt=args.format, on_bad_rows="skip", split=args.dataset_split,
+                                config=args.dataset_config)
     except DataError as e:
         for issue in e.issues:
             print(issue)

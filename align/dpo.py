@@ -21,6 +21,7 @@ import torch
 
 from align.config import arg
 from align.data import TokenizedPair, collate_pairs
+from align.errors import UserError
 from align.logprobs import completion_logprobs
 from align.losses import LOSS_TYPES, dpo_loss
 from align.model import SharedBase
@@ -49,8 +50,6 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.train_file:
-            raise ValueError("train_file: expected a preference data file or dataset name")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.beta <= 0:
@@ -78,6 +77,13 @@ def sequence_logprobs(base: SharedBase, batch: dict, average: bool) -> tuple[tor
 class DPOTrainer(PreferenceTrainer):
     name = "dpo"
 
+    def __init__(self, config: DPOConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        # Checked here, not in DPOConfig: the Python API may pass train_dataset instead. Still before any model loads.
+        if self.train_dataset is None and not config.train_source():
+            raise UserError("train_file: expected a preference data file, a save_to_disk folder or a dataset name "
+                            "(or dataset_name; or train_dataset= in Python)")
+
     def build(self) -> list[dict]:
         c = self.config
         self.ref_cache: dict[str, torch.Tensor] | None = None
@@ -87,7 +93,7 @@ class DPOTrainer(PreferenceTrainer):
         self.base.set_active(c.adapter_name)
         if c.ref_model_copy:
             self.ref_copy = SharedBase.load(self.model_path, c.dtype, c.device, c.trust_remote_code)
-        self.load_pairs(c.train_file, c.eval_file)
+        self.load_pairs(*self.data_sources())
         return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate}]
 
     # -- reference ----------------------------------------------------------------------------
@@ -184,9 +190,11 @@ class DPOTrainer(PreferenceTrainer):
         return self.base.save_adapter(self.config.adapter_name, self.out / "adapter")
 
 
-def train_dpo(config: DPOConfig, resume: bool | str | None = None, overwrite: bool = False) -> Path:
-    """Run DPO end to end and return the saved adapter folder."""
-    return DPOTrainer(config, resume=resume, overwrite=overwrite).train()
+def train_dpo(config: DPOConfig, resume: bool | str | None = None, overwrite: bool = False,
+              train_dataset=None, eval_dataset=None) -> Path:
+    """Run DPO end to end and return the saved adapter folder (datasets: a Dataset or a list of dicts)."""
+    return DPOTrainer(config, resume=resume, overwrite=overwrite, train_dataset=train_dataset,
+                      eval_dataset=eval_dataset).train()
 
 
 # -- CLI ----------------------------------------------------------------------------------------

@@ -17,24 +17,44 @@ from align.trainer import Trainer, epochs_to_steps
 class PreferenceTrainer(Trainer):
     """A Trainer whose data are preference pairs; subclasses give `pair_loss` and `evaluate`."""
 
+    def __init__(self, config, resume: bool | str | None = None, overwrite: bool = False, base=None,
+                 train_dataset=None, eval_dataset=None):
+        """`train_dataset` / `eval_dataset` (TRL's names): a datasets.Dataset or a list of row dicts, in
+        place of train_file / eval_file, for the Python API."""
+        super().__init__(config, resume, overwrite, base)
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+
+    def data_sources(self) -> tuple:
+        """(training source, held-out source or None): the objects given, else the config's files or name."""
+        c = self.config
+        train = self.train_dataset if self.train_dataset is not None else c.train_source()
+        held_out = self.eval_dataset if self.eval_dataset is not None else c.eval_file
+        return train, held_out
+
     def pair_loss(self, pairs: list[TokenizedPair], indices: list[int] | None, train: bool):
         """(loss, stats) of one micro-batch of pairs; `indices` are their positions in self.pairs."""
         raise NotImplementedError
 
     # -- data ----------------------------------------------------------------------------------
-    def tokenize(self, source: str) -> tuple[list[TokenizedPair], int]:
+    def tokenize(self, source, split: str = "train", label: str | None = None) -> tuple[list[TokenizedPair], int]:
         """(pairs, skipped rows) of one preference source, tokenised as every recipe does."""
         c = self.config
-        data = load_preferences(source, c.format, c.on_bad_rows)
+        data = load_preferences(source, c.format, c.on_bad_rows, split, c.dataset_config, label)
         pairs = tokenize_preferences(data.rows, self.base.tokenizer, c.max_length, c.chat_template, c.on_bad_rows)
         return pairs, len(data.skipped)
 
-    def load_pairs(self, train_file: str, eval_file: str | None) -> None:
-        """Set self.pairs, self.eval_pairs and self.skipped_rows."""
+    def load_pairs(self, train_file, eval_file) -> None:
+        """Set self.pairs, self.eval_pairs and self.skipped_rows (sources: any that align.data_sources reads).
+
+        A dataset name or a saved DatasetDict gives `dataset_split` for training and "test" (TRL's
+        dataset_test_split default) for evaluation.
+        """
         c = self.config
-        pairs, self.skipped_rows = self.tokenize(train_file)
-        if eval_file:
-            self.eval_pairs, _ = self.tokenize(eval_file)
+        named = isinstance(train_file, str)
+        pairs, self.skipped_rows = self.tokenize(train_file, c.dataset_split, None if named else "train_dataset")
+        if eval_file is not None and (not isinstance(eval_file, str) or eval_file):
+            label = None if isinstance(eval_file, str) else "eval_dataset"
+            self.eval_pairs, _ = self.tokenize(eval_file, "test", label)
         elif c.eval_fraction:
             order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(c.seed)).tolist()
             n_eval = max(1, int(len(pairs) * c.eval_fraction))
@@ -43,7 +63,7 @@ class PreferenceTrainer(Trainer):
         else:
             self.eval_pairs = []
         if not pairs:
-            raise UserError(f"{train_file}: no training pairs left")
+            raise UserError(f"{train_file if named else 'train_dataset'}: no training pairs left")
         self.pairs = pairs
 
     def num_steps(self) -> int:

@@ -170,8 +170,14 @@ class TrainConfig(ModelConfig):
 
 @dataclass
 class PreferenceDataConfig:
-    train_file: str = arg("", "Preference data: .jsonl/.json/.parquet, or a datasets name.")
-    eval_file: str | None = arg(None, "Held-out preference data (optional).")
+    train_file: str = arg("", "Preference data: .jsonl/.json/.parquet/.csv, a save_to_disk folder, or a dataset "
+                              "name for datasets.load_dataset.")
+    eval_file: str | None = arg(None, "Held-out preference data (optional; any source train_file takes; a "
+                                      "dataset name or DatasetDict gives its 'test' split).")
+    dataset_name: str = arg("", "Instead of train_file: a dataset name for datasets.load_dataset (TRL's name; "
+                                "offline it must be in the local datasets cache).")
+    dataset_config: str | None = arg(None, "The dataset's configuration (datasets.load_dataset's second argument).")
+    dataset_split: str = arg("train", "The split to train on, for a dataset name or a saved DatasetDict.")
     eval_fraction: float = arg(0.0, "Without eval_file: this fraction of the training rows is held out.")
     format: str = arg("auto", "auto | standard | conversational.")
     on_bad_rows: str = arg("error", "error (abort, listing every bad row) | skip (drop and count them).")
@@ -190,6 +196,12 @@ class PreferenceDataConfig:
             raise ValueError(f"format: expected auto, standard or conversational, got {self.format!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length: expected at least 2, got {self.max_length}")
+        if self.train_file and self.dataset_name:
+            raise ValueError("train_file and dataset_name: choose one")
+
+    def train_source(self) -> str:
+        """Where the training rows come from: train_file, else dataset_name ('' when neither is set)."""
+        return self.train_file or self.dataset_name
 
     def check_batch(self) -> None:
         pairs = self.per_device_train_batch_size * self.gradient_accumulation_steps

@@ -15,7 +15,8 @@ import random
 from align.data import DataError, DataIssue, read_records
 
 
-def read_margins(source: str | os.PathLike, split: str = "train") -> dict[str, float]:
+def read_margins(source, split: str = "train", config: str | None = None, label: str | None = None
+                 ) -> dict[str, float]:
     """{row place ("file:line"): margin} for the rows that have a `margin` field.
 
     Places match `PreferenceRow.where`, so margins follow rows through skipping and
@@ -23,7 +24,7 @@ def read_margins(source: str | os.PathLike, split: str = "train") -> dict[str, f
     """
     margins: dict[str, float] = {}
     issues: list[DataIssue] = []
-    for where, record in read_records(source, split):
+    for where, record in read_records(source, split, config, label):
         if not isinstance(record, dict) or record.get("margin") is None:
             continue
         m = record["margin"]

@@ -61,9 +61,9 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.train_file and not self.demo_pairs:
+        if not self.train_source() and not self.demo_pairs:
             raise ValueError("train_file: expected a preference data file or dataset name (or demo_pairs > 0)")
-        if self.train_file and self.demo_pairs:
+        if self.train_source() and self.demo_pairs:
             raise ValueError("train_file and demo_pairs: choose one")
         if self.demo_source not in ("samples", "synthetic"):
             raise ValueError(f"demo_source: expected 'samples' or 'synthetic', got {self.demo_source!r}")
@@ -94,7 +94,7 @@ class RewardTrainer(PreferenceTrainer):
     # -- setup --------------------------------------------------------------------------------
     def build(self) -> list[dict]:
         c = self.config
-        train_file, eval_file = (c.train_file, c.eval_file) if c.train_file else self._demo_files()
+        train_file, eval_file = self.data_sources() if c.train_source() else self._demo_files()
         self.rm = RewardModel.create(self.base, c.adapter_name, c.lora, c.chat_template, c.max_length, seed=c.seed)
         self.margins: dict[str, float] = {}
         self.load_pairs(train_file, eval_file)
@@ -105,12 +105,12 @@ class RewardTrainer(PreferenceTrainer):
     def heads(self) -> dict[str, torch.nn.Module]:
         return {"score": self.rm.head}
 
-    def tokenize(self, source: str) -> tuple[list[TokenizedPair], int]:
+    def tokenize(self, source, split: str = "train", label: str | None = None) -> tuple[list[TokenizedPair], int]:
         from reward.pairs import read_margins
 
-        pairs, skipped = super().tokenize(source)
+        pairs, skipped = super().tokenize(source, split, label)
         if self.config.use_margins:
-            self.margins.update(read_margins(source))
+            self.margins.update(read_margins(source, split, self.config.dataset_config, label))
         return pairs, skipped
 
     def demo_stamp(self, model_path: str) -> str:

@@ -1,0 +1,119 @@
+"""`align advise`: adapter parameters counted by hand for the tiny model, tokens counted, advice given."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from align.advise import lora_parameters, lora_shapes, recommend_rank
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data" / "prefs_tiny.jsonl"
+
+# The tiny Llama (align/tiny.py): hidden 64, 2 heads of 32, 1 KV head, MLP 128, 2 layers.
+# Per layer, r * (in + out) for each linear:
+#   q 64->64: 128   k 64->32: 96   v 64->32: 96   o 64->64: 128
+#   gate 64->128: 192   up 64->128: 192   down 128->64: 192        sum 1024 per unit of rank
+TINY_LLAMA_PER_RANK = 2 * 1024
+
+
+def advise_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align", "advise", *args], capture_output=True, text=True,
+                          env=os.environ.copy(), timeout=300)
+
+
+def test_parameters_by_hand_and_as_peft_builds_them(tiny_llama):
+    from transformers import AutoConfig
+
+    from align.model import LoraSettings, SharedBase
+
+    shapes = lora_shapes(AutoConfig.from_pretrained(tiny_llama))
+    assert len(shapes) == 14
+    assert lora_parameters(shapes, 1) == TINY_LLAMA_PER_RANK
+    assert lora_parameters(shapes, 8) == 8 * TINY_LLAMA_PER_RANK == 16384
+    base = SharedBase.load(str(tiny_llama))
+    base.add_adapter("x", LoraSettings(rank=4))
+    real = sum(p.numel() for p in base.adapter_parameters("x").values())
+    assert real == lora_parameters(shapes, 4) == 8192
+
+
+def test_moe_experts_count_once_per_expert(tiny_models):
+    from transformers import AutoConfig
+
+    from align.model import LoraSettings, SharedBase
+
+    path = tiny_models["qwen3_moe"]
+    shapes = lora_shapes(AutoConfig.from_pretrained(path))
+    base = SharedBase.load(str(path))
+    base.add_adapter("x", LoraSettings(rank=2))
+    assert sum(p.numel() for p in base.adapter_parameters("x").values()) == lora_parameters(shapes, 2)
+
+
+def test_recommended_rank_is_the_smallest_that_holds_the_data():
+    shapes = [("w", 64, 64, 1)]  # 128 parameters per unit of rank, 256 bits
+    assert recommend_rank(shapes, 10, "dpo") == (8, True)
+    assert recommend_rank(shapes, 256 * 8 + 1, "sft") == (16, True)
+    assert recommend_rank(shapes, 256 * 32, "sft") == (32, True)
+    assert recommend_rank(shapes, 256 * 10_000, "sft") == (512, False)
+
+
+def test_dpo_advice_counts_pairs_and_tokens(tiny_llama):
+    from align.data import load_preferences, tokenize_preferences
+    from align.model import load_tokenizer
+
+    done = advise_cli(str(DATA), "--model", str(tiny_llama), "--recipe", "dpo", "--lora_r", "4", "--json",
+                      "--max_length", "96")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    pairs = tokenize_preferences(load_preferences(DATA).rows, load_tokenizer(str(tiny_llama)), 96)
+    assert report["pairs"] == len(pairs) == 24
+    assert report["chosen_tokens"] == sum(len(p.chosen_ids) for p in pairs)
+    assert report["rejected_tokens"] == sum(len(p.rejected_ids) for p in pairs)
+    assert report["lora_parameters"] == 4 * TINY_LLAMA_PER_RANK
+    assert report["capacity_bits"] == 2 * 4 * TINY_LLAMA_PER_RANK
+    assert report["information_bits"] == 24
+    assert report["recommended_lora_r"] == 8
+    assert report["recommended_learning_rate"] == pytest.approx(5e-5)
+    assert not report["large_batch"]
+    assert any("10x" in r for r in report["reasons"])
+
+
+def test_sft_advice_past_capacity_and_large_batch(tiny_llama, tmp_path):
+    from align.model import load_tokenizer
+
+    answer = "the quick brown fox jumps over the lazy dog " * 60
+    rows = [{"messages": [{"role": "user", "content": f"say it {i}"}, {"role": "assistant", "content": answer}]}
+            for i in range(40)] + [{"prompt": "hello", "completion": "good"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(str(tiny_llama))
+    tokens = 40 * (len(tok(answer, add_special_tokens=False)["input_ids"]) + 1)
+    tokens += len(tok("good", add_special_tokens=False)["input_ids"]) + 1
+    assert tokens > 2 * 4 * TINY_LLAMA_PER_RANK  # past capacity at rank 4, by construction
+    done = advise_cli(str(path), "--model", str(tiny_llama), "--recipe", "sft", "--lora_r", "4", "--json",
+                      "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "8")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["completion_tokens"] == tokens
+    assert report["rows"] == 41
+    rank = 8
+    while 2 * rank * TINY_LLAMA_PER_RANK < tokens:
+        rank *= 2
+    assert report["recommended_lora_r"] == rank
+    assert report["data_to_capacity"] == pytest.approx(tokens / (2 * 4 * TINY_LLAMA_PER_RANK))
+    assert report["large_batch"] and report["effective_batch"] == 512
+    assert report["recommended_learning_rate"] == pytest.approx(2e-4)
+    text = advise_cli(str(path), "--model", str(tiny_llama), "--recipe", "sft", "--lora_r", "4")
+    assert text.returncode == 0
+    assert f"recommend lora_r={rank}" in text.stdout and "outgrows the adapter" in text.stdout
+
+
+def test_bad_data_is_one_line(tmp_path, tiny_llama):
+    done = advise_cli(str(tmp_path / "missing.jsonl"), "--model", str(tiny_llama))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.jsonl'}: file not found"
