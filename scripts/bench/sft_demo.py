@@ -7,7 +7,9 @@
 The data are the demo's prompts ("What is a+b? Reply with the number only.") with the bare sum as
 the completion; held-out prompts are disjoint from the training ones. The metric is the demo's:
 mean greedy task reward on the held-out prompts (1 bare correct number, 0.5 correct last number),
-measured with the transformers engine on the training base, before and after. Last line: one JSON object.
+measured with the transformers engine on the training base, before and after, with at most
+--max-new-tokens tokens (8: a bare sum fits; the base's worded answers are often cut before their
+number, so "before" is low partly for that). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/sft-demo")
     p.add_argument("--train-rows", type=int, default=400)
     p.add_argument("--eval-prompts", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--dpo", action="store_true", help="then DPO from the SFT adapter, reference: init")
     p.add_argument("--set", action="append", default=[], help="SFT config override KEY=VALUE")
     args = p.parse_args()
@@ -63,10 +66,10 @@ def main() -> None:
     trainer.setup()
     base = trainer.base
     engine = make_engine("hf", trainer.model_path, base)
-    before, _ = evaluate(engine, base, held_out, None, 8)
+    before, _ = evaluate(engine, base, held_out, None, args.max_new_tokens)
     adapter = trainer.train()
     engine.sync(base, "policy")
-    after_sft, texts = evaluate(engine, base, held_out, "policy", 8)
+    after_sft, texts = evaluate(engine, base, held_out, "policy", args.max_new_tokens)
     result = {"metric": "heldout_task_reward", "eval_prompts": len(held_out), "before": round(before, 4),
               "after_sft": round(after_sft, 4), "sft_steps": trainer.step, "sft_adapter": str(adapter),
               "sft_final": {k: round(v, 4) for k, v in trainer.summary.items() if isinstance(v, float)},
@@ -94,7 +97,7 @@ def run_dpo(args, out: Path, adapter: Path, held_out: list[dict], model_path: st
     trainer = DPOTrainer(config, base=base, overwrite=True)
     trainer.train()
     engine.sync(base, "dpo")
-    after, _ = evaluate(engine, base, held_out, "dpo", 8)
+    after, _ = evaluate(engine, base, held_out, "dpo", args.max_new_tokens)
     trainer.close()
     return {"after_dpo": round(after, 4), "dpo_steps": trainer.step, "dpo_s": round(time.perf_counter() - t0, 1),
             "dpo_final": {k: round(v, 4) for k, v in trainer.summary.items() if isinstance(v, float)}}
