@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("align.demo", "Offline end-to-end demo: SmolLM2-135M, arithmetic task, DPO adapter."),
     "dpo": ("align.dpo", "Train a DPO adapter from a YAML config."),
+    "sft": ("align.sft", "Supervised fine-tuning of a LoRA adapter (TRL's SFT formats) from a YAML config."),
     "reward": ("reward.cli", "Train a reward model (LoRA + scalar head, Bradley-Terry), or score text with one."),
     "data": ("align.data_cli", "Validate a preference dataset (`align data check FILE`)."),
     "advise": ("align.advise", "Count a dataset's training tokens against a LoRA adapter's capacity; suggest rank and lr."),

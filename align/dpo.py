@@ -1,5 +1,8 @@
 """DPO where only a LoRA adapter learns; the reference is the same base with the adapter off.
 
+With `init_adapter` (e.g. an SFT run's adapter/) the trained adapter starts from it and, by
+default, the reference is that starting adapter, frozen, on the same base (align/policy_init.py).
+
     align dpo --config configs/dpo_tiny.yaml [--resume] [--beta 0.2] [--set learning_rate=1e-4]
 
 The lifecycle (setup, steps, checkpoints, resume, metrics) is align.trainer's; this file is
@@ -25,6 +28,7 @@ from align.errors import UserError
 from align.logprobs import completion_logprobs
 from align.losses import LOSS_TYPES, dpo_loss
 from align.model import SharedBase
+from align.policy_init import attach_policy, check_init_fields, reference_context
 from align.preference_trainer import PreferenceTrainer
 from align.train_config import PreferenceDataConfig, TrainConfig
 
@@ -45,6 +49,10 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     precompute_ref_log_probs: bool = arg(False, "Compute reference log-probs once (adapter off) before training "
                                                 "instead of every step.")
     ref_model_copy: bool = arg(False, "Comparison only: keep a separate reference copy of the base (more memory).")
+    init_adapter: str | None = arg(None, "PEFT adapter folder the trained adapter starts from (e.g. an SFT run's "
+                                         "adapter/).")
+    reference: str | None = arg(None, "'init': the reference is the starting adapter, frozen, on the same base "
+                                      "(default with init_adapter); 'base': adapters off (default without).")
 
     RENAMED = {**TrainConfig.RENAMED, "precompute_ref": "precompute_ref_log_probs"}
 
@@ -60,6 +68,7 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
             raise ValueError(f"label_smoothing: only sigmoid and robust use it, not {self.loss_type}")
         if self.precompute_ref_log_probs and self.ref_model_copy:
             raise ValueError("precompute_ref_log_probs and ref_model_copy: choose one")
+        check_init_fields(self)
         self.check_batch()
 
 
@@ -88,11 +97,11 @@ class DPOTrainer(PreferenceTrainer):
         c = self.config
         self.ref_cache: dict[str, torch.Tensor] | None = None
         self.ref_copy = None
-        if c.adapter_name not in self.base.adapters:
-            self.base.add_adapter(c.adapter_name, c.lora)
-        self.base.set_active(c.adapter_name)
+        self.ref_adapter = attach_policy(self.base, c.adapter_name, c.lora, c.init_adapter, c.reference)
         if c.ref_model_copy:
             self.ref_copy = SharedBase.load(self.model_path, c.dtype, c.device, c.trust_remote_code)
+            if self.ref_adapter is not None:
+                self.ref_copy.load_adapter(self.ref_adapter, c.init_adapter)
         self.load_pairs(*self.data_sources())
         return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate}]
 
@@ -104,15 +113,26 @@ class DPOTrainer(PreferenceTrainer):
             return self.ref_cache["chosen"][idx], self.ref_cache["rejected"][idx]
         if self.ref_copy is not None:
             return sequence_logprobs(self.ref_copy, batch, average)
-        with self.base.reference():
+        with reference_context(self.base, self.ref_adapter):
             return sequence_logprobs(self.base, batch, average)
 
     def reference_key(self) -> str:
         """What cached reference log-probs depend on: the base, its dtype, max_length, loss type and the tokens."""
         c = self.config
-        what = {"base": self.base.fingerprint(), "dtype": c.dtype, "max_length": c.max_length,
+        what = {"base": self.base.fingerprint(), "reference": self.reference_identity(), "dtype": c.dtype,
+                "max_length": c.max_length,
                 "loss_type": c.loss_type, "pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in self.pairs]}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def reference_identity(self) -> str | None:
+        """A hash of the reference adapter's weights (None: the bare base), so a cache never outlives them."""
+        if self.ref_adapter is None:
+            return None
+        h = hashlib.sha256()
+        for name, p in sorted(self.base.adapter_parameters(self.ref_adapter).items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     @torch.no_grad()
     def precompute_reference(self) -> bool:

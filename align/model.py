@@ -187,6 +187,21 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
+def saved_lora_settings(path: str | os.PathLike) -> LoraSettings:
+    """An adapter folder's LoRA shape: align_meta.json's when present, else PEFT's adapter_config.json."""
+    folder = Path(path)
+    meta = folder / "align_meta.json"
+    if meta.is_file():
+        lora = json.loads(meta.read_text()).get("lora")
+        if lora:
+            return LoraSettings(**lora)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    targets = config.get("target_modules")
+    return LoraSettings(rank=config["r"], alpha=config.get("lora_alpha", config["r"]),
+                        dropout=config.get("lora_dropout", 0.0),
+                        targets=targets if isinstance(targets, list) and targets else "all")
+
+
 class SharedBase:
     """A frozen causal LM and its named LoRA adapters: the only copy of the base weights.
 
@@ -310,9 +325,27 @@ class SharedBase:
             self.peft.load_adapter(path, adapter_name=name, is_trainable=trainable)
         self.model.train(was_training)
         use_lean_lora_forward(self.model)
+        self.settings.setdefault(name, saved_lora_settings(path))
         if trainable:
             self.trainable.add(name)
         self.set_active(name)
+
+    def check_adapter_base(self, path: str | os.PathLike, field: str) -> None:
+        """Refuse an adapter folder saved for another base (its align_meta.json fingerprint, when it has one)."""
+        meta_path = Path(path) / "align_meta.json"
+        if not meta_path.is_file():
+            return
+        try:
+            saved = json.loads(meta_path.read_text()).get("base_fingerprint")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise UserError(f"{field}: {meta_path} is not a valid JSON object") from None
+        if not saved:
+            return
+        mine = self.fingerprint()
+        diff = [k for k in mine if saved.get(k) != mine[k]]
+        if diff:
+            raise UserError(f"{field}: {path} was trained on another base ({diff[0]}: {saved.get(diff[0])!r}, "
+                            f"this base has {mine[diff[0]]!r}); expected an adapter of {self.name_or_path}")
 
     def _plain_model(self) -> nn.Module:
         return self.peft.get_base_model() if self.peft is not None else self.model

@@ -17,6 +17,7 @@ KINDS = {
     "ppo": "align.ppo.config:PPOConfig",
     "grpo": "align.ppo.config:PPOConfig",
     "reward": "reward.train:RewardConfig",
+    "sft": "align.sft:SFTConfig",
 }
 
 

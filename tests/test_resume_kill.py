@@ -29,6 +29,8 @@ RECIPES = {
             ["adapter/adapter_model.safetensors"]),
     "reward": (["reward", "--config", "configs/reward_tiny.yaml", "--train_file", str(DATA)], 9,
                ["reward_model/adapter_model.safetensors", "reward_model/head.safetensors"]),
+    "sft": (["sft", "--config", "configs/sft_tiny.yaml", "--train_file", str(ROOT / "tests" / "data" / "sft_tiny.jsonl")],
+            6, ["adapter/adapter_model.safetensors"]),
     "ppo": (["ppo", "--config", "configs/ppo_tiny.yaml", "--max_steps", "4"], 4,
             ["policy/adapter_model.safetensors", "critic/adapter_model.safetensors",
              "value_head/value_head.safetensors"]),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align.config import arg
+from align.policy_init import check_init_fields
 from align.train_config import TrainConfig
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
@@ -88,6 +89,9 @@ class PPOConfig(TrainConfig):
     kl_target: float | None = arg(None, "Adaptive KL: steer the coefficient towards this KL (null: fixed).")
     kl_horizon: int = arg(10000, "Adaptive KL controller horizon in sequences.")
     max_kl: float = arg(20.0, "Stop with TrainingDiverged when the mean KL to the reference exceeds this.")
+    init_adapter: str | None = arg(None, "PEFT adapter folder the policy starts from (e.g. an SFT run's adapter/).")
+    reference: str | None = arg(None, "'init': the reference is the starting adapter, frozen, on the same base "
+                                      "(default with init_adapter); 'base': adapters off (default without).")
 
     RENAMED = {**TrainConfig.RENAMED, "estimator": "algorithm", "epochs": "num_ppo_epochs",
                "minibatch_size": "per_device_train_batch_size", "generations_per_prompt": "num_generations",
@@ -127,6 +131,7 @@ class PPOConfig(TrainConfig):
         if self.rollout_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"rollout_dtype: expected float32, bfloat16, float16 or null, got {self.rollout_dtype!r}")
         self._check_engine()
+        check_init_fields(self)
 
     def _check_engine(self) -> None:
         if self.engine not in ("auto", "vllm", "hf", "remote"):

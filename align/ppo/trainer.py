@@ -2,6 +2,7 @@
 
     policy     = base + adapter "policy"                 (trained)
     reference  = base with adapters off                  (SharedBase.reference())
+                 or, with init_adapter, a frozen copy of it (adapter "reference"; align/policy_init.py)
     critic     = base + adapter "critic" + ValueHead     (trained; PPO only)
     reward     = base + adapter "reward" + score head    (frozen; optional) and/or reward functions
     sampler    = an align.engines engine; vLLM keeps its own copy and receives only the policy adapter
@@ -20,6 +21,7 @@ import torch
 
 from align.errors import TrainingDiverged, UserError
 from align.logprobs import completion_logprobs
+from align.policy_init import attach_policy, reference_context
 from align.ppo import algorithms as A
 from align.ppo.batch import Rollout, load_rows, pack, prompt_indices
 from align.ppo.config import PPOConfig
@@ -44,7 +46,7 @@ class PPOTrainer(Trainer):
 
         c = self.config
         self.base.model.eval()  # dropout off: old and new log-probs must come from the same function
-        self.base.add_adapter("policy", c.lora)
+        self.ref_adapter = attach_policy(self.base, "policy", c.lora, c.init_adapter, c.reference)
         self.critic = c.algorithm == "ppo"
         if self.critic:
             self.base.add_adapter("critic", c.lora)
@@ -257,7 +259,7 @@ class PPOTrainer(Trainer):
         P = batch.prompt_width
         cmask = torch.zeros_like(batch.input_ids)
         cmask[:, P:] = batch.mask.long()
-        ctx = self.base.reference() if adapter is None else self.base.adapter(adapter)
+        ctx = reference_context(self.base, self.ref_adapter) if adapter is None else self.base.adapter(adapter)
         dev = self.config.device
         with ctx:
             out = completion_logprobs(self.base, batch.input_ids.to(dev), batch.attention_mask.to(dev),
