@@ -60,6 +60,11 @@ class Processes:
         self.rank = 0
         self.local_rank = 0
         self.allreduce_bytes = 0  # bytes this process sent into all-reduces in the last optimizer step
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            from align.errors import UserError
+
+            raise UserError("accelerate launch with FSDP (configs/accelerate/fsdp.yaml) is not supported yet: "
+                            "use configs/accelerate/ddp.yaml (docs/scaling.md)")
         if self.world > 1:
             from accelerate import PartialState
 

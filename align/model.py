@@ -182,7 +182,7 @@ class SharedBase:
         cls,
         name_or_path: str,
         dtype: str = "float32",
-        device: str = "cpu",
+        device: str = "auto",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         checkpoint_keep_last: int = 0,
@@ -191,9 +191,14 @@ class SharedBase:
 
         `gradient_checkpointing`: recompute each decoder layer's activations in backward
         instead of keeping them; `checkpoint_keep_last` layers at the top keep theirs
-        (see `checkpoint_layers`).
+        (see `checkpoint_layers`). `device`: auto (a CUDA GPU when present, else the CPU), cpu, cuda[:N].
         """
         from transformers import AutoModelForCausalLM
+
+        from align.distributed import resolve_device
+
+        if device == "auto":
+            device = resolve_device(device)
 
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True

@@ -158,6 +158,8 @@ class Trainer:
         self.requested_device = c.device
         self.processes = Processes(c.device)
         c.device = self.processes.device  # recipes read config.device: from here on it is this process's device
+        if self.base is not None:  # a base already in memory stays where it is
+            c.device = str(next(self.base.model.parameters()).device)
         main = self.processes.is_main
         checkpoint = prepare_output_dir(self.out, self.resume, self.overwrite, main)
         self.processes.barrier()  # the main process's --overwrite deletion is done before anyone goes on
