@@ -312,8 +312,9 @@ class Trainer:
             if final:
                 self.logger.log(self.step, final)
         self.save_checkpoint()
-        self.summary = {"step": self.step, **self.summary_extra(), **final}
+        self.summary = {"step": self.step}  # a recipe's summary may read what only the main process evaluated
         if main:
+            self.summary = {"step": self.step, **self.summary_extra(), **final}
             path = self.save_final(final)
             from align.atomic import atomic_write_text
 
