@@ -12,11 +12,15 @@ def fast_bfloat16(device: str = "cpu") -> bool:
     AMX or AVX-512 BF16. Elsewhere (e.g. an AVX2-only CPU) bfloat16 is emulated and several times
     slower than float32, so sampling in bfloat16 would cost time instead of saving it.
     """
-    if device.startswith("cuda"):
-        import torch
+    import torch
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
+    if not device.startswith("cpu"):
+        return False
+    try:  # CPU feature flags: Linux only; elsewhere assume the slow path
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False

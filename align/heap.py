@@ -7,6 +7,9 @@ SmolLM2 at 4 pairs x 128 tokens) comes from the heap; the holes left between the
 checkpointed forward keeps alive cannot be returned, and the process peaks ~400 MB above
 its live need (measured: scripts/bench/dpo.py). A fixed threshold turns the adaptation off:
 blocks at or above it get their own mapping and go back to the OS when freed.
+
+It is a CPU-run setting: the Trainer applies it only where the base lives on the CPU
+(`Trainer.cpu_only`); on a GPU the activations are not in this heap.
 """
 
 from __future__ import annotations

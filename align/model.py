@@ -228,7 +228,7 @@ class SharedBase:
         cls,
         name_or_path: str,
         dtype: str = "float32",
-        device: str = "cpu",
+        device: str = "auto",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         checkpoint_keep_last: int = 0,
@@ -240,9 +240,14 @@ class SharedBase:
         lm_head keep `dtype`. Adapters still train in float32 and save in the usual PEFT format.
         `gradient_checkpointing`: recompute each decoder layer's activations in backward
         instead of keeping them; `checkpoint_keep_last` layers at the top keep theirs
-        (see `checkpoint_layers`).
+        (see `checkpoint_layers`). `device`: auto (a CUDA GPU when present, else the CPU), cpu, cuda[:N].
         """
         from transformers import AutoModelForCausalLM
+
+        from align.distributed import resolve_device
+
+        if device == "auto":
+            device = resolve_device(device)
 
         kwargs = {}
         if load_in_4bit is not None:

@@ -3,6 +3,10 @@
 Rows are read and validated by align.data (errors name file:line), tokenised once, and
 split into training and held-out pairs. Step `s` trains on `step_batches(..., s)`: a pure
 function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+
+On N processes a step's global batch is per_device_train_batch_size x gradient_accumulation_steps
+x N pairs (TRL's convention), cut into micro-batches exactly as one process with N times the
+accumulation would cut it; process r takes micro-batches r, r+N, ... (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -66,18 +70,35 @@ class PreferenceTrainer(Trainer):
             raise UserError(f"{train_file if named else 'train_dataset'}: no training pairs left")
         self.pairs = pairs
 
+    def global_accumulation(self) -> int:
+        """Micro-batches in one global batch: gradient_accumulation_steps on each of the processes."""
+        return self.config.gradient_accumulation_steps * self.processes.world
+
     def num_steps(self) -> int:
         c = self.config
-        self.steps_per_epoch, total = epochs_to_steps(
-            len(self.pairs), c.per_device_train_batch_size * c.gradient_accumulation_steps,
-            c.num_train_epochs, c.max_steps)
+        per_step = c.per_device_train_batch_size * self.global_accumulation()
+        self.steps_per_epoch, total = epochs_to_steps(len(self.pairs), per_step, c.num_train_epochs, c.max_steps)
+        short = len(self.pairs) % per_step  # the last step of an epoch
+        if short and short < self.processes.world:
+            raise UserError(f"{len(self.pairs)} training pairs leave a last step of {short} pair(s) for "
+                            f"{self.processes.world} processes; drop or add pairs, or change the batch size")
         return total
 
-    def batches_for_step(self, step: int) -> list[list[int]]:
-        """Pair indices of each micro-batch of optimizer step `step` (0-based)."""
+    def global_batches_for_step(self, step: int) -> list[list[int]]:
+        """Pair indices of each micro-batch of global optimizer step `step` (0-based), every process's."""
         c = self.config
-        return step_batches(len(self.pairs), c.per_device_train_batch_size, c.gradient_accumulation_steps,
-                            c.seed, step)
+        micro = step_batches(len(self.pairs), c.per_device_train_batch_size, self.global_accumulation(),
+                             c.seed, step)
+        world = self.processes.world
+        if len(micro) % world:  # an epoch's short last step: re-cut it so every process gets as many
+            items = [i for mb in micro for i in mb]
+            k = min(-(-len(micro) // world) * world, len(items) // world * world)
+            micro = [items[j::k] for j in range(k)]
+        return micro
+
+    def batches_for_step(self, step: int) -> list[list[int]]:
+        """Pair indices of each micro-batch this process trains on in optimizer step `step` (0-based)."""
+        return self.processes.shard(self.global_batches_for_step(step))
 
     def eval_chunks(self):
         size = self.config.per_device_eval_batch_size
@@ -87,9 +108,11 @@ class PreferenceTrainer(Trainer):
     # -- one step ------------------------------------------------------------------------------
     def training_step(self) -> dict:
         self.base.model.train()  # gradient checkpointing (and adapter dropout) act only in train mode
-        micro = self.batches_for_step(self.step)
-        stats = self.optimizer_step(micro, lambda idx: self.pair_loss([self.pairs[i] for i in idx], idx, True))
-        chosen = [self.pairs[i] for idx in micro for i in idx]
+        every = self.global_batches_for_step(self.step)
+        micro = self.processes.shard(every)
+        stats = self.optimizer_step(micro, lambda idx: self.pair_loss([self.pairs[i] for i in idx], idx, True),
+                                    global_micro_batches=len(every))
+        chosen = [self.pairs[i] for idx in every for i in idx]  # counts of the global batch
         stats["pairs"] = len(chosen)
         stats["tokens"] = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chosen)
         return stats

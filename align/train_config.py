@@ -60,7 +60,8 @@ class ModelConfig:
     model_name_or_path: str = arg("smollm2", "Local model folder, hub id, or 'smollm2' (SmolLM2-135M-Instruct, "
                                              "built offline on first use).")
     dtype: str = arg("float32", "Base weights dtype: float32, bfloat16 or float16. Adapters train in float32.")
-    device: str = arg("cpu", "Where the base lives: cpu or cuda[:N].")
+    device: str = arg("auto", "Where the base lives: auto (this process's CUDA GPU when there is one, else the "
+                              "CPU), cpu, cuda or cuda:N (one process only).")
     trust_remote_code: bool = arg(False, "Run the model repository's own Python code (off: only transformers' "
                                          "built-in architectures load).")
     lora_r: int = arg(8, "LoRA rank (4-8 is enough for RL and preference tuning).")
@@ -93,6 +94,8 @@ class ModelConfig:
             raise ValueError("checkpoint_keep_last: only means something with gradient_checkpointing: true")
         if self.heap_mmap_threshold_mb is not None and self.heap_mmap_threshold_mb <= 0:
             raise ValueError(f"heap_mmap_threshold_mb: expected > 0 or null, got {self.heap_mmap_threshold_mb}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
         _ = self.lora  # builds LoraSettings now, so a bad lora_* field fails at load, named
@@ -134,7 +137,8 @@ class TrainConfig(ModelConfig):
     save_steps: int = arg(50, "Checkpoint every N steps (0: only at the end).")
     save_total_limit: int = arg(2, "Checkpoints kept; older ones are deleted once a newer one is complete.")
     report_to: list[str] = arg(["tensorboard"], "Where metrics go besides metrics.jsonl: [tensorboard] or [none].")
-    bf16: bool = arg(False, "Base weights in bfloat16 (the same as dtype: bfloat16); adapters stay float32.")
+    bf16: bool = arg(False, "Base weights stored in bfloat16 (the same as dtype: bfloat16); adapters, heads and "
+                            "optimizer state stay float32, no autocast (docs/scaling.md, \"Precision\").")
 
     RENAMED = RENAMED
 

@@ -12,6 +12,11 @@ A recipe (DPO, reward model, PPO, ...) is a subclass that fills in a few hooks:
 Everything else is here, once: the output-folder policy, seeding, the base, AdamW, the
 transformers learning-rate schedule, the train state (checkpoint and exact resume),
 metrics without duplicate steps after a resume, and the progress bar.
+
+On N processes (`accelerate launch`, docs/scaling.md) the same hooks run on every process:
+`self.processes` says which one this is; `optimizer_step` averages the trained tensors'
+gradients over the processes; only the main process evaluates and writes (config, metrics,
+checkpoints, final files). A recipe shards its data with `self.processes.shard`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from align.distributed import Processes
 from align.errors import TrainingDiverged, UserError
 from align.train_state import CHECKPOINTS, TrainState, find_checkpoint, latest_checkpoint
 
@@ -32,11 +38,13 @@ from align.train_state import CHECKPOINTS, TrainState, find_checkpoint, latest_c
 RUN_MARKERS = ("config.yaml", CHECKPOINTS, "metrics.jsonl")
 
 
-def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: bool = False) -> Path | None:
+def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: bool = False,
+                       main: bool = True) -> Path | None:
     """Apply the output-folder policy; returns the checkpoint to resume from, if any.
 
     A folder that already holds a run is refused unless `resume` (continue it: the latest
     checkpoint, or the one named) or `overwrite` (delete it and start over) is given.
+    Only the main process (`main`) deletes; the others apply the same checks and read.
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} is a file; expected a folder (new or holding a run)")
@@ -45,10 +53,10 @@ def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: b
         if overwrite:
             raise UserError("--resume and --overwrite: choose one")
         checkpoint = find_checkpoint(out, None if resume is True else str(resume))
-        if checkpoint is None:
+        if checkpoint is None and main:
             print(f"[align] no checkpoint in {out}; starting fresh")
         return checkpoint
-    if held:
+    if held and main:
         if not overwrite:
             raise UserError(f"output_dir: {out} already holds a run ({', '.join(held)}); pass --resume to "
                             f"continue it or --overwrite to delete it and start over")
@@ -61,6 +69,24 @@ def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: b
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rank_step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of process `rank` at global step `step` of a multi-process run (docs/scaling.md, "Resume")."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 31)
+
+
+class NullLogger:
+    """What a process other than the main one logs to: nothing (only the main process writes)."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Trainer:
@@ -129,11 +155,19 @@ class Trainer:
         from align.optim import adamw
 
         c = self.config
-        checkpoint = prepare_output_dir(self.out, self.resume, self.overwrite)
+        self.requested_device = c.device
+        self.processes = Processes(c.device)
+        c.device = self.processes.device  # recipes read config.device: from here on it is this process's device
+        if self.base is not None:  # a base already in memory stays where it is
+            c.device = str(next(self.base.model.parameters()).device)
+        main = self.processes.is_main
+        checkpoint = prepare_output_dir(self.out, self.resume, self.overwrite, main)
+        self.processes.barrier()  # the main process's --overwrite deletion is done before anyone goes on
         if c.num_threads:
             torch.set_num_threads(c.num_threads)
         if c.heap_mmap_threshold_mb is not None:
-            limit_heap_fragmentation(c.heap_mmap_threshold_mb)
+            self.cpu_only("heap_mmap_threshold_mb", lambda: limit_heap_fragmentation(c.heap_mmap_threshold_mb))
+        self.warn_slow_bfloat16()
         seed_everything(c.seed)
         self.model_path = resolve_model(c.model_name_or_path)
         if self.base is None:
@@ -143,6 +177,8 @@ class Trainer:
                                         c.gradient_checkpointing, c.checkpoint_keep_last,
                                         load_in_4bit=getattr(c, "four_bit", None))
         groups = self.build()
+        # Same seed, same adapters everywhere already; the broadcast makes it so whatever the device's kernels do.
+        self.processes.broadcast_parameters([p for g in groups for p in g["params"]])
         self.optimizer = adamw(groups, weight_decay=c.weight_decay)
         self.total_steps = self.num_steps()
         total_updates = self.optimizer_steps()
@@ -153,35 +189,55 @@ class Trainer:
         if checkpoint is not None:
             self.step, extra = self.state.load(checkpoint)
             self.load_extra(extra)
-            print(f"[align] resumed from {checkpoint} at step {self.step}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_config(c, self.out / "config.yaml")
-        self.logger = MetricsLogger(self.out, c.tensorboard)
+            if main:
+                print(f"[align] resumed from {checkpoint} at step {self.step}")
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(self.config_as_given(), self.out / "config.yaml")
+            self.logger = MetricsLogger(self.out, c.tensorboard)
+        else:
+            self.logger = NullLogger()
         self.logger.truncate_after(self.step)  # a killed attempt may have logged past its last checkpoint
         self.start()
         self._setup_done = True
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def optimizer_step(self, micro_batches: list, loss_fn) -> dict:
+    def optimizer_step(self, micro_batches: list, loss_fn, global_micro_batches: int | None = None) -> dict:
         """Accumulate gradients over `micro_batches` (loss_fn(mb) -> (loss, stats)), clip, update, schedule.
 
         Returns the micro-batch mean of the loss and of each statistic, plus grad_norm and the
         learning rate the update used. A non-finite loss or gradient stops the run before the update.
+        On N processes `micro_batches` is this process's share of the step's `global_micro_batches`
+        (default: N x as many); every micro-batch weighs 1/global in the loss, as on one process, and
+        the trained tensors' gradients (and the statistics) are averaged over the processes.
         """
         c = self.config
+        world = self.processes.world
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
-        n = len(micro_batches)
+        weight = world / (global_micro_batches or len(micro_batches) * world)
+        bad_loss = None
         for mb in micro_batches:
             loss, stats = loss_fn(mb)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"step {self.step + 1}: the loss is {loss.item()}; stopped before "
-                                       f"updating. {self.last_good()}")
-            (loss / n).backward()
+                if world == 1:
+                    raise TrainingDiverged(self.bad_loss_message(loss.item()))
+                bad_loss = loss.item()  # raised below on every process at once, or the others would wait forever
+                continue
+            (loss * weight).backward()
             for k, v in {"loss": loss.item(), **stats}.items():
-                agg[k] = agg.get(k, 0.0) + v / n
+                agg[k] = agg.get(k, 0.0) + v * weight
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        keys = sorted(agg)
+        extra = torch.tensor([agg[k] for k in keys] + [float(bad_loss is not None)], dtype=torch.float64)
+        reduced = self.processes.average_gradients(params, extra).tolist()
+        if reduced[-1] > 0:
+            raise TrainingDiverged(self.bad_loss_message(bad_loss if bad_loss is not None else "not finite "
+                                                         "on another process"))
+        agg = dict(zip(keys, reduced[:-1]))
+        if self.processes.distributed:
+            agg["allreduce_bytes"] = self.processes.allreduce_bytes
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"step {self.step + 1}: the gradient norm is {grad_norm.item()}; stopped "
@@ -190,6 +246,9 @@ class Trainer:
         self.scheduler.step()
         return {**agg, "grad_norm": grad_norm.item(), "learning_rate": lr}
 
+    def bad_loss_message(self, loss) -> str:
+        return f"step {self.step + 1}: the loss is {loss}; stopped before updating. {self.last_good()}"
+
     def last_good(self) -> str:
         path = latest_checkpoint(self.out)
         return (f"The last good checkpoint {path} is intact (continue with --resume, perhaps with a lower "
@@ -197,6 +256,9 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Written by the main process only (the others hold the same adapters); returns its path."""
+        if not self.processes.is_main:
+            return self.out / "checkpoints" / f"step-{self.step:06d}"
         return self.state.save(self.out, self.step, self.state_extra(), keep=self.config.save_total_limit)
 
     def before_train(self) -> None:
@@ -215,11 +277,16 @@ class Trainer:
 
         c = self.config
         self.before_train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True)
+        main = self.processes.is_main
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
+                   disable=not main)
         final = None
         while self.step < self.total_steps:
+            if self.processes.distributed:
+                # Each process its own stream, a pure function of (seed, step, rank): resume needs no saved RNG.
+                seed_everything(rank_step_seed(c.seed, self.step, self.processes.rank))
             t0 = time.perf_counter()
-            stats = self.training_step()
+            stats = self.processes.mean(self.training_step())
             self.step += 1
             stats["step_s"] = time.perf_counter() - t0
             stats["epoch"] = self.epoch()
@@ -229,8 +296,8 @@ class Trainer:
                 if key in stats:
                     stats[f"{key}_per_s"] = stats.pop(key) / stats["step_s"]
             last = self.step == self.total_steps
-            if last or (c.eval_steps and self.step % c.eval_steps == 0):
-                evaluation = self.evaluate()
+            if main and (last or (c.eval_steps and self.step % c.eval_steps == 0)):
+                evaluation = self.evaluate()  # the adapters are the same everywhere: one process evaluates
                 stats.update(evaluation)
                 if last:
                     final = evaluation
@@ -241,17 +308,51 @@ class Trainer:
             if c.save_steps and self.step % c.save_steps == 0 and not last:
                 self.save_checkpoint()
         bar.close()
-        if final is None:  # nothing was left to train (a finished run, resumed)
-            final = self.evaluate()
+        if final is None:  # nothing was left to train (a finished run, resumed), or not the main process
+            final = self.evaluate() if main else {}
             if final:
                 self.logger.log(self.step, final)
         self.save_checkpoint()
-        path = self.save_final(final)
-        from align.atomic import atomic_write_text
+        self.summary = {"step": self.step}  # a recipe's summary may read what only the main process evaluated
+        if main:
+            self.summary = {"step": self.step, **self.summary_extra(), **final}
+            path = self.save_final(final)
+            from align.atomic import atomic_write_text
 
-        self.summary = {"step": self.step, **self.summary_extra(), **final}
-        atomic_write_text(self.out / "final_metrics.json", json.dumps(self.summary, indent=2, default=str))
+            atomic_write_text(self.out / "final_metrics.json", json.dumps(self.summary, indent=2, default=str))
+        self.processes.barrier()  # every process returns once the run's files are complete
+        if not main:
+            path = self.final_path()
         return path
+
+    def final_path(self) -> Path:
+        """Where `save_final` puts what the run delivers (what processes other than the main one return)."""
+        return self.out
+
+    # -- where the run is ----------------------------------------------------------------------------
+    def config_as_given(self):
+        """The config as the user wrote it (device: auto, not this process's resolved device), for config.yaml."""
+        import copy
+
+        given = copy.copy(self.config)
+        given.device = self.requested_device
+        return given
+
+    def cpu_only(self, field: str, apply) -> None:
+        """Apply a CPU-process setting (glibc heap, CPU threads) only where the base lives on the CPU."""
+        if self.config.device == "cpu":
+            apply()
+        elif self.processes.is_main:
+            print(f"[align] {field} applies to CPU runs; ignored on {self.config.device}")
+
+    def warn_slow_bfloat16(self) -> None:
+        import warnings
+
+        from align.hardware import fast_bfloat16
+
+        if self.config.dtype == "bfloat16" and not fast_bfloat16(self.config.device):
+            warnings.warn(f"dtype bfloat16 on {self.config.device}: this machine emulates bfloat16 matrix "
+                          "work (several times slower than float32); use float32 here", stacklevel=2)
 
     def epoch(self) -> float:
         return self.step / max(1, self.steps_per_epoch) if getattr(self, "steps_per_epoch", 0) else 0.0

@@ -9,6 +9,11 @@
 
 The lifecycle (setup, checkpoints, resume, metrics) is align.trainer's. `PPOTrainer.ppo_step`
 is the algorithm and reads top to bottom; the equations are in align/ppo/algorithms.py.
+
+On N processes each takes prompts_per_step / N of a step's prompts (all their generations, so
+GRPO/RLOO groups stay whole) and samples them with its own engine; advantages are whitened per
+process; the KL that stops a run or drives the adaptive coefficient is the global mean, so every
+process decides the same (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class PPOTrainer(Trainer):
         self.base.set_active("policy")
         self.kl_coef = c.kl_coef
 
+        if c.prompts_per_step % self.processes.world:
+            raise UserError(f"prompts_per_step: {c.prompts_per_step} prompts cannot be shared evenly by "
+                            f"{self.processes.world} processes; use a multiple of {self.processes.world}")
         tok = self.base.tokenizer
         self.train_rows = load_rows(c.prompts, c.num_train_prompts, c.seed)
         if c.eval_prompts is not None:
@@ -89,7 +97,7 @@ class PPOTrainer(Trainer):
     def optimizer_steps(self) -> int:
         c = self.config
         per_update = c.per_device_train_batch_size * c.gradient_accumulation_steps
-        return c.max_steps * c.num_ppo_epochs * math.ceil(c.batch_size / per_update)
+        return c.max_steps * c.num_ppo_epochs * math.ceil(c.batch_size // self.processes.world / per_update)
 
     def trained_adapters(self) -> list[str]:
         return ["policy", "critic"] if self.critic else ["policy"]
@@ -124,11 +132,11 @@ class PPOTrainer(Trainer):
         t = time.perf_counter()
 
         # 1. Rollout: sample G completions for each of this step's prompts with the current policy.
-        idx = prompt_indices(len(self.train_rows), c.prompts_per_step, c.seed, step)
+        idx = self.processes.shard(prompt_indices(len(self.train_rows), c.prompts_per_step, c.seed, step))
         rows = [self.train_rows[i] for i in idx]
         samples = self.engine.generate([self.train_ids[i] for i in idx], n=c.num_generations,
                                        max_new_tokens=c.max_completion_length, temperature=c.temperature,
-                                       top_p=c.top_p, seed=self._seed(step), adapter="policy")
+                                       top_p=c.top_p, seed=self._seed(step) + self.processes.rank, adapter="policy")
         batch = pack(samples, rows, base.tokenizer.pad_token_id)
         mask = batch.mask
         t = _lap(times, "rollout", t)
@@ -147,7 +155,8 @@ class PPOTrainer(Trainer):
         # 4. Rewards and advantages.
         kl = A.kl_penalty(old_logp, ref_logp, c.kl_estimator) * mask           # (B, T)
         kl_seq = kl.sum(1)                                                       # (B,)
-        self._check_kl(step, kl_seq)
+        kl_mean = self.processes.mean({"kl": kl_seq.mean().item()})["kl"]        # every process's
+        self._check_kl(step, kl_mean)
         kl_coef_in_reward = self.kl_coef if c.kl_in_reward else 0.0
         returns = None
         if self.critic:
@@ -171,10 +180,10 @@ class PPOTrainer(Trainer):
         self.last_sync = self.engine.sync(base, adapter="policy")
         t = _lap(times, "sync", t)
 
-        # 7. Adaptive KL coefficient (Ziegler et al.), driven by the per-sequence KL.
-        kl_mean = kl_seq.mean().item()
+        # 7. Adaptive KL coefficient (Ziegler et al.), driven by the per-sequence KL of the global batch.
         if c.kl_target is not None:
-            self.kl_coef = A.adaptive_kl_coef(self.kl_coef, kl_mean, c.kl_target, c.kl_horizon, mask.shape[0])
+            self.kl_coef = A.adaptive_kl_coef(self.kl_coef, kl_mean, c.kl_target, c.kl_horizon,
+                                              mask.shape[0] * self.processes.world)
 
         return self._step_metrics(batch, scores, parts, kl, kl_mean, entropy, advantages, old_logp, updates,
                                   times, old_values, returns)
@@ -236,6 +245,7 @@ class PPOTrainer(Trainer):
             "response/length": mask.sum(1).mean().item(),
             "response/stopped": batch.stopped.mean().item(),
             "sync/bytes": self.last_sync.bytes,
+            **({"allreduce_bytes": mean["allreduce_bytes"]} if "allreduce_bytes" in mean else {}),
             "sync/max_abs_diff": self.last_sync.max_abs_diff if self.last_sync.max_abs_diff is not None else math.nan,
             **{f"time/{k}": v for k, v in times.items()},
             "tokens_per_s/rollout": n_tokens / max(times["rollout"], 1e-9),
@@ -305,6 +315,9 @@ class PPOTrainer(Trainer):
         before = getattr(self, "reward_before", None)
         return {} if before is None else {"eval/reward_before": before}
 
+    def final_path(self) -> Path:
+        return self.out / "policy"
+
     def save_final(self, final: dict) -> Path:
         from safetensors.torch import save_file
 
@@ -327,8 +340,7 @@ class PPOTrainer(Trainer):
     def _seed(self, step: int) -> int:
         return (self.config.seed * 1_000_003 + step) % (2 ** 31)
 
-    def _check_kl(self, step: int, kl_seq: torch.Tensor) -> None:
-        kl = kl_seq.mean().item()
+    def _check_kl(self, step: int, kl: float) -> None:
         if not math.isfinite(kl) or kl > self.config.max_kl:
             raise TrainingDiverged(f"step {step}: KL to the reference is {kl:.4g} nats per sequence "
                                    f"(max_kl={self.config.max_kl}); stopping. {self.last_good()}")
