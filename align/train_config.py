@@ -115,7 +115,7 @@ class TrainConfig(ModelConfig):
     gradient_accumulation_steps: int = arg(1, "Forward passes per optimizer step.")
     num_train_epochs: int = arg(1, "Passes over the training data.")
     max_steps: int = arg(-1, "Stop after this many steps (-1: run num_train_epochs).")
-    logging_steps: int = arg(1, "Write metrics every N steps (and at the last).")
+    logging_steps: int = arg(1, "Write metrics every N steps (and at the last); at least 1.")
     eval_steps: int = arg(0, "Evaluate every N steps (0: only at the end).")
     save_steps: int = arg(50, "Checkpoint every N steps (0: only at the end).")
     save_total_limit: int = arg(2, "Checkpoints kept; older ones are deleted once a newer one is complete.")
