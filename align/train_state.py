@@ -124,6 +124,43 @@ def nonfinite(tensors: dict) -> list[str]:
             if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+def damaged(tensors: dict) -> list[str]:
+    """Tensors no healthy run holds: NaN or infinity anywhere, or a negative Adam second moment."""
+    return nonfinite(tensors) or [k for k, t in tensors.items() if k.endswith(".exp_avg_sq") and bool((t < 0).any())]
+
+
+def adam_bound(beta1: float, beta2: float) -> float:
+    """Largest |exp_avg| / sqrt(exp_avg_sq) Adam can reach from any gradients (Cauchy-Schwarz over the sums)."""
+    if beta1 * beta1 >= beta2:
+        return float("inf")
+    return (1 - beta1) / ((1 - beta2) * (1 - beta1 * beta1 / beta2)) ** 0.5
+
+
+def inconsistent_moments(state: dict, param_groups: list[dict], prefix: str = "optim") -> list[str]:
+    """Parameters whose Adam moments no sequence of gradients could produce: a corrupted optimizer state.
+
+    `state` maps "<prefix>.<pid>.<name>" to tensors (a checkpoint's) or pid -> {name: tensor} (a live one).
+    """
+    betas = {pid: g.get("betas", (0.9, 0.999)) for g in param_groups for pid in g.get("params", [])}
+    if state and all(isinstance(k, str) for k in state):
+        live: dict = {}
+        for key, t in state.items():
+            if key.startswith(prefix + "."):
+                _, pid, name = key.split(".", 2)
+                live.setdefault(int(pid), {})[name] = t
+        state = live
+    bad = []
+    for pid, st in state.items():
+        m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+        if not (torch.is_tensor(m) and torch.is_tensor(v)) or pid not in betas:
+            continue
+        bound = adam_bound(*betas[pid]) * 1.01  # rounding headroom
+        # Moments below 1e-12 move a weight by at most ~1e-4 * lr (eps = 1e-8): not worth a false alarm.
+        if bool((m.abs() > bound * v.clamp(min=0).sqrt() + 1e-12).any()):
+            bad.append(f"{prefix}.{pid}")
+    return bad
+
+
 def read_state(path: Path) -> dict:
     try:
         state = json.loads((path / "state.json").read_text())
@@ -163,9 +200,16 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         if digest is not None and sha256_file(f) != digest:
             raise CheckpointError(f"{f}: checksum mismatch (the file was changed or damaged after it was written)")
         if rel.endswith(".safetensors"):
-            bad = nonfinite(load_tensors(f))
+            tensors = load_tensors(f)
+            bad = damaged(tensors)
             if bad:
-                raise CheckpointError(f"{f}: tensor {bad[0]} holds NaN or infinity ({len(bad)} such tensors)")
+                raise CheckpointError(f"{f}: tensor {bad[0]} holds NaN, infinity or a negative second moment "
+                                      f"({len(bad)} such tensors)")
+            groups = (state.get("optimizer") or {}).get("param_groups") or []
+            bad = inconsistent_moments(tensors, groups) if rel == "tensors.safetensors" else []
+            if bad:
+                raise CheckpointError(f"{f}: the optimizer moments of {bad[0]} are beyond what any gradients give "
+                                      f"(|exp_avg| > bound * sqrt(exp_avg_sq)): a corrupted optimizer state")
     return state
 
 
@@ -288,10 +332,10 @@ class TrainState:
         path = Path(path)
         state = read_state(path)
         tensors = load_tensors(path / "tensors.safetensors")
-        bad = nonfinite(tensors) or [k for k, t in tensors.items() if k.endswith(".exp_avg_sq") and bool((t < 0).any())]
+        bad = damaged(tensors)
         if bad:
-            raise CheckpointError(f"{path / 'tensors.safetensors'}: tensor {bad[0]} holds NaN, infinity or (a second "
-                                  f"moment) a negative value: a corrupted optimizer state")
+            raise CheckpointError(f"{path / 'tensors.safetensors'}: tensor {bad[0]} holds NaN, infinity or a "
+                                  f"negative second moment: a corrupted optimizer state")
         if sorted(state.get("adapters") or []) != sorted(self.adapters):
             raise UserError(f"{path}: holds adapters {state.get('adapters')}, this run trains {self.adapters}")
         try:

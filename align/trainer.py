@@ -232,10 +232,11 @@ class Trainer:
                    if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
         for kind, tensors in (("optimizer state", moments), ("trained tensors", params)):
             if tensors and not bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
-                negative = any(bool((st["exp_avg_sq"] < 0).any()) for st in self.optimizer.state.values()
-                               if torch.is_tensor(st.get("exp_avg_sq")))
+                from align.train_state import inconsistent_moments
+
+                corrupt = inconsistent_moments(self.optimizer.state, self.optimizer.param_groups)
                 cause = ("a corrupted optimizer state (e.g. from a damaged checkpoint)"
-                         if kind == "optimizer state" or negative
+                         if kind == "optimizer state" or corrupt
                          else f"the learning rate ({lr:g}) is too high for this model")
                 raise TrainingDiverged(f"step {self.step + 1}: the {kind} turned NaN or infinite after the update; "
                                        f"likely cause: {cause}. Stopped before saving anything. {self.last_good()}")
