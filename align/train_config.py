@@ -11,6 +11,7 @@ project spelled differently are listed in `RENAMED` and rejected with their new 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -53,6 +54,20 @@ def _at_least_zero(config, *names: str) -> None:
         value = getattr(config, name)
         if value < 0:
             raise ValueError(f"{name}: expected a number >= 0, got {value}")
+
+
+def _finite(config) -> None:
+    """No float field of any recipe may be NaN; learning rates and the optimisation knobs not infinite either."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if math.isnan(value) or f.name.endswith("learning_rate") or f.name in FINITE:
+            raise ValueError(f"{f.name}: expected a finite number, got {value}")
+
+
+# Float fields of TrainConfig for which infinity is no setting (a recipe's own fields may use it, e.g. max_kl).
+FINITE = ("weight_decay", "max_grad_norm", "warmup_ratio", "lora_dropout")
 
 
 @dataclass
@@ -126,6 +141,7 @@ class TrainConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _finite(self)
         if self.bf16:
             if self.dtype not in ("float32", "bfloat16"):
                 raise ValueError(f"bf16: true contradicts dtype: {self.dtype}")
