@@ -157,9 +157,10 @@ class Trainer:
         c = self.config
         self.model_path = resolve_model(c.model_name_or_path)  # a wrong path fails before anything is touched
         check_model_available(c.model_name_or_path, self.model_path)
-        checkpoint = prepare_output_dir(self.out, self.resume, self.overwrite)
+        # Swept first: a checkpoint moved aside by a killed replace is put back before resume looks.
         for name in sweep_run_temps(self.out):
             print(f"[align] removed {name}, left by an earlier run killed while writing it")
+        checkpoint = prepare_output_dir(self.out, self.resume, self.overwrite)
         if c.num_threads:
             torch.set_num_threads(c.num_threads)
         if c.heap_mmap_threshold_mb is not None:
@@ -220,6 +221,7 @@ class Trainer:
         self.scheduler.step()
         return {**agg, "grad_norm": grad_norm.item(), "learning_rate": lr}
 
+    @torch.no_grad()
     def check_finite(self, lr: float) -> None:
         """Stop the run if the update left a trained tensor or the optimizer state non-finite.
 
@@ -231,7 +233,10 @@ class Trainer:
         moments = [t for st in self.optimizer.state.values() for t in st.values()
                    if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
         for kind, tensors in (("optimizer state", moments), ("trained tensors", params)):
-            if tensors and not bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+            if not tensors:
+                continue
+            norms = torch._foreach_norm(tensors)
+            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
                 from align.train_state import inconsistent_moments
 
                 corrupt = inconsistent_moments(self.optimizer.state, self.optimizer.param_groups)
