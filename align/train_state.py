@@ -188,11 +188,19 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     """Check `path` completely (files, checksums, finite tensors); returns its state or raises CheckpointError."""
     path = Path(path)
     state = read_state(path)
+    missing = [k for k in ("adapters", "optimizer", "rng") if k not in state]
+    if missing or not isinstance(state["adapters"], list) or not all(
+            isinstance(a, str) and re.fullmatch(r"\w[\w.-]*", a) for a in state["adapters"]):
+        raise CheckpointError(f"{path / 'state.json'}: lacks {missing or 'a list of adapters'} (not a checkpoint "
+                              f"of this kind, or damaged)")
     listed = state.get("files")
     if listed is None:  # written before checksums were recorded: check what can be checked
         listed = {p.relative_to(path).as_posix(): None for p in path.rglob("*.safetensors")}
-        if "tensors.safetensors" not in listed:
-            raise CheckpointError(f"{path / 'tensors.safetensors'}: missing (the checkpoint is incomplete)")
+    if not isinstance(listed, dict) or any(Path(k).is_absolute() or ".." in Path(k).parts for k in listed):
+        raise CheckpointError(f"{path / 'state.json'}: 'files' must map paths inside the checkpoint to checksums")
+    needed = ["tensors.safetensors"] + [f"adapters/{a}/adapter_model.safetensors" for a in state["adapters"]]
+    for rel in needed:  # a list that leaves a file out does not get it past the check
+        listed.setdefault(rel, None)
     for rel, digest in sorted(listed.items()):
         f = path / rel
         if not f.is_file():

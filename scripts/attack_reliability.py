@@ -96,6 +96,11 @@ def corrupt_state(model: Path, tmp: Path) -> list[bool]:
         save_file(t, str(ck / "tensors.safetensors"))
         fix_sum(ck, "tensors.safetensors")
 
+    def edit_state(ck: Path, change) -> None:
+        state = json.loads((ck / "state.json").read_text())
+        change(state)
+        (ck / "state.json").write_text(json.dumps(state))
+
     def flip(p: Path, at: float) -> None:
         b = bytearray(p.read_bytes())
         b[int(len(b) * at)] ^= 0x01
@@ -135,6 +140,11 @@ def corrupt_state(model: Path, tmp: Path) -> list[bool]:
         "NaN adapter weight, sum fixed": lambda c: (
             save_file({k: v * float("nan") for k, v in load_file(str(c / adapter)).items()}, str(c / adapter)),
             fix_sum(c, adapter)),
+        "files lists a path outside": lambda c: edit_state(c, lambda st: st["files"].update({"../../x": "0"})),
+        "NaN adapter, dropped from files": lambda c: (
+            save_file({k: v * float("nan") for k, v in load_file(str(c / adapter)).items()}, str(c / adapter)),
+            edit_state(c, lambda st: st["files"].pop(adapter))),
+        "adapter name ../..": lambda c: edit_state(c, lambda st: st.update(adapters=["../.."])),
         "LATEST ../../etc": lambda c: (c.parent / "LATEST").write_text("../../etc"),
         "LATEST absolute": lambda c: (c.parent / "LATEST").write_text(str(c.parent.parent.parent)),
         "LATEST binary": lambda c: (c.parent / "LATEST").write_bytes(b"\xff\xfe"),
