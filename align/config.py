@@ -172,7 +172,10 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         try:
             data, lines = _key_lines(path)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top level")
     for item in overrides:

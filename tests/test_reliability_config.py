@@ -130,3 +130,11 @@ def test_check_config_passes_a_good_config(tiny_llama, tmp_path):
     done = run(command("dpo", tiny_llama, tmp_path / "run", "--check-config"))
     assert done.returncode == 0, done.stderr
     assert "# config OK: DPOConfig" in done.stdout and not (tmp_path / "run").exists()
+
+
+def test_a_file_that_is_not_yaml_is_one_line_with_its_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("seed: 1\nbeta: 0.1\n  learning_rate: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(DPOConfig, path)
+    assert str(e.value) == f"{path}:3: not valid YAML (mapping values are not allowed here)"
