@@ -226,8 +226,8 @@ class Trainer:
         """Stop the run if the update left a trained tensor or the optimizer state non-finite.
 
         Checked after every update, so a bad step stops the run before it can reach a checkpoint
-        (docs/design.md, "The run skeleton"). One fused norm per group of tensors keeps it cheap; a
-        NaN or infinity anywhere makes the norm non-finite.
+        (docs/design.md, "The run skeleton"). One fused max-norm per group of tensors keeps it cheap;
+        a NaN or infinity anywhere makes it non-finite.
         """
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         moments = [t for st in self.optimizer.state.values() for t in st.values()
@@ -235,7 +235,7 @@ class Trainer:
         for kind, tensors in (("optimizer state", moments), ("trained tensors", params)):
             if not tensors:
                 continue
-            norms = torch._foreach_norm(tensors)
+            norms = torch._foreach_norm(tensors, float("inf"))  # max |x|: finite for any finite tensor, unlike L2
             if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
                 from align.train_state import inconsistent_moments
 
