@@ -268,6 +268,8 @@ class Trainer:
         try:
             return self._train()
         finally:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()  # ends the bar's line, so an error after it starts a line of its own
             self.logger.close()  # metrics are flushed whatever happens; engines stay up until close()
 
     def _train(self) -> Path:
@@ -275,7 +277,8 @@ class Trainer:
 
         c = self.config
         self.before_train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True)
+        bar = self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
+                               dynamic_ncols=True)
         final = None
         while self.step < self.total_steps:
             t0 = time.perf_counter()

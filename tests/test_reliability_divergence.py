@@ -33,7 +33,8 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def error_lines(done: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    """The error lines, each starting a line of its own (not glued to the progress bar's)."""
+    return [line for line in done.stderr.replace("\r", "\n").split("\n") if line.startswith("error: ")]
 
 
 def test_absurd_learning_rate_stops_before_saving_and_keeps_the_good_checkpoint(tiny_llama, tmp_path):
