@@ -58,7 +58,7 @@ def run_is_sound(out: Path, steps: int) -> bool:
             and all(verify_checkpoint(p) for p in ck.glob("step-*")))
 
 
-def crash_safety(model: Path, tmp: Path, rng: random.Random, n: int = 4) -> list[bool]:
+def crash_safety(model: Path, tmp: Path, rng: random.Random, n: int = 3) -> list[bool]:
     held = []
     for i in range(n):
         out = tmp / f"crash{i}"
