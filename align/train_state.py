@@ -211,7 +211,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
             tensors = load_tensors(f)
             bad = damaged(tensors)
             if bad:
-                raise CheckpointError(f"{f}: tensor {bad[0]} holds NaN, infinity or a negative second moment "
+                what = "a negative second moment" if bad[0].endswith(".exp_avg_sq") and not nonfinite(
+                    {bad[0]: tensors[bad[0]]}) else "NaN or infinity"
+                raise CheckpointError(f"{f}: tensor {bad[0]} holds {what} "
                                       f"({len(bad)} such tensors)")
             groups = (state.get("optimizer") or {}).get("param_groups") or []
             bad = inconsistent_moments(tensors, groups) if rel == "tensors.safetensors" else []
