@@ -51,3 +51,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove what atomic writes killed mid-way left in `folder`; returns the names removed.
+
+    `.NAME.tmp-*` is a half-built file or folder: deleted. `.NAME.old-*` is the previous copy
+    of a folder whose replacement was killed between its two renames: put back when NAME is
+    missing, else deleted. Only this module's own prefixes are touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        name = p.name
+        if not name.startswith(".") or (".tmp-" not in name and ".old-" not in name):
+            continue
+        if ".old-" in name:
+            target = folder / name[1:].rsplit(".old-", 1)[0]
+            if not target.exists():
+                os.replace(p, target)
+                continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(name)
+    return removed

@@ -111,7 +111,7 @@ def _build(cls: type[T], data: dict, source: str, lines: dict[str, int], prefix:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        where = f"{source}:{lines[dotted]}: {dotted}" if dotted in lines else f"{source}: {dotted}"
+        where = f"{_place(source, lines, dotted)}: {dotted}"
         if key not in fields:
             renamed = getattr(cls, "RENAMED", {}).get(key)
             if renamed:
@@ -125,7 +125,27 @@ def _build(cls: type[T], data: dict, source: str, lines: dict[str, int], prefix:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
+        raise ConfigError(_where_check_failed(str(e), source, lines, prefix, cls)) from None
+
+
+def _where_check_failed(message: str, source: str, lines: dict[str, int], prefix: str, cls: type) -> str:
+    """`file:line: message` when the message starts with a field set on a line of the file, else `file: Class: message`."""
+    head = message.split(":", 1)[0]
+    fields = [w for w in head.replace(",", " ").split() if w not in ("and", "or")]
+    for name in fields:
+        if f"{prefix}{name}" in lines:
+            return f"{_place(source, lines, prefix + name)}: {message}"
+    if fields and fields[0] in {f.name for f in dataclasses.fields(cls)}:
+        return f"{source}: {message}"
+    return f"{source}: {prefix.rstrip('.') or cls.__name__}: {message}"
+
+
+def _place(source: str, lines: dict[str, int | str], dotted: str) -> str:
+    """Where a key was set: `file:line`, the override that set it (`--set key=value`), or just the file."""
+    place = lines.get(dotted)
+    if isinstance(place, str):
+        return f"--set {place}"
+    return f"{source}:{place}" if place is not None else source
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -152,7 +172,10 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         try:
             data, lines = _key_lines(path)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top level")
     for item in overrides:
@@ -164,7 +187,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item}: {part} is not a section")
         node[parts[-1]] = value
-        lines.pop(key, None)
+        lines[key] = item  # errors about this key name the override, not the file's line
     return _build(cls, data, source, lines)
 
 

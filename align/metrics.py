@@ -25,11 +25,20 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(self.run_dir / "tb"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the curve has no duplicates."""
+        """On resume, drop lines logged after the checkpoint so the curve has no duplicates.
+
+        A line torn by a kill mid-write is dropped too; step -1 (a fresh start) drops everything.
+        """
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
+                keep.append(line)
         from align.atomic import atomic_write_text
 
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))

@@ -28,13 +28,31 @@ def add_recipe_arguments(p: argparse.ArgumentParser, cls: type) -> None:
 
 
 def config_or_check(cls: type, args: argparse.Namespace):
-    """The config the arguments describe; with --check-config, print it and return None."""
+    """The config the arguments describe; with --check-config, check it fully, print it and return None."""
     config = config_from_args(cls, args)
     if args.check_config:
+        preflight(config, getattr(args, "resume", None), getattr(args, "overwrite", False))
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         print(f"# config OK: {cls.__name__}")
         return None
     return config
+
+
+def preflight(config, resume=None, overwrite: bool = False) -> None:
+    """What a run checks before it loads a model, without loading or changing anything.
+
+    The model path (a local folder, 'smollm2', or a hub id cached when offline) and the output
+    folder policy (a file, a finished run without --resume/--overwrite, a damaged checkpoint).
+    """
+    from pathlib import Path
+
+    from align.model import resolve_model
+    from align.trainer import check_model_available, prepare_output_dir
+
+    name = config.model_name_or_path
+    if name != "smollm2":  # resolving 'smollm2' may build it: that is the run's job, not a check's
+        check_model_available(name, resolve_model(name))
+    prepare_output_dir(Path(config.output_dir), resume, overwrite, dry_run=True)
 
 
 def train_from_args(config_cls: type, trainer_cls: type, args: argparse.Namespace):

@@ -11,6 +11,7 @@ project spelled differently are listed in `RENAMED` and rejected with their new 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -53,6 +54,20 @@ def _at_least_zero(config, *names: str) -> None:
         value = getattr(config, name)
         if value < 0:
             raise ValueError(f"{name}: expected a number >= 0, got {value}")
+
+
+def _finite(config) -> None:
+    """No float field of any recipe may be NaN; learning rates and the optimisation knobs not infinite either."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if math.isnan(value) or f.name.endswith("learning_rate") or f.name in FINITE:
+            raise ValueError(f"{f.name}: expected a finite number, got {value}")
+
+
+# Float fields of TrainConfig for which infinity is no setting (a recipe's own fields may use it, e.g. max_kl).
+FINITE = ("weight_decay", "max_grad_norm", "warmup_ratio", "lora_dropout")
 
 
 @dataclass
@@ -132,7 +147,7 @@ class TrainConfig(ModelConfig):
     gradient_accumulation_steps: int = arg(1, "Forward passes per optimizer step.")
     num_train_epochs: int = arg(1, "Passes over the training data.")
     max_steps: int = arg(-1, "Stop after this many steps (-1: run num_train_epochs).")
-    logging_steps: int = arg(1, "Write metrics every N steps (and at the last).")
+    logging_steps: int = arg(1, "Write metrics every N steps (and at the last); at least 1.")
     eval_steps: int = arg(0, "Evaluate every N steps (0: only at the end).")
     save_steps: int = arg(50, "Checkpoint every N steps (0: only at the end).")
     save_total_limit: int = arg(2, "Checkpoints kept; older ones are deleted once a newer one is complete.")
@@ -144,6 +159,7 @@ class TrainConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _finite(self)
         if self.bf16:
             if self.dtype not in ("float32", "bfloat16"):
                 raise ValueError(f"bf16: true contradicts dtype: {self.dtype}")

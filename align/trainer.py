@@ -32,22 +32,33 @@ import torch
 
 from align.distributed import Processes
 from align.errors import TrainingDiverged, UserError
-from align.train_state import CHECKPOINTS, TrainState, find_checkpoint, latest_checkpoint
+from align.train_state import (
+    CHECKPOINTS,
+    CheckpointError,
+    TrainState,
+    find_checkpoint,
+    latest_checkpoint,
+    sweep_run_temps,
+)
 
 # Files whose presence means a folder already holds a run.
 RUN_MARKERS = ("config.yaml", CHECKPOINTS, "metrics.jsonl")
 
 
 def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: bool = False,
-                       main: bool = True) -> Path | None:
+                       main: bool = True, dry_run: bool = False) -> Path | None:
     """Apply the output-folder policy; returns the checkpoint to resume from, if any.
 
     A folder that already holds a run is refused unless `resume` (continue it: the latest
     checkpoint, or the one named) or `overwrite` (delete it and start over) is given.
     Only the main process (`main`) deletes; the others apply the same checks and read.
+    `dry_run` (--check-config): every check, nothing deleted.
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} is a file; expected a folder (new or holding a run)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"output_dir: {out} is inside {blocking}, which is a file")
     held = [m for m in RUN_MARKERS if (out / m).exists()]
     if resume:
         if overwrite:
@@ -56,14 +67,28 @@ def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: b
         if checkpoint is None and main:
             print(f"[align] no checkpoint in {out}; starting fresh")
         return checkpoint
-    if held and main:
+    if held:
         if not overwrite:
             raise UserError(f"output_dir: {out} already holds a run ({', '.join(held)}); pass --resume to "
                             f"continue it or --overwrite to delete it and start over")
         if out.resolve() in (Path.cwd().resolve(), Path.home().resolve(), Path("/")):
             raise UserError(f"--overwrite: refusing to delete {out.resolve()}; choose a run folder of its own")
-        shutil.rmtree(out)
+        if main and not dry_run:
+            shutil.rmtree(out)
     return None
+
+
+def check_model_available(name: str, resolved: str) -> None:
+    """With the hub offline, a name that is neither a local folder nor cached is an error now, not at load."""
+    import os
+
+    if Path(resolved).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(resolved, "config.json"), str):
+        raise UserError(f"model_name_or_path: {name!r} is not a local folder, and the hub is offline "
+                        f"(HF_HUB_OFFLINE) with no cached copy of it")
 
 
 def seed_everything(seed: int) -> None:
@@ -161,6 +186,13 @@ class Trainer:
         if self.base is not None:  # a base already in memory stays where it is
             c.device = str(next(self.base.model.parameters()).device)
         main = self.processes.is_main
+        self.model_path = resolve_model(c.model_name_or_path)  # a wrong path fails before anything is touched
+        check_model_available(c.model_name_or_path, self.model_path)
+        if main:
+            # Swept first: a checkpoint moved aside by a killed replace is put back before resume looks.
+            for name in sweep_run_temps(self.out):
+                print(f"[align] removed {name}, left by an earlier run killed while writing it")
+        self.processes.barrier()
         checkpoint = prepare_output_dir(self.out, self.resume, self.overwrite, main)
         self.processes.barrier()  # the main process's --overwrite deletion is done before anyone goes on
         if c.num_threads:
@@ -169,7 +201,6 @@ class Trainer:
             self.cpu_only("heap_mmap_threshold_mb", lambda: limit_heap_fragmentation(c.heap_mmap_threshold_mb))
         self.warn_slow_bfloat16()
         seed_everything(c.seed)
-        self.model_path = resolve_model(c.model_name_or_path)
         if self.base is None:
             # Build order matters: the base, then adapters and heads on it (build), then the optimizer
             # over exactly the trained tensors, then the restored state, then engines (start).
@@ -197,7 +228,8 @@ class Trainer:
             self.logger = MetricsLogger(self.out, c.tensorboard)
         else:
             self.logger = NullLogger()
-        self.logger.truncate_after(self.step)  # a killed attempt may have logged past its last checkpoint
+        # A killed attempt may have logged past its last checkpoint; with none, everything it logged is redone.
+        self.logger.truncate_after(self.step if checkpoint is not None else -1)
         self.start()
         self._setup_done = True
 
@@ -243,15 +275,45 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step + 1}: the gradient norm is {grad_norm.item()}; stopped "
                                    f"before updating. {self.last_good()}")
         self.optimizer.step()
+        self.check_finite(lr)
         self.scheduler.step()
         return {**agg, "grad_norm": grad_norm.item(), "learning_rate": lr}
 
     def bad_loss_message(self, loss) -> str:
         return f"step {self.step + 1}: the loss is {loss}; stopped before updating. {self.last_good()}"
 
+    @torch.no_grad()
+    def check_finite(self, lr: float) -> None:
+        """Stop the run if the update left a trained tensor or the optimizer state non-finite.
+
+        Checked after every update, so a bad step stops the run before it can reach a checkpoint
+        (docs/design.md, "The run skeleton"). One fused max-norm per group of tensors keeps it cheap;
+        a NaN or infinity anywhere makes it non-finite.
+        """
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        moments = [t for st in self.optimizer.state.values() for t in st.values()
+                   if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
+        for kind, tensors in (("optimizer state", moments), ("trained tensors", params)):
+            if not tensors:
+                continue
+            norms = torch._foreach_norm(tensors, float("inf"))  # max |x|: finite for any finite tensor, unlike L2
+            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+                from align.train_state import inconsistent_moments
+
+                corrupt = inconsistent_moments(self.optimizer.state, self.optimizer.param_groups)
+                cause = ("a corrupted optimizer state (e.g. from a damaged checkpoint)"
+                         if kind == "optimizer state" or corrupt
+                         else f"the learning rate ({lr:g}) is too high for this model")
+                raise TrainingDiverged(f"step {self.step + 1}: the {kind} turned NaN or infinite after the update; "
+                                       f"likely cause: {cause}. Stopped before saving anything. {self.last_good()}")
+
     def last_good(self) -> str:
-        path = latest_checkpoint(self.out)
-        return (f"The last good checkpoint {path} is intact (continue with --resume, perhaps with a lower "
+        """What a diverged run can continue from, claiming intact only what was verified just now."""
+        try:
+            path = latest_checkpoint(self.out, say=lambda _: None)
+        except CheckpointError as e:
+            return f"No checkpoint is intact: {e}"
+        return (f"The newest checkpoint, {path}, verified intact (continue with --resume, perhaps with a lower "
                 f"learning_rate)." if path else "No checkpoint was written yet.")
 
     # -- the run ---------------------------------------------------------------------------------
@@ -270,6 +332,8 @@ class Trainer:
         try:
             return self._train()
         finally:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()  # ends the bar's line, so an error after it starts a line of its own
             self.logger.close()  # metrics are flushed whatever happens; engines stay up until close()
 
     def _train(self) -> Path:
@@ -278,8 +342,8 @@ class Trainer:
         c = self.config
         self.before_train()
         main = self.processes.is_main
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
-                   disable=not main)
+        bar = self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
+                               dynamic_ncols=True, disable=not main)
         final = None
         while self.step < self.total_steps:
             if self.processes.distributed:
@@ -308,10 +372,8 @@ class Trainer:
             if c.save_steps and self.step % c.save_steps == 0 and not last:
                 self.save_checkpoint()
         bar.close()
-        if final is None:  # nothing was left to train (a finished run, resumed), or not the main process
+        if final is None:  # nothing was left to train (a finished run, resumed): its last step logged this
             final = self.evaluate() if main else {}
-            if final:
-                self.logger.log(self.step, final)
         self.save_checkpoint()
         self.summary = {"step": self.step}  # a recipe's summary may read what only the main process evaluated
         if main:

@@ -27,7 +27,7 @@ class PPOConfig(TrainConfig):
     lr_scheduler_type: str = arg("constant", "transformers.get_scheduler name, over optimizer steps.")
     per_device_train_batch_size: int = arg(8, "Sequences per forward/backward pass in the update.")
     eval_steps: int = arg(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
-    save_steps: int = arg(10, "Checkpoint every N steps (and at the end).")
+    save_steps: int = arg(10, "Checkpoint every N steps and at the end (0: only at the end).")
 
     # -- prompts -------------------------------------------------------------------------------
     prompts: str = arg("arithmetic", "'arithmetic' (built-in demo task) or a JSONL file of {\"prompt\", \"answer\"} "
