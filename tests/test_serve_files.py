@@ -66,7 +66,7 @@ def _device_config(d):
 
 
 def _escaping_file_link(d):
-    secret = d.parent / "outside-secret.json"
+    secret = d.parent.parent / "outside-secret.json"
     secret.write_text(json.dumps(json.loads((d / "adapter_config.json").read_text())))
     (d / "adapter_config.json").unlink()
     (d / "adapter_config.json").symlink_to(secret)
@@ -95,7 +95,7 @@ HOSTILE_ADAPTERS = [
     ("config nested 100k deep", lambda d: (d / "adapter_config.json").write_text("[" * 100_000), 400, "JSON"),
     ("config 5000-digit integer", lambda d: edit_json(d / "adapter_config.json", r=None) or
      (d / "adapter_config.json").write_text('{"r": ' + "9" * 5000 + "}"), 400, "JSON"),
-    ("config 2 MiB", lambda d: (d / "adapter_config.json").write_text(" " * (2 << 20) + "{}"), 400, "at most"),
+    ("config 2 MiB", lambda d: (d / "adapter_config.json").write_text(" " * (2 << 20) + "{}"), 413, "at most"),
     ("r = 0", lambda d: edit_json(d / "adapter_config.json", r=0), 400, "'r'"),
     ("r = true", lambda d: edit_json(d / "adapter_config.json", r=True), 400, "'r'"),
     ("r = '8'", lambda d: edit_json(d / "adapter_config.json", r="8"), 400, "'r'"),
@@ -124,7 +124,7 @@ HOSTILE_ADAPTERS = [
         json.dumps({"base_fingerprint": {"hidden_size": 4096}})), 422, "trained on another base"),
     ("fingerprint not an object", lambda d: (d / "align_meta.json").write_text(
         json.dumps({"base_fingerprint": [1]})), 400, "base_fingerprint"),
-    ("meta a FIFO", lambda d: os.mkfifo(d / "align_meta.json"), 400, "a FIFO"),
+    ("meta a FIFO", lambda d: (d / "align_meta.json").unlink() or os.mkfifo(d / "align_meta.json"), 400, "a FIFO"),
     ("matrices of another base", _wrong_shapes, 422, "does not fit the served base"),
 ]
 
@@ -160,8 +160,8 @@ def test_good_adapter_copy_is_what_vllm_gets(good, tiny_llama, tmp_path):
     assert info.rank == 8 and info.snapshot == tmp_path / "copy"
     copied = tmp_path / "copy" / "adapter_model.safetensors"
     assert not copied.is_symlink() and copied.read_bytes() == (root / "weights.safetensors").read_bytes()
-    with pytest.raises(AdapterRefused) as e:
-        snapshot_adapter(folder, root.resolve(), tmp_path / "copy2", 100)  # --max-adapter-mib
+    with pytest.raises(AdapterRefused, match="--max-adapter-mib") as e:
+        snapshot_adapter(folder, root.resolve(), tmp_path / "copy2", 100)
     assert e.value.status == 413
 
 

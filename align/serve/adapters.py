@@ -185,7 +185,10 @@ def snapshot_adapter(src: Path, root: Path | None, dest: Path, limit: int) -> Ad
             copy_regular(folder / name, root, dest / name, name, limit if name == WEIGHTS else JSON_FILE_LIMIT)
         except AdapterRefused as e:
             if e.status == 404:
-                raise AdapterRefused(404, f"{folder}: not a safetensors PEFT adapter (no {name})") from None
+                raise AdapterRefused(404, f"{folder}: " + (f"not a PEFT adapter (no {CONFIG})" if name == CONFIG
+                                     else f"no {WEIGHTS} (only safetensors adapters are served)")) from None
+            if e.status == 413 and name == WEIGHTS:
+                raise AdapterRefused(413, f"{e.message} (--max-adapter-mib)") from None
             raise
     info = read_adapter(dest, dest)
     info.path = folder  # messages name the client's folder

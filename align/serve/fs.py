@@ -109,7 +109,7 @@ def copy_regular(src: Path, root: Path | None, dest: Path, what: str, limit: int
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise AdapterRefused(413, f"{what} {src} is {size} bytes; the limit is {limit} (--max-adapter-mib)")
+            raise AdapterRefused(413, f"{what} {src} is {size} bytes; at most {limit} are accepted")
         copied = 0
         with os.fdopen(os.dup(fd), "rb") as f, open(dest, "xb") as out:
             while chunk := f.read(min(1 << 20, limit + 1 - copied)):
