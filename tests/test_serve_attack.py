@@ -295,8 +295,8 @@ def test_concurrent_loads_and_generation_hold(attack):
 def test_load_inplace_replaces_weights_from_a_fresh_copy(attack):
     assert request(attack, *load("green", "green"))[0] == 200
     first = answer(attack, "green")
-    src = attack["allowed"] / "green" / "adapter_model.safetensors"
-    shutil.copy(attack["allowed"] / "red" / "adapter_model.safetensors", src)  # now red's weights
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # green's folder now holds red
+        shutil.copy(attack["allowed"] / "red" / name, attack["allowed"] / "green" / name)
     assert answer(attack, "green") == first  # vLLM reads its own copy: changing the source does nothing
     assert request(attack, *load("green", "green", load_inplace=True))[0] == 200
     assert answer(attack, "green")[0] == answer(attack, "red")[0]
