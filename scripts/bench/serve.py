@@ -77,7 +77,8 @@ def start_server(base: Path, adapters: dict[str, Path], zero_adapter: bool, log:
     cmd += ["--", "--enforce-eager"]
     env = dict(os.environ, PYTHONPATH=str(code))
     env.pop("ALIGN_API_KEY", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env)
+    # cwd too: `python -m` puts the working folder first on sys.path, ahead of PYTHONPATH.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env, cwd=code)
     found: list[str] = []
 
     def read():
