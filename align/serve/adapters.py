@@ -1,41 +1,97 @@
 """What `align serve` checks before an adapter reaches vLLM.
 
 vLLM loads whatever folder it is given; these checks turn a wrong folder into a clear 4xx message
-instead of a 500 or, worse, an adapter silently applied to a base it was not trained on.
+instead of a 500 or, worse, an adapter silently applied to a base it was not trained on. vLLM never
+reads a client's folder: the two files it reads are copied (confined, regular files only) into the
+server's private folder, the copy is checked, and vLLM loads the copy, which nobody else can change
+(docs/design.md, "Serving hostile input").
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.adapter_files import (
-    PEFT_PREFIX,
-    BaseInfo,
-    content_digest,
-    read_json_object,
-    safetensors_shapes,
-    vllm_max_lora_rank,
-    weight_files,
-)
+from align.adapter_files import PEFT_PREFIX, BaseInfo, content_digest, vllm_max_lora_rank, weight_files
+from align.serve.fs import JSON_FILE_LIMIT, copy_regular, inside, open_regular, read_regular, short
+from align.serve.refusal import AdapterRefused
+
+__all__ = ["AdapterInfo", "AdapterRefused", "check_adapter", "check_name", "read_adapter", "resolve_in_folder",
+           "snapshot_adapter"]
+
+CONFIG, WEIGHTS, META = "adapter_config.json", "adapter_model.safetensors", "align_meta.json"
+HEADER_LIMIT = 8 << 20  # a safetensors header of 8 MiB lists ~50,000 tensors
+# Model names clients may use: ASCII letters, digits and . _ : - (no look-alike letters, no paths).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-class AdapterRefused(Exception):
-    """An adapter that must not be served; `status` is the HTTP code the proxy answers with."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+def check_name(name: object, field: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise AdapterRefused(400, f"{field!r}: expected 1-128 ASCII letters, digits or . _ : - (starting with a "
+                                  f"letter or digit), got {short(name)}")
+    return name
 
 
 # -- reading folders -------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
+def parse_json_object(data: bytes, where: Path) -> dict:
+    """A JSON object from bytes; AdapterRefused(400) naming the file and line when it is not one."""
     try:
-        return read_json_object(path)
-    except ValueError as e:
-        raise AdapterRefused(400, str(e)) from None
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AdapterRefused(400, f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise AdapterRefused(400, f"{where}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # huge integers, nesting deeper than Python recurses
+        raise AdapterRefused(400, f"{where}: not usable JSON ({type(e).__name__}: {short(str(e), 80)})") from None
+    if not isinstance(value, dict):
+        raise AdapterRefused(400, f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_safetensors_header(path: Path, root: Path | None) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header, every field checked against the file's size."""
+    fd = open_regular(path, root, WEIGHTS)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise AdapterRefused(400, f"{path}: {size} bytes, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > HEADER_LIMIT or n > size - 8:
+            raise AdapterRefused(400, f"{path}: safetensors header length {n} does not fit the file "
+                                      f"({size} bytes; headers over {HEADER_LIMIT} bytes are refused)")
+        header = parse_json_object(os.pread(fd, n, 8), path)
+    finally:
+        os.close(fd)
+    data_size = size - 8 - n
+    shapes = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shapes[key] = _tensor_shape(path, key, entry, data_size)
+    return shapes
+
+
+def _tensor_shape(path: Path, key: str, entry: object, data_size: int) -> list[int]:
+    def ints(v, n=None):
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
+    if not isinstance(entry, dict) or not ints(entry.get("shape")) or not ints(entry.get("data_offsets"), 2):
+        raise AdapterRefused(400, f"{path}: tensor {short(key)}: expected dtype, shape and data_offsets")
+    shape, (begin, end) = entry["shape"], entry["data_offsets"]
+    item = DTYPE_SIZES.get(entry.get("dtype"))
+    if item is None or not begin <= end <= data_size or end - begin != math.prod(shape) * item:
+        raise AdapterRefused(400, f"{path}: tensor {short(key)}: dtype {short(entry.get('dtype'))}, shape "
+                                  f"{short(shape)} and data_offsets {[begin, end]} do not fit the file")
+    return shape
 
 
 @dataclass
@@ -44,25 +100,100 @@ class AdapterInfo:
     rank: int
     config: dict
     meta: dict | None
+    shapes: dict[str, list[int]]
+    snapshot: Path | None = None  # the private copy vLLM loads (runtime and start-up adapters)
 
 
-def read_adapter(path: str | os.PathLike) -> AdapterInfo:
-    """Read a PEFT adapter folder; AdapterRefused(404/400) when it is missing or not one."""
-    path = Path(path)
-    if not path.is_dir():
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _folder(path: Path, root: Path | None) -> Path:
+    try:
+        real = Path(os.path.realpath(path))
+        is_dir = real.is_dir()
+    except (OSError, ValueError) as e:
+        raise AdapterRefused(400, f"adapter folder {path}: cannot be read ({e})") from None
+    if root is not None and not inside(real, root):
+        raise AdapterRefused(403, f"adapter path {path} is outside the allowed folder {root} (--adapter-dir)")
+    if not is_dir:
         raise AdapterRefused(404, f"no adapter folder at {path}")
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterRefused(404, f"{path}: not a PEFT adapter (no adapter_config.json)")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise AdapterRefused(404, f"{path}: no adapter_model.safetensors (only safetensors adapters are served)")
-    config = _read_json(config_file)
-    rank = config.get("r")
-    if not isinstance(rank, int) or rank < 1:
-        raise AdapterRefused(400, f"{config_file}: field 'r': expected a positive integer, got {rank!r}")
-    meta_file = path / "align_meta.json"
-    meta = _read_json(meta_file) if meta_file.is_file() else None
-    return AdapterInfo(path, rank, config, meta)
+    return real
+
+
+def read_adapter(path: str | os.PathLike, root: Path | None = None) -> AdapterInfo:
+    """Read and check a PEFT adapter folder whose files must all resolve inside `root` (None: anywhere).
+
+    AdapterRefused: 404 missing, 403 outside `root`, 400 not a well-formed safetensors LoRA adapter.
+    """
+    folder = _folder(Path(path), root)
+    try:
+        config = parse_json_object(read_regular(folder / CONFIG, root, CONFIG, JSON_FILE_LIMIT), folder / CONFIG)
+    except AdapterRefused as e:
+        if e.status == 404:
+            raise AdapterRefused(404, f"{folder}: not a PEFT adapter (no {CONFIG})") from None
+        raise
+    try:
+        shapes = read_safetensors_header(folder / WEIGHTS, root)
+    except AdapterRefused as e:
+        if e.status == 404:
+            raise AdapterRefused(404, f"{folder}: no {WEIGHTS} (only safetensors adapters are served)") from None
+        raise
+    meta = None
+    if os.path.lexists(folder / META):
+        meta = parse_json_object(read_regular(folder / META, root, META, JSON_FILE_LIMIT), folder / META)
+    return AdapterInfo(folder, _rank(folder, config, shapes), config, meta, shapes)
+
+
+def _rank(folder: Path, config: dict, shapes: dict[str, list[int]]) -> int:
+    """The adapter's largest rank, as vLLM computes it, after checking the tensors agree with the config."""
+    where = folder / CONFIG
+    r, pattern = config.get("r"), config.get("rank_pattern") or {}
+    if not _positive(r):
+        raise AdapterRefused(400, f"{where}: field 'r': expected a positive integer, got {short(r)}")
+    if not isinstance(pattern, dict) or not all(_positive(v) for v in pattern.values()):
+        raise AdapterRefused(400, f"{where}: field 'rank_pattern': expected module -> positive integer")
+    rank = max([r, *pattern.values()])
+    pairs = 0
+    for key, a in shapes.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        b = shapes.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+        if len(a) != 2 or b is None or len(b) != 2 or a[0] != b[1]:
+            raise AdapterRefused(400, f"{folder / WEIGHTS}: {short(key)} {a} has no matching lora_B "
+                                      f"(shape {b}) of the same rank")
+        if a[0] > rank or (not pattern and a[0] != r):
+            raise AdapterRefused(400, f"{folder / WEIGHTS}: {short(key)} has rank {a[0]}, but {CONFIG} says "
+                                      f"r={r}{' and rank_pattern' if pattern else ''}")
+        pairs += 1
+    if not pairs:
+        raise AdapterRefused(400, f"{folder / WEIGHTS}: no LoRA tensors (*.lora_A.weight)")
+    return rank
+
+
+def snapshot_adapter(src: Path, root: Path | None, dest: Path, limit: int) -> AdapterInfo:
+    """Copy the files vLLM reads (and align_meta.json) from `src` into the new folder `dest`, then read the copy.
+
+    Only `dest` is ever given to vLLM: what was checked is what is served, even if `src` changes.
+    """
+    folder = _folder(src, root)
+    dest.mkdir(mode=0o700)
+    for name, required in ((CONFIG, True), (WEIGHTS, True), (META, False)):
+        if not required and not os.path.lexists(folder / name):
+            continue
+        try:
+            copy_regular(folder / name, root, dest / name, name, limit if name == WEIGHTS else JSON_FILE_LIMIT)
+        except AdapterRefused as e:
+            if e.status == 404:
+                raise AdapterRefused(404, f"{folder}: " + (f"not a PEFT adapter (no {CONFIG})" if name == CONFIG
+                                     else f"no {WEIGHTS} (only safetensors adapters are served)")) from None
+            if e.status == 413 and name == WEIGHTS:
+                raise AdapterRefused(413, f"{e.message} (--max-adapter-mib)") from None
+            raise
+    info = read_adapter(dest, dest)
+    info.path = folder  # messages name the client's folder
+    info.snapshot = dest
+    return info
 
 
 # -- the checks ------------------------------------------------------------------------------------
@@ -77,27 +208,44 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, max_rank: int) -> None:
     """
     where = adapter.path
     if adapter.rank > max_rank:
+        hint = f"restart with --max-lora-rank {vllm_max_lora_rank([adapter.rank])}" \
+            if adapter.rank <= 512 else "vLLM serves ranks up to 512"
         raise AdapterRefused(422, f"{where}: rank {adapter.rank} exceeds this server's --max-lora-rank {max_rank}; "
-                                  f"restart with --max-lora-rank {vllm_max_lora_rank([adapter.rank])}")
+                                  f"{hint}")
     fp = (adapter.meta or {}).get("base_fingerprint") or {}
+    if not isinstance(fp, dict):
+        raise AdapterRefused(400, f"{where}/{META}: field 'base_fingerprint': expected an object")
     for key, served in base.fingerprint().items():
         if key in fp and served is not None and fp[key] != served:
-            raise AdapterRefused(422, f"{where}: trained on another base: align_meta.json base_fingerprint.{key} "
-                                      f"is {fp[key]!r}, the served base {base.path} has {served!r}")
+            raise AdapterRefused(422, f"{where}: trained on another base: {META} base_fingerprint.{key} "
+                                      f"is {short(fp[key])}, the served base {base.path} has {served!r}")
     _check_shapes(adapter, base)
-    recorded = adapter.config.get("base_model_name_or_path")
-    if recorded and Path(recorded).is_dir():
-        other = Path(recorded).resolve()
-        if other != base.path and weight_files(other) and content_digest(other) != base.digest:
-            raise AdapterRefused(422, f"{where}: trained on another base: adapter_config.json "
-                                      f"base_model_name_or_path {recorded} holds different weights "
-                                      f"than the served base {base.path}")
+    other = _recorded_base(adapter.config.get("base_model_name_or_path"))
+    if other is not None and other != base.path and weight_files(other):
+        try:
+            differs = content_digest(other) != base.digest
+        except (OSError, ValueError):  # unreadable or odd files: the first two checks still hold
+            differs = False
+        if differs:
+            raise AdapterRefused(422, f"{where}: trained on another base: {CONFIG} base_model_name_or_path "
+                                      f"{other} holds different weights than the served base {base.path}")
+
+
+def _recorded_base(recorded: object) -> Path | None:
+    """The folder an adapter's config names as its base, when that is an existing folder here."""
+    if not isinstance(recorded, str) or not recorded or "\0" in recorded:
+        return None
+    try:
+        path = Path(recorded).resolve()
+        return path if path.is_dir() else None
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def _check_shapes(adapter: AdapterInfo, base: BaseInfo) -> None:
     # PEFT key "base_model.model.<module>.lora_A.weight" (r, in) / ".lora_B.weight" (out, r) belongs to the
     # base weight "<module>.weight" (out, in). Keys that map to no base weight (MoE fused experts) are skipped.
-    for key, shape in safetensors_shapes(adapter.path / "adapter_model.safetensors").items():
+    for key, shape in adapter.shapes.items():
         for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
             if not key.endswith(part) or len(shape) != 2:
                 continue
@@ -114,7 +262,11 @@ def resolve_in_folder(requested: str, folder: Path) -> Path:
     candidate = Path(requested)
     if not candidate.is_absolute():
         candidate = root / candidate
-    real = candidate.resolve()
-    if real != root and root not in real.parents:
-        raise AdapterRefused(403, f"adapter path {requested} is outside the allowed folder {root} (--adapter-dir)")
+    try:
+        real = Path(os.path.realpath(candidate))
+    except (OSError, ValueError) as e:
+        raise AdapterRefused(400, f"adapter path {short(requested)}: cannot be resolved ({e})") from None
+    if not inside(real, root):
+        raise AdapterRefused(403, f"adapter path {short(requested)} is outside the allowed folder {root} "
+                                  f"(--adapter-dir)")
     return real

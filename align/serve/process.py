@@ -16,14 +16,51 @@ import psutil
 VLLM_ENTRY = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 
+# Options `align serve` sets itself (it sizes the KV cache from them); given after `--` they are refused.
+OWN_VLLM_OPTIONS = ("--max-model-len", "--max-num-seqs", "--kv-cache-memory-bytes", "--uds", "--lora-modules")
+
+
 def vllm_command(base: str, served_name: str, adapters: dict[str, str], uds: Path, max_lora_rank: int,
-                 max_loras: int, dtype: str, extra: list[str]) -> list[str]:
+                 max_loras: int, dtype: str, extra: list[str], memory: dict[str, int] | None = None) -> list[str]:
+    """`memory`: max_model_len, max_num_seqs and kv_cache_memory_bytes, passed as vLLM options."""
     cmd = [*VLLM_ENTRY, "--model", base, "--served-model-name", served_name, "--uds", str(uds),
            "--dtype", dtype, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
            "--max-loras", str(max_loras), "--disable-uvicorn-access-log"]
+    for key, value in (memory or {}).items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     if adapters:
         cmd += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
     return cmd + extra
+
+
+def vllm_env(private: Path, runtime_lora: bool) -> dict[str, str]:
+    """vLLM's environment: its temporary files (ZMQ sockets, ...) inside `private`, its KV cache from the options.
+
+    VLLM_CPU_KVCACHE_SPACE is removed: on CPU it overrides --kv-cache-memory-bytes (align/engines/kv_cache.py).
+    """
+    env = dict(os.environ)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    tmp = str(private / "tmp")
+    env.update(TMPDIR=tmp, TEMP=tmp, TMP=tmp, VLLM_RPC_BASE_PATH=tmp)
+    if runtime_lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return env
+
+
+def tree_rss(pid: int) -> dict[int, tuple[str, int]]:
+    """pid -> (name, resident bytes) for `pid` and all its descendants (those that vanish are left out)."""
+    out = {}
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in family:
+        try:
+            out[p.pid] = (p.name(), p.memory_info().rss)
+        except psutil.Error:
+            pass
+    return out
 
 
 def _die_with_parent() -> None:

