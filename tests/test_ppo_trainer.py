@@ -237,3 +237,33 @@ def test_align_ppo_command_runs_and_plots(tiny_llama, tmp_path):
     assert rows[-1]["step"] == 1 and rows[-1]["eval/reward"] == rows[1]["eval/reward"]
     assert main(["plot", str(out)]) == 0 and (out / "metrics.png").stat().st_size > 0
     assert main(["ppo", "--config", str(CONFIGS / "ppo_tiny.yaml"), "--set", "kl_estimator=k2"]) == 2
+
+
+def reference_forwards(trainer) -> list[int]:
+    """Counts, through a real forward hook on one LoRA layer, forwards run with every adapter off."""
+    from peft.tuners.lora import LoraLayer
+
+    layer = next(m for m in trainer.base.model.modules() if isinstance(m, LoraLayer))
+    calls = [0]
+
+    def hook(module, args):
+        if module.disable_adapters:  # set by SharedBase.reference() (PEFT's disable_adapter)
+            calls[0] += 1
+
+    layer.register_forward_pre_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("kl_coef,log_kl,runs", [(0.0, False, False), (0.05, False, True), (0.0, True, True)])
+def test_reference_forward_runs_only_when_its_kl_is_used(tiny_llama, tmp_path, kl_coef, log_kl, runs):
+    tr = make(tiny_llama, tmp_path, "algorithm=grpo", f"kl_coef={kl_coef}", f"log_reference_kl={log_kl}")
+    calls = reference_forwards(tr)
+    m1 = tr.ppo_step(1)
+    m2 = tr.ppo_step(2)
+    assert (calls[0] > 0) == runs, calls
+    assert ("kl/ref" in m1 and "kl/ref" in m2) == runs
+    for key in ("time/old_logprobs", "time/ref_logprobs", "time/update", "time/sync", "time/forward"):
+        assert key in m2, key
+    if not runs:
+        assert m2["time/ref_logprobs"] < m2["time/old_logprobs"]
+    tr.close()

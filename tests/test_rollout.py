@@ -357,3 +357,62 @@ def test_another_vllm_version_is_named_in_one_warning_line(monkeypatch):
             vllm_compat.check_version()  # once per process
     finally:
         vllm_compat.check_version.cache_clear()
+
+
+# -- fold from the trainer's base, KV cache sized from the rollout --------------------------------
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct CPU tensor storage alive in this process (Python-visible tensors)."""
+    import gc
+
+    gc.collect()
+    seen = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            try:
+                s = obj.untyped_storage()
+                seen[s.data_ptr()] = s.nbytes()
+            except RuntimeError:  # fake tensors (vLLM's compile traces) own no memory
+                continue
+    return sum(seen.values())
+
+
+def engine_weight(engine, name: str) -> torch.Tensor:
+    """The weight an engine linear multiplies by, read back through its real forward: layer(I) = I @ W^T."""
+    from align.engines import vllm_compat
+
+    layer = vllm_compat.decoder_linears(vllm_compat.engine_model(engine.llm))[name]
+    eye = torch.eye(layer.input_size, dtype=torch.bfloat16)
+    out = layer(eye)
+    return (out[0] if isinstance(out, tuple) else out).T
+
+
+@pytest.mark.vllm
+def test_bf16_fold_is_the_trainers_base_plus_delta_rounded_once(base, tiny_llama):
+    pytest.importorskip("vllm")
+    from align.engines.fold import lora_delta, lora_factors
+    from align.engines.kv_cache import kv_cache_bytes
+
+    engine = make_engine("vllm", str(tiny_llama), base, dtype="bfloat16", sync_mode="fold",
+                         max_model_len=64, kv_cache_sequences=4)
+    try:
+        # KV cache: sized for 4 sequences of 64 tokens, not VLLM_CPU_KVCACHE_SPACE's GiB (set by conftest).
+        assert os.environ.get("VLLM_CPU_KVCACHE_SPACE") == "1"
+        want_kv = kv_cache_bytes(base.model.config, "bfloat16", 64, 4)
+        cache = engine.llm.llm_engine.vllm_config.cache_config
+        assert engine.kv_cache_memory_bytes == want_kv == cache.kv_cache_memory_bytes < (1 << 30) // 32
+        engine.sync(base, "policy")
+        # The folded q|k|v rows are the trainer's W + scale*B@A in float32, rounded once to bf16.
+        factors = lora_factors(base, "policy")
+        prefix = "model.layers.0.self_attn"
+        modules = dict(base._plain_model().named_modules())
+        parts = [f"{prefix}.{p}_proj" for p in "qkv"]
+        w = [modules[p].get_base_layer().weight.float() for p in parts]
+        once = torch.cat([wi + lora_delta(*factors[p]) for wi, p in zip(w, parts, strict=True)]).bfloat16()
+        twice = torch.cat([wi.bfloat16().float() + lora_delta(*factors[p])
+                           for wi, p in zip(w, parts, strict=True)]).bfloat16()
+        got = engine_weight(engine, f"{prefix}.qkv_proj")
+        assert torch.equal(got, once)
+        assert not torch.equal(got, twice)  # the comparison can tell one rounding from two
+    finally:
+        engine.close()

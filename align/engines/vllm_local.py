@@ -9,7 +9,8 @@ Two `sync_mode`s (docs/design.md, "Rollout engines and adapter sync"); "fold", t
   the same engine; in a batch that mixes it with adapter requests it is served by an all-zero
   adapter, because vLLM gets such no-adapter requests wrong.
 - "fold": the adapter's A/B tensors are folded into the engine's own fused weights (align.engines.fold),
-  rebuilt from a pristine copy of the base each sync, and sampling runs on vLLM's fast base path.
+  rebuilt each sync from the trainer's own base tensors (W + scale*B@A in float32, rounded once to
+  the engine's dtype; no second copy of the base is kept), and sampling runs on vLLM's fast base path.
   Trade-off: the engine then IS the policy; adapter=None (the reference) and other adapters are
   not available from it.
 
@@ -31,10 +32,9 @@ from align.adapter_files import (
     folder_bytes,
     scratch_dir,
     vllm_max_lora_rank,
-    weight_files,
 )
 from align.engines import vllm_compat
-from align.engines.fold import fused_delta, fused_layout, lora_factors
+from align.engines.fold import base_linear_weights, folded_weight, fused_layout, lora_factors
 from align.engines.protocol import (
     AdapterArg,
     AdapterSyncError,
@@ -54,7 +54,12 @@ class VLLMEngine(VerifiedSyncEngine):
                  max_lora_rank: int | None = None, seed: int = 0, max_model_len: int | None = None,
                  kv_cache_gib: int | None = None, verify_tol: float | None = None,
                  probe: tuple[list[int], list[int]] | None = None, enforce_eager: bool = True,
+                 kv_cache_sequences: int | None = None, kv_cache_memory_bytes: int | None = None,
                  **llm_options):
+        """KV cache, first that applies: `kv_cache_gib` (whole GiB, the user's override),
+        `kv_cache_memory_bytes` (exact), or sized for `kv_cache_sequences` concurrent sequences of
+        `max_model_len` tokens (align.engines.kv_cache; the trainer passes its rollout's shape);
+        else vLLM-CPU's VLLM_CPU_KVCACHE_SPACE (1 GiB unless set)."""
         if sync_mode not in ("lora", "fold"):
             raise ValueError(f"sync_mode: expected 'lora' or 'fold', got {sync_mode!r}")
         overrides = {}
@@ -74,6 +79,16 @@ class VLLMEngine(VerifiedSyncEngine):
                     trust_remote_code=False)
         if max_model_len is not None:
             args["max_model_len"] = max_model_len
+        if kv_cache_gib is None and kv_cache_memory_bytes is None and kv_cache_sequences is not None:
+            if max_model_len is None:
+                raise ValueError("kv_cache_sequences: the KV cache is sized per sequence; give max_model_len too")
+            from align.engines.kv_cache import kv_cache_bytes
+
+            kv_cache_memory_bytes = kv_cache_bytes(base._plain_model().config, dtype, max_model_len,
+                                                   kv_cache_sequences)
+        if kv_cache_gib is None and kv_cache_memory_bytes is not None:
+            args["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        self.kv_cache_memory_bytes = args.get("kv_cache_memory_bytes")
         if sync_mode == "lora":
             rank = max_lora_rank or vllm_max_lora_rank(s.rank for s in base.settings.values())
             args.update(enable_lora=True, max_lora_rank=rank,
@@ -83,6 +98,8 @@ class VLLMEngine(VerifiedSyncEngine):
             if sync_mode == "fold" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
                 raise ValueError("sync_mode='fold' edits the engine's weights in this process: it needs "
                                  "VLLM_ENABLE_V1_MULTIPROCESSING=0 (an in-process engine); use sync_mode='lora'")
+            if "kv_cache_memory_bytes" in args:
+                env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # on CPU it would override the argument (engines.kv_cache)
             self.llm = vllm.LLM(**args)
         self._scratch = scratch_dir()
         self._finalizer = weakref.finalize(self, shutil.rmtree, self._scratch, True)
@@ -91,7 +108,7 @@ class VLLMEngine(VerifiedSyncEngine):
         self._next_id = 1
         self._zero = ZeroAdapter.for_trainer(base) if sync_mode == "lora" else None
         self._folded: str | None = None  # fold mode: which adapter the weights currently hold
-        self._pristine: dict[str, tuple[torch.Tensor, list[str], list[tuple[int, int]]]] | None = None
+        self._layout: dict[str, list[str]] | None = None  # fold mode: engine linear -> the HF modules it stacks
 
     # -- sync -----------------------------------------------------------------------------------
     def _send(self, base, adapter: str) -> int:
@@ -126,49 +143,30 @@ class VLLMEngine(VerifiedSyncEngine):
     def _sync_fold(self, base, adapter: str) -> int:
         factors = lora_factors(base, adapter)
         model = vllm_compat.engine_model(self.llm)
-        if self._pristine is None:
-            self._pristine = self._load_pristine(model)
-        touched = 0
+        if self._layout is None:
+            self._layout = fused_layout(list(vllm_compat.decoder_linears(model)), vllm_compat.packed_modules(model))
+        # The trainer's own base tensors, not a copy kept here (docs/design.md, "Rollout engines and adapter sync").
+        weights = base_linear_weights(base, [p for parts in self._layout.values() for p in parts])
         modules = dict(model.named_modules())
-        for name, (weight, parts, shapes) in self._pristine.items():
-            delta = fused_delta(parts, shapes, factors)
-            if delta is None and self._folded is None:
-                continue
-            new = weight if delta is None else (weight.float() + delta).to(weight.dtype)
+        touched = 0
+        for name, parts in self._layout.items():
+            missing = [p for p in parts if p not in weights]
+            if missing:
+                raise AdapterSyncError(f"fold: the trainer's base has no weights {missing[:3]} for engine layer {name}")
+            if not any(p in factors for p in parts) and self._folded is None:
+                continue  # the engine still holds the checkpoint's weights here
+            new = folded_weight([weights[p] for p in parts], parts, factors, DTYPES[self.dtype])
             vllm_compat.set_linear_weight(modules[name], new)
+            del new
             touched += sum(p in factors for p in parts)
         if touched != len(factors):
-            missing = sorted(set(factors) - {p for _, ps, _ in self._pristine.values() for p in ps})
+            missing = sorted(set(factors) - {p for ps in self._layout.values() for p in ps})
             raise AdapterSyncError(f"fold: adapter {adapter!r} has layers the engine has no weights for: "
                                    f"{missing[:5]}")
         self._folded = adapter
         # Cached prefixes hold keys/values computed with the previous weights.
         self.llm.reset_prefix_cache()
         return sum(a.nbytes + b.nbytes for a, b, _ in factors.values())
-
-    def _load_pristine(self, model):
-        """The base weights of every engine linear, from the checkpoint (vLLM keeps only packed copies on CPU)."""
-        from safetensors import safe_open
-
-        layout = fused_layout(list(vllm_compat.decoder_linears(model)), vllm_compat.packed_modules(model))
-        files = weight_files(self.model_path)
-        if not files:
-            raise FileNotFoundError(f"{self.model_path}: no *.safetensors checkpoint to read base weights from")
-        wanted = {f"{p}.weight" for parts in layout.values() for p in parts}
-        tensors = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    if key in wanted:
-                        tensors[key] = st.get_tensor(key)
-        pristine = {}
-        for name, parts in layout.items():
-            missing = [p for p in parts if f"{p}.weight" not in tensors]
-            if missing:
-                raise ValueError(f"fold: {self.model_path} has no weights {missing[:3]} for engine layer {name}")
-            blocks = [tensors[f"{p}.weight"] for p in parts]
-            pristine[name] = (torch.cat(blocks).to(DTYPES[self.dtype]), parts, [tuple(b.shape) for b in blocks])
-        return pristine
 
     # -- sampling -------------------------------------------------------------------------------
     def _lora_requests(self, adapters: list[str | None]):
@@ -234,6 +232,5 @@ class VLLMEngine(VerifiedSyncEngine):
         if llm is not None:
             self.llm = None
             del llm
-        self._pristine = None
         self._finalizer()
         gc.collect()  # the engine sits in reference cycles; give its copy of the weights back now

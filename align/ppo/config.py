@@ -88,6 +88,8 @@ class PPOConfig(TrainConfig):
     kl_coef: float = arg(0.05, "Initial KL coefficient (beta); 0 disables the penalty.")
     kl_target: float | None = arg(None, "Adaptive KL: steer the coefficient towards this KL (null: fixed).")
     kl_horizon: int = arg(10000, "Adaptive KL controller horizon in sequences.")
+    log_reference_kl: bool = arg(False, "With kl_coef 0, still run the reference forward to log kl/ref (costs one "
+                                        "forward pass per step; otherwise skipped and not logged).")
     max_kl: float = arg(20.0, "Stop with TrainingDiverged when the mean KL to the reference exceeds this.")
     init_adapter: str | None = arg(None, "PEFT adapter folder the policy starts from (e.g. an SFT run's adapter/).")
     reference: str | None = arg(None, "'init': the reference is the starting adapter, frozen, on the same base "

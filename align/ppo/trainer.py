@@ -121,8 +121,21 @@ class PPOTrainer(Trainer):
             from align.engines import make_engine
 
             self.engine = make_engine(c.rollout_engine, self.model_path, self.base, dtype=c.rollout_dtype or c.dtype,
-                                      **c.rollout_engine_options())
+                                      **self.engine_options())
         self.last_sync = self.engine.sync(self.base, adapter="policy")
+
+    def engine_options(self) -> dict:
+        """config.engine_options, plus the rollout's shape for an in-process vLLM engine: its KV cache
+        is then sized for one step's sequences (prompts x generations of max prompt + completion
+        tokens) instead of vLLM-CPU's fixed GiB (docs/design.md, "What a PPO step spends")."""
+        from align.engines import vllm_available
+
+        c = self.config
+        options = c.rollout_engine_options()
+        if c.rollout_engine == "vllm" or (c.rollout_engine == "auto" and vllm_available()):
+            options.setdefault("max_model_len", c.max_prompt_length + c.max_completion_length)
+            options.setdefault("kv_cache_sequences", c.batch_size)
+        return options
 
     # -- the algorithm ---------------------------------------------------------------------------
     def ppo_step(self, step: int) -> dict:
@@ -146,17 +159,22 @@ class PPOTrainer(Trainer):
         t = _lap(times, "score", t)
 
         # 3. Training-side log-probs (policy), reference log-probs (adapters off), values (critic).
+        #    No reference forward when nothing uses it (docs/design.md, "What a PPO step spends").
         with torch.no_grad():
             old_logp, entropy = self._logprobs(batch, "policy", with_entropy=True)
-            ref_logp = self._logprobs(batch, None)
+            t = _lap(times, "old_logprobs", t)
+            ref_logp = self._logprobs(batch, None) if self.needs_reference() else None
+            t = _lap(times, "ref_logprobs", t)
             old_values = self._values(batch) if self.critic else None
-        t = _lap(times, "forward", t)
+        t = _lap(times, "values", t)
 
-        # 4. Rewards and advantages.
-        kl = A.kl_penalty(old_logp, ref_logp, c.kl_estimator) * mask           # (B, T)
+        # 4. Rewards and advantages (the KL is 0 when there is no reference: its coefficient is 0).
+        kl = (A.kl_penalty(old_logp, ref_logp, c.kl_estimator) * mask if ref_logp is not None
+              else torch.zeros_like(mask))                                       # (B, T)
         kl_seq = kl.sum(1)                                                       # (B,)
         kl_mean = self.processes.mean({"kl": kl_seq.mean().item()})["kl"]        # every process's
-        self._check_kl(step, kl_mean)
+        if ref_logp is not None:
+            self._check_kl(step, kl_mean)
         kl_coef_in_reward = self.kl_coef if c.kl_in_reward else 0.0
         returns = None
         if self.critic:
@@ -185,8 +203,8 @@ class PPOTrainer(Trainer):
             self.kl_coef = A.adaptive_kl_coef(self.kl_coef, kl_mean, c.kl_target, c.kl_horizon,
                                               mask.shape[0] * self.processes.world)
 
-        return self._step_metrics(batch, scores, parts, kl, kl_mean, entropy, advantages, old_logp, updates,
-                                  times, old_values, returns)
+        return self._step_metrics(batch, scores, parts, kl if ref_logp is not None else None, kl_mean, entropy,
+                                  advantages, old_logp, updates, times, old_values, returns)
 
     def _update(self, step, batch: Rollout, old_logp, ref_logp, advantages, old_values, returns) -> list[dict]:
         c = self.config
@@ -203,7 +221,7 @@ class PPOTrainer(Trainer):
             loss = pg_loss
             if c.entropy_coef > 0:
                 loss = loss - c.entropy_coef * A.masked_mean(ent, m)
-            if not c.kl_in_reward and self.kl_coef > 0:
+            if not c.kl_in_reward and self.kl_coef > 0 and ref_logp is not None:
                 loss = loss + self.kl_coef * A.masked_mean(A.kl_penalty(logp, ref_logp[mb], c.kl_estimator), m)
             vf_loss = vf_clipfrac = torch.zeros(())
             if self.critic:
@@ -223,14 +241,16 @@ class PPOTrainer(Trainer):
     def _step_metrics(self, batch, scores, parts, kl, kl_mean, entropy, advantages, old_logp, updates, times,
                       old_values, returns) -> dict:
         mask = batch.mask
+        # No reference forward ran: there is no KL to log (TRL logs none at beta 0 either).
+        logged_kl = {} if kl is None else {"kl/ref": kl_mean, "kl/ref_per_token": A.masked_mean(kl, mask).item()}
+        times = {**times, "forward": times["old_logprobs"] + times["ref_logprobs"] + times["values"]}
         mean = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
         mismatch = (old_logp - batch.sampler_logprobs).abs() * mask
         n_tokens = mask.sum().item()
         out = {
             "reward/mean": scores.mean().item(),
             **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
-            "kl/ref": kl_mean,
-            "kl/ref_per_token": A.masked_mean(kl, mask).item(),
+            **logged_kl,
             "kl/coef": self.kl_coef,
             "policy/entropy": A.masked_mean(entropy, mask).item(),
             "policy/clipfrac": mean["policy/clipfrac"],
@@ -249,7 +269,7 @@ class PPOTrainer(Trainer):
             "sync/max_abs_diff": self.last_sync.max_abs_diff if self.last_sync.max_abs_diff is not None else math.nan,
             **{f"time/{k}": v for k, v in times.items()},
             "tokens_per_s/rollout": n_tokens / max(times["rollout"], 1e-9),
-            "tokens_per_s/step": n_tokens / max(sum(times.values()), 1e-9),
+            "tokens_per_s/step": n_tokens / max(sum(v for k, v in times.items() if k != "forward"), 1e-9),
         }
         if self.critic:
             out.update({"loss/value": mean["loss/value"], "value/clipfrac": mean["value/clipfrac"],
@@ -296,7 +316,9 @@ class PPOTrainer(Trainer):
             self.logger.log(0, {"eval/reward": self.reward_before})
 
     def progress(self, stats: dict) -> dict:
-        shown = {"reward": f"{stats['reward/mean']:.3f}", "kl": f"{stats['kl/ref']:.3f}"}
+        shown = {"reward": f"{stats['reward/mean']:.3f}"}
+        if "kl/ref" in stats:
+            shown["kl"] = f"{stats['kl/ref']:.3f}"
         if "eval/reward" in stats:
             shown["eval"] = f"{stats['eval/reward']:.3f}"
         return shown
@@ -337,6 +359,11 @@ class PPOTrainer(Trainer):
             self.engine.close()
 
     # -- helpers ---------------------------------------------------------------------------------
+    def needs_reference(self) -> bool:
+        """Whether a step runs the reference forward: for a KL penalty (kl_coef > 0; the adaptive
+        controller only scales the coefficient, so 0 stays 0), or to log the KL (log_reference_kl)."""
+        return self.kl_coef != 0 or self.config.log_reference_kl
+
     def _seed(self, step: int) -> int:
         return (self.config.seed * 1_000_003 + step) % (2 ** 31)
 

@@ -182,6 +182,45 @@ def trainer_child(model: str, batch: int, completion_len: int) -> dict:
             "adapters": trainer.base.adapters}
 
 
+def copies_child(model: str, sync_mode: str, dtype: str, batch: int, completion_len: int) -> dict:
+    """Base copies a PPO step holds with its colocated vLLM engine (`sync_mode`, engine `dtype`).
+
+    (peak RSS while `PPOTrainer.ppo_step` runs - RSS of this process before any model is loaded)
+    / the base's size in float32. Modules (torch, transformers, peft, vLLM) are imported first, so
+    the difference is models, engine, KV cache and the step's activations.
+    """
+    import torch
+
+    from align.config import load_config
+    from align.engines import vllm_compat
+    from align.ppo import PPOConfig, PPOTrainer
+
+    vllm_compat.import_vllm()
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    before = RssMeter().stop()["rss_before_step_mb"]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-copies-"))
+    cfg = load_config(PPOConfig, ROOT / "configs" / "grpo_demo.yaml", [
+        f"model_name_or_path={model}", f"output_dir={tmp / 'run'}", "engine=vllm", "report_to=[none]",
+        f"rollout_dtype={dtype}", f"engine_options={{sync_mode: {sync_mode}}}", "prompts_per_step=1",
+        f"num_generations={batch}", f"max_completion_length={completion_len}",
+        f"per_device_train_batch_size={batch}", "num_ppo_epochs=1", "num_train_prompts=8", "num_eval_prompts=1"])
+    trainer = PPOTrainer(cfg)
+    trainer.setup()
+    meter = RssMeter()
+    trainer.ppo_step(1)
+    out = meter.stop()
+    fp32_mb = sum(p.numel() for p in trainer.base.base_parameters().values()) * 4 / 2 ** 20
+    linear_mb = sum(m.weight.numel() for n, m in trainer.base._plain_model().named_modules()
+                    if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}") * 4 / 2 ** 20
+    trainer.close()
+    return {"sync_mode": sync_mode, "dtype": dtype, "rss_before_models_mb": before, "peak_step_mb": out["peak_mb"],
+            "ru_maxrss_mb": out["ru_maxrss_mb"], "base_fp32_mb": fp32_mb, "linear_fp32_mb": linear_mb,
+            "process_base_copies": (out["peak_mb"] - before) / fp32_mb}
+
+
 def run_child(args_list: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -271,11 +310,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", default="float32,bfloat16", help="vLLM engine dtypes to time rollouts with")
     p.add_argument("--reuse-speed", help="JSON file with the sync/rollout figures of an earlier run (skips them)")
+    p.add_argument("--copies-only", action="store_true",
+                   help="only process_base_copies (PPO step + colocated vLLM engine, fold and lora sync)")
+    p.add_argument("--copies-dtype", default="bfloat16", help="vLLM engine dtype for process_base_copies")
+    p.add_argument("--copies-child", nargs=5, metavar=("MODEL", "SYNC", "DTYPE", "B", "T"), help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=5, metavar=("MODEL", "MODE", "B", "P", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         model, mode, b, pl, cl = args.child
         print(json.dumps(memory_child(model, mode, int(b), int(pl), int(cl))))
+        return
+    if args.copies_child:
+        model, sync, dtype, b, cl = args.copies_child
+        print(json.dumps(copies_child(model, sync, dtype, int(b), int(cl))))
         return
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -305,6 +352,18 @@ def main() -> None:
         overrides = [f"output_dir={tmp / 'run'}"] + ([f"max_steps={args.train_steps}"] if args.train_steps else [])
         rollout_shape = (64, 48)  # the issue's workload: 64 prompts x 48 new tokens
 
+    print(f"[bench] model {name}: base copies of a PPO step with its colocated vLLM engine", flush=True)
+    copies = {mode: run_child(["--copies-child", model, mode, args.copies_dtype, shape[0], shape[2]])
+              for mode in ("fold", "lora")}
+    copy_figures = {f"process_base_copies_{m}": round(c["process_base_copies"], 3) for m, c in copies.items()}
+    copy_figures.update({f"peak_step_mb_{m}": round(c["peak_step_mb"], 1) for m, c in copies.items()})
+    copy_figures.update(copies_dtype=args.copies_dtype, rss_before_models_mb=round(copies["fold"]["rss_before_models_mb"], 1),
+                        base_fp32_mb=round(copies["fold"]["base_fp32_mb"], 1),
+                        linear_share_of_base=round(copies["fold"]["linear_fp32_mb"] / copies["fold"]["base_fp32_mb"], 3))
+    print(f"  {copy_figures}", flush=True)
+    if args.copies_only:
+        print(json.dumps({"model": name, **copy_figures}))
+        return
     print(f"[bench] model {name}: memory of one PPO step, each mode in its own process", flush=True)
     shared = run_child(["--child", model, "shared", *shape])
     four = run_child(["--child", model, "four", *shape])
@@ -326,6 +385,7 @@ def main() -> None:
     result = {
         "model": name,
         "base_mb": round(base_mb, 2),
+        **copy_figures,
         "peak_mb_shared": round(shared["peak_mb"], 1),
         "peak_mb_four_models": round(four["peak_mb"], 1),
         "saved_base_copies": round((four["peak_mb"] - shared["peak_mb"]) / base_mb, 3),
