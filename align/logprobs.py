@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-
 # model_type -> (config field, "mul" | "div"): how each family's forward scales lm_head's output.
 LOGIT_SCALES = {
     **{t: ("logit_scale", "mul") for t in ("cohere", "cohere2", "cohere2_moe")},

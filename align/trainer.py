@@ -120,6 +120,8 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
+        from dataclasses import asdict
+
         from transformers import get_scheduler
 
         from align.config import dump_config
@@ -155,7 +157,7 @@ class Trainer:
             print(f"[align] resumed from {checkpoint} at step {self.step}")
         self.out.mkdir(parents=True, exist_ok=True)
         dump_config(c, self.out / "config.yaml")
-        self.logger = MetricsLogger(self.out, c.tensorboard)
+        self.logger = MetricsLogger(self.out, c.report_to, config=asdict(c))
         self.logger.truncate_after(self.step)  # a killed attempt may have logged past its last checkpoint
         self.start()
         self._setup_done = True
