@@ -72,15 +72,19 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
         self.check_batch()
 
 
-def sequence_logprobs(base: SharedBase, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum (or mean) of completion log-probs for each row of a collated pair batch -> (chosen, rejected)."""
+def sequence_logprobs(base: SharedBase, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of completion log-probs for each row of a collated pair batch -> (chosen, rejected)."""
     logp = completion_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    mask = batch["completion_mask"][:, 1:].to(logp.dtype)
     per_row = logp.sum(-1)
-    if average:
-        per_row = per_row / mask.sum(-1).clamp(min=1)
     half = per_row.shape[0] // 2
     return per_row[:half], per_row[half:]
+
+
+def completion_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens scored in each row -> (chosen, rejected); IPO's loss averages over them."""
+    n = batch["completion_mask"][:, 1:].sum(-1)
+    half = n.shape[0] // 2
+    return n[:half], n[half:]
 
 
 class DPOTrainer(PreferenceTrainer):
@@ -107,21 +111,24 @@ class DPOTrainer(PreferenceTrainer):
 
     # -- reference ----------------------------------------------------------------------------
     @torch.no_grad()
-    def reference_logprobs(self, batch: dict, indices: list[int] | None, average: bool):
+    def reference_logprobs(self, batch: dict, indices: list[int] | None):
         if self.ref_cache is not None and indices is not None:
             idx = torch.tensor(indices)
             return self.ref_cache["chosen"][idx], self.ref_cache["rejected"][idx]
         if self.ref_copy is not None:
-            return sequence_logprobs(self.ref_copy, batch, average)
+            return sequence_logprobs(self.ref_copy, batch)
         with reference_context(self.base, self.ref_adapter):
-            return sequence_logprobs(self.base, batch, average)
+            return sequence_logprobs(self.base, batch)
 
     def reference_key(self) -> str:
-        """What cached reference log-probs depend on: the base, its dtype, max_length, loss type and the tokens."""
+        """What cached reference log-probs depend on: the base, its dtype, max_length, loss type and the tokens.
+
+        The cache holds sums for every loss type ("sums": a cache of IPO's old averages never matches).
+        """
         c = self.config
         what = {"base": self.base.fingerprint(), "reference": self.reference_identity(), "dtype": c.dtype,
-                "max_length": c.max_length,
-                "loss_type": c.loss_type, "pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in self.pairs]}
+                "max_length": c.max_length, "loss_type": c.loss_type, "sums": True,
+                "pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in self.pairs]}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def reference_identity(self) -> str | None:
@@ -159,7 +166,7 @@ class DPOTrainer(PreferenceTrainer):
         for start in tqdm(range(0, len(self.pairs), size), desc="reference log-probs"):
             batch = collate_pairs(self.pairs[start:start + size], self.base.tokenizer.pad_token_id)
             batch = {k: v.to(c.device) for k, v in batch.items()}
-            ch, rj = self.reference_logprobs(batch, None, c.loss_type == "ipo")
+            ch, rj = self.reference_logprobs(batch, None)
             chosen.append(ch.cpu())
             rejected.append(rj.cpu())
         self.ref_cache = {"chosen": torch.cat(chosen).float(), "rejected": torch.cat(rejected).float()}
@@ -177,12 +184,12 @@ class DPOTrainer(PreferenceTrainer):
         c = self.config
         batch = collate_pairs(pairs, self.base.tokenizer.pad_token_id)
         batch = {k: v.to(c.device) for k, v in batch.items()}
-        average = c.loss_type == "ipo"
-        ref_c, ref_r = self.reference_logprobs(batch, indices, average)
+        ref_c, ref_r = self.reference_logprobs(batch, indices)
+        len_c, len_r = completion_lengths(batch)
         with torch.set_grad_enabled(train):
-            pol_c, pol_r = sequence_logprobs(self.base, batch, average)
+            pol_c, pol_r = sequence_logprobs(self.base, batch)
             losses, r_c, r_r = dpo_loss(pol_c, pol_r, ref_c.to(pol_c), ref_r.to(pol_r), c.beta, c.loss_type,
-                                        c.label_smoothing)
+                                        c.label_smoothing, len_c, len_r)
         stats = {
             "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
             "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),

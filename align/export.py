@@ -1,9 +1,12 @@
 """`align export`: fold an adapter into its base, for engines without LoRA support.
 
     align export --adapter runs/dpo/adapter --merge exported/ [--base BASE]
+    align export --reward runs/reward exported-rm/ [--base BASE]
 
 Writes a full model (safetensors) plus the tokenizer, atomically, and only after the saved model's
 greedy output equals the adapter's on a few prompts; otherwise nothing is written and it fails.
+With --reward, the model is a transformers sequence-classifier (align.reward_export) whose
+logits are checked against the reward model's own scores instead.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ DEFAULT_PROMPTS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. a trained policy).")
-    p.add_argument("--merge", required=True, metavar="OUT", help="Folder to write the merged model to.")
+    p.add_argument("--adapter", help="PEFT adapter folder (e.g. a trained policy).")
+    p.add_argument("--merge", metavar="OUT", help="Folder to write the merged model to.")
+    p.add_argument("--reward", metavar="RUN_OR_REWARD_DIR",
+                   help="Export a reward model (a reward run folder or its reward_model/) as a transformers "
+                        "AutoModelForSequenceClassification (num_labels=1) to OUT.")
+    p.add_argument("out", nargs="?", metavar="OUT", help="Folder to write to (with --reward; or use --merge).")
     p.add_argument("--base", default=None,
                    help="Base model folder (default: from the adapter's align_meta.json or adapter_config.json).")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -124,6 +131,19 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.reward:
+        from align.reward_export import export_reward
+
+        out = args.out or args.merge
+        if not out or args.adapter:
+            raise UserError("export --reward RUN_OR_REWARD_DIR OUT: expected an output folder and no --adapter")
+        done, bias = export_reward(args.reward, out, args.base, args.dtype)
+        print(f"wrote sequence-classification reward model to {done} (logits checked against the reward model"
+              + (f"; its head bias {bias:.4g} is left out, which shifts every reward equally)" if bias else ")"))
+        return 0
+    if not args.adapter or not (args.merge or args.out):
+        raise UserError("export: expected --adapter ADAPTER --merge OUT, or --reward RUN_OR_REWARD_DIR OUT")
+    args.merge = args.merge or args.out
     out = export_merged(args.adapter, args.merge, args.base, args.dtype, args.prompt, args.max_new_tokens)
     print(f"wrote merged model to {out} (greedy output checked on {len(args.prompt or DEFAULT_PROMPTS)} prompts)")
     return 0

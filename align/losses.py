@@ -7,7 +7,10 @@ h = (pi_c - pi_r) - (ref_c - ref_r), the implicit reward margin:
   sigmoid  (DPO, Rafailov et al. 2023):   -log σ(βh)                       (label smoothing ε: conservative DPO)
   robust   (Chowdhury et al. 2024):       (-(1-ε) log σ(βh) + ε log σ(-βh)) / (1 - 2ε)
   hinge    (SLiC, Zhao et al. 2023):      max(0, 1 - βh)
-  ipo      (Azar et al. 2023):            (h - 1/(2β))²    (expects length-averaged log-probs)
+  ipo      (Azar et al. 2023):            (h - 1/(2β))²    (h from length-averaged log-probs)
+
+The implicit rewards are β·(π - ref) of the SUMMED log-probs for every loss type, as TRL logs
+them; IPO alone averages over tokens inside its loss, so it takes the completion lengths.
 """
 
 from __future__ import annotations
@@ -20,9 +23,17 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses (B,) and the implicit rewards β·(π - ref) of chosen and rejected (detached)."""
+             label_smoothing: float = 0.0, chosen_lengths: torch.Tensor | None = None,
+             rejected_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,) and the implicit rewards β·(π - ref) of chosen and rejected (detached).
+
+    Log-probs are sums over completion tokens. For `ipo`, pass the completion lengths (tokens
+    scored) and the loss uses the per-token averages; without them the inputs are taken as averages.
+    """
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "ipo" and chosen_lengths is not None and rejected_lengths is not None:
+        lc, lr = chosen_lengths.to(policy_chosen).clamp(min=1), rejected_lengths.to(policy_rejected).clamp(min=1)
+        h = (policy_chosen - ref_chosen) / lc - (policy_rejected - ref_rejected) / lr
     eps = label_smoothing
     if loss_type == "sigmoid":
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)

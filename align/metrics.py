@@ -1,4 +1,4 @@
-"""Training metrics a person can plot: one JSON line per step, mirrored to TensorBoard.
+"""Training metrics a person can plot: one JSON line per step, mirrored to the `report_to` trackers.
 
 `plot_metrics` draws the curves of a run folder to a PNG (the `align plot` command).
 """
@@ -12,17 +12,18 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Appends `{"step": N, **metrics}` to `<run>/metrics.jsonl` and TensorBoard under `<run>/tb`."""
+    """Appends `{"step": N, **metrics}` to `<run>/metrics.jsonl` and logs it to align.trackers' backends."""
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, report_to: bool | list[str] = True, config: dict | None = None):
+        """`report_to`: backends of align.trackers (True/False: the old TensorBoard switch)."""
+        from align.trackers import open_trackers
+
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+        if isinstance(report_to, bool):
+            report_to = ["tensorboard"] if report_to else []
+        self.trackers = open_trackers(report_to, self.run_dir, config)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint so the curve has no duplicates.
@@ -50,15 +51,17 @@ class MetricsLogger:
             row[k] = v
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        if self.trackers:
+            from align.trackers import scalars
+
+            numbers = scalars(row)
+            for tracker in self.trackers:
+                tracker.log(step, numbers)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        trackers, self.trackers = self.trackers, []  # close once, though train() and close() both call it
+        for tracker in trackers:
+            tracker.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

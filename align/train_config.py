@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from align.config import arg
 from align.model import RECOMMENDED_RANKS, FourBit, LoraSettings
+from align.trackers import check_report_to
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-REPORTERS = ("tensorboard", "none")
 # LoRA loses more than full fine-tuning at large batches (docs/design.md, "LoRA facts behind the defaults").
 LARGE_BATCH = 256
 
@@ -38,7 +38,7 @@ RENAMED = {
     "eval_every": "eval_steps",
     "save_every": "save_steps",
     "keep_checkpoints": "save_total_limit",
-    "tensorboard": "report_to (a list: [tensorboard] or [none])",
+    "tensorboard": "report_to (a list: [tensorboard], [wandb], [trackio], [mlflow] or [none])",
 }
 
 
@@ -151,7 +151,9 @@ class TrainConfig(ModelConfig):
     eval_steps: int = arg(0, "Evaluate every N steps (0: only at the end).")
     save_steps: int = arg(50, "Checkpoint every N steps (0: only at the end).")
     save_total_limit: int = arg(2, "Checkpoints kept; older ones are deleted once a newer one is complete.")
-    report_to: list[str] = arg(["tensorboard"], "Where metrics go besides metrics.jsonl: [tensorboard] or [none].")
+    report_to: list[str] = arg(["tensorboard"], "Where metrics go besides metrics.jsonl: a list of tensorboard, "
+                                                "wandb, trackio, mlflow, or [none]. wandb/trackio/mlflow need "
+                                                "their extra: pip install 'align-lora[trackio]'.")
     bf16: bool = arg(False, "Base weights stored in bfloat16 (the same as dtype: bfloat16); adapters, heads and "
                             "optimizer state stay float32, no autocast (docs/scaling.md, \"Precision\").")
 
@@ -175,8 +177,7 @@ class TrainConfig(ModelConfig):
             raise ValueError(f"warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio}")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"lr_scheduler_type: expected one of {list(SCHEDULERS)}, got {self.lr_scheduler_type!r}")
-        if not self.report_to or any(r not in REPORTERS for r in self.report_to):
-            raise ValueError(f"report_to: expected a list of {list(REPORTERS)}, got {self.report_to!r}")
+        check_report_to(self.report_to)
         if self.lora_r not in RECOMMENDED_RANKS:
             warnings.warn(f"lora_r={self.lora_r}: ranks 4-8 are enough for RL and preference tuning", stacklevel=3)
 

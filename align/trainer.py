@@ -171,6 +171,8 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
+        from dataclasses import asdict
+
         from transformers import get_scheduler
 
         from align.config import dump_config
@@ -225,7 +227,7 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.config_as_given(), self.out / "config.yaml")
-            self.logger = MetricsLogger(self.out, c.tensorboard)
+            self.logger = MetricsLogger(self.out, c.report_to, config=asdict(self.config_as_given()))
         else:
             self.logger = NullLogger()
         # A killed attempt may have logged past its last checkpoint; with none, everything it logged is redone.

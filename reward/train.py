@@ -79,6 +79,14 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
         self.check_batch()
 
 
+def reward_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """TRL RewardTrainer's names: accuracy, margin, min_reward, mean_reward, max_reward."""
+    rewards = torch.cat([chosen, rejected]).detach().float()
+    stats = pair_stats(chosen, rejected)
+    return {"accuracy": stats["accuracy"], "margin": stats["margin"], "min_reward": rewards.min().item(),
+            "mean_reward": stats["reward_mean"], "max_reward": rewards.max().item()}
+
+
 def length_baseline_accuracy(pairs: list[TokenizedPair]) -> float:
     """Accuracy of "the longer answer wins" (in tokens; ties count half) on the same pairs."""
     if not pairs:
@@ -164,7 +172,7 @@ class RewardTrainer(PreferenceTrainer):
     def pair_loss(self, pairs: list[TokenizedPair], indices: list[int] | None, train: bool):
         chosen, rejected = self.scores(pairs)
         loss = bradley_terry_loss(chosen, rejected, self.margin_of(pairs), self.config.center_rewards_coefficient)
-        return loss, pair_stats(chosen, rejected)
+        return loss, reward_stats(chosen, rejected)
 
     def progress(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['accuracy']:.2f}"}
@@ -181,7 +189,7 @@ class RewardTrainer(PreferenceTrainer):
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
         self.calibration = calibration(chosen, rejected, tuple(c.calibration_buckets))
         loss = bradley_terry_loss(chosen, rejected, self.margin_of(self.eval_pairs), c.center_rewards_coefficient)
-        stats = {"loss": loss.item(), **pair_stats(chosen, rejected),
+        stats = {"loss": loss.item(), **reward_stats(chosen, rejected),
                  "ece": expected_calibration_error(self.calibration),
                  "length_baseline_accuracy": length_baseline_accuracy(self.eval_pairs), "pairs": len(chosen)}
         return {f"eval/{k}": v for k, v in stats.items()}

