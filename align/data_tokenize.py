@@ -50,8 +50,17 @@ def cache_dir() -> Path | None:
 
 
 def cached_map(columns: dict[str, list], function, fn_kwargs: dict, key: str, desc: str):
-    """`Dataset.from_dict(columns).map(function)`, its result cached at align_tokenized/KEY.arrow."""
-    import datasets
+    """`Dataset.from_dict(columns).map(function)`, its result cached at align_tokenized/KEY.arrow.
+
+    Without `datasets` installed (a bare GPU image has torch, transformers and peft only) the rows
+    are tokenised in a loop, uncached: the same columns, so callers cannot tell.
+    """
+    try:
+        import datasets
+    except ImportError:
+        n = len(next(iter(columns.values())))
+        out = [function({k: v[i] for k, v in columns.items()}, **fn_kwargs) for i in range(n)]
+        return {k: [row[k] for row in out] for k in (out[0] if out else {})}
 
     folder = cache_dir()
     path = None

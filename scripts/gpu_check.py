@@ -19,6 +19,11 @@ import time
 import traceback
 from pathlib import Path
 
+# The GPU machine has torch, transformers, peft and accelerate only: run as it would there, with
+# `datasets`, vLLM and TRL unimportable (an import of one of them is then an ImportError, not a pass).
+for _missing in ("datasets", "vllm", "trl"):
+    sys.modules.setdefault(_missing, None)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PREFS = REPO / "tests" / "data" / "prefs_tiny.jsonl"
@@ -157,7 +162,7 @@ def main() -> int:
     else:
         report["recipes"]["dpo_2proc"] = {"ok": None, "skipped": "fewer than 2 GPUs"}
     # The GPU machine has neither: these recipes must not have imported them.
-    report["imported"] = {m: m in sys.modules for m in ("datasets", "vllm", "trl")}
+    report["imported"] = {m: sys.modules.get(m) is not None for m in ("datasets", "vllm", "trl")}
     report["ok"] = all(r["ok"] is not False for r in report["recipes"].values()) and not any(
         report["imported"].values())
     if args.keep:

@@ -9,7 +9,8 @@ import pytest
 
 from align.config import load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(ROOT.glob("*.yaml"))  # recipe configs; configs/accelerate/ holds launcher configs
 
 # File-name prefix -> config dataclass that the file mirrors.
 KINDS = {
@@ -38,4 +39,13 @@ def test_config_loads(path):
     # The first lines of each config show the command that runs it.
     head = path.read_text().splitlines()[:4]
     assert any("align " in line or "scripts/" in line for line in head), f"{path.name}: no run command on top"
-    assert config is not None
+    assert type(config) is config_class(path)
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml"])
+def test_accelerate_configs_parse_with_accelerate(name):
+    """The launcher configs are read by accelerate's own config class, which rejects unknown keys."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "accelerate" / name))
+    assert config.distributed_type.value == ("MULTI_GPU" if name == "ddp.yaml" else "FSDP")

@@ -101,7 +101,7 @@ def test_ppo_from_init_adapter_kl_at_first_step(tiny_llama, tmp_path, init_adapt
 def test_bad_init_adapter_is_one_clear_line_before_any_model_loads(tmp_path, init_adapter, tiny_llama):
     yaml = tmp_path / "c.yaml"
     yaml.write_text(f"train_file: {DATA}\ninit_adapter: {tmp_path / 'nowhere'}\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: DPOConfig: init_adapter: .*nowhere is not a folder"):
+    with pytest.raises(ConfigError, match=r"c.yaml:2: init_adapter: .*nowhere is not a folder"):
         load_config(DPOConfig, yaml)
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -180,7 +180,7 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_llama, tmp
     lora_b = next(p for n, p in tr.base.adapter_parameters("policy").items() if "lora_B" in n)
     hook = lora_b.register_hook(lambda g: g * float("nan"))
     before = snapshot(tr.base.adapter_parameters("policy"))
-    with pytest.raises(TrainingDiverged, match=r"step 2: the gradient norm is nan.*step-000001 is intact"):
+    with pytest.raises(TrainingDiverged, match=r"step 2: the gradient norm is nan.*step-000001, verified intact"):
         tr.ppo_step(2)
     hook.remove()
     assert same(before, snapshot(tr.base.adapter_parameters("policy")))
@@ -189,7 +189,7 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_llama, tmp
     with torch.no_grad():
         next(p for n, p in tr.base.adapter_parameters("policy").items() if "lora_B" in n).normal_(0, 5.0)
     tr.config.max_kl = 1e-3
-    with pytest.raises(TrainingDiverged, match=r"step 3: KL to the reference is .*max_kl=0.001.*step-000001 is intact"):
+    with pytest.raises(TrainingDiverged, match=r"step 3: KL to the reference is .*max_kl=0.001.*step-000001, verified intact"):
         tr.ppo_step(3)
     assert _tree_hash(good) == digest
     tr.close()

