@@ -67,7 +67,19 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-class WandbTracker:
+class _RunTracker:
+    """A wandb or trackio run: both take dashboard names, a step, and finish()."""
+
+    run = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({dashboard_name(k): v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class WandbTracker(_RunTracker):
     """W&B run in the run folder (wandb/); offline with WANDB_MODE=offline, as wandb itself reads it."""
 
     def __init__(self, run_dir: Path, run_name: str, config: dict):
@@ -76,28 +88,15 @@ class WandbTracker:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "align"), name=run_name, dir=str(run_dir),
                               config=config, reinit="create_new")
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({dashboard_name(k): v for k, v in metrics.items()}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
-
-
-class TrackioTracker:
+class TrackioTracker(_RunTracker):
     """Trackio run (a local SQLite database under TRACKIO_DIR unless a Space is configured)."""
 
     def __init__(self, run_dir: Path, run_name: str, config: dict):
         import trackio
 
-        self.trackio = trackio
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "align"), name=run_name, config=config,
                                 auto_log_cpu=False, auto_log_gpu=False)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({dashboard_name(k): v for k, v in metrics.items()}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 class MLflowTracker:
