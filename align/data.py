@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.data_issues import DataError, DataIssue
+from align.data_issues import DataError, DataIssue, collect_rows
 from align.data_sources import describe, read_jsonl, read_source
 from align.prompt_extraction import extract_prompt
 
@@ -148,17 +148,8 @@ def load_preferences(source, fmt: str = "auto", on_bad_rows: str = "error", spli
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows: expected 'error' or 'skip', got {on_bad_rows!r}")
-    rows, issues = [], []
-    seen_any = False
-    for where, record in read_source(source, split, config, label):
-        seen_any = True
-        if isinstance(record, DataIssue):
-            issues.append(record)
-            continue
-        row, row_issues = validate_record(record, where, fmt)
-        issues.extend(row_issues)
-        if row is not None:
-            rows.append(row)
+    rows, issues, seen_any = collect_rows(read_source(source, split, config, label),
+                                          lambda record, where: validate_record(record, where, fmt))
     name = label or describe(source)
     if not seen_any:
         raise DataError([DataIssue(name, None, f"empty {'file' if isinstance(source, (str, os.PathLike)) else 'dataset'}; "
@@ -291,3 +282,28 @@ def step_batches(n_items: int, batch_size: int, grad_accum: int, seed: int, step
     order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     chunk = order[within * per_step:(within + 1) * per_step]
     return [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+
+
+def global_step_batches(n_items: int, batch_size: int, grad_accum: int, world: int, seed: int,
+                        step: int) -> list[list[int]]:
+    """Every process's micro-batches of global step `step`: `step_batches` with `world` x the accumulation.
+
+    The global batch is batch_size x grad_accum x world items (TRL's convention), cut exactly as one
+    process with world x the accumulation would cut it; process r takes micro-batches r, r+world, ...
+    An epoch's short last step is re-cut so that every process gets as many micro-batches.
+    """
+    micro = step_batches(n_items, batch_size, grad_accum * world, seed, step)
+    if len(micro) % world:
+        items = [i for mb in micro for i in mb]
+        k = min(-(-len(micro) // world) * world, len(items) // world * world)
+        micro = [items[j::k] for j in range(k)]
+    return micro
+
+
+def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held-out): a seeded random `fraction` (at least one item) held out, the rest in order."""
+    if not fraction:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, int(len(items) * fraction))
+    return [items[i] for i in sorted(order[n_eval:])], [items[i] for i in order[:n_eval]]

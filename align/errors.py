@@ -8,4 +8,5 @@ class UserError(Exception):
 
 
 class TrainingDiverged(UserError):
-    """A loss or KL turned non-finite or exploded; the last good checkpoint is intact."""
+    """A loss, gradient, KL or trained tensor turned non-finite or exploded; the run stops before
+    anything from that step is saved, so its newest verified checkpoint is what --resume loads."""

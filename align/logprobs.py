@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from align.fsdp import full_tensor
+
 # model_type -> (config field, "mul" | "div"): how each family's forward scales lm_head's output.
 LOGIT_SCALES = {
     **{t: ("logit_scale", "mul") for t in ("cohere", "cohere2", "cohere2_moe")},
@@ -74,7 +76,7 @@ def gather_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torc
     """
     if getattr(lm_head, "bias", None) is not None:
         raise NotImplementedError("lm_head with a bias is not supported")
-    weight = lm_head.weight
+    weight = full_tensor(lm_head.weight)  # sharded under FSDP, and no forward of lm_head gathers it for us
     outs = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]

@@ -48,3 +48,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's extra term (Pang et al. 2024; TRL's rpo_alpha): the chosen completions' negative
+    log-likelihood per token, over the batch's chosen tokens. `policy_chosen` are summed log-probs."""
+    return -policy_chosen.sum() / chosen_lengths.to(policy_chosen).sum().clamp(min=1)

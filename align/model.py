@@ -217,6 +217,9 @@ class SharedBase:
         self.load_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.trainable: set[str] = set()
         self.settings: dict[str, LoraSettings] = {}
+        self.sharded = False  # FSDP (align/fsdp.py): this process holds slices of the base and adapters
+        self.gathered: dict[str, dict] = {}  # FSDP: full copies of adapters, gathered for saving
+        self.fingerprint_cache: dict | None = None
         # Taken from the plain model: once PEFT has injected layers, lora_A/lora_B are Linear too.
         self.all_targets = lora_targets(self._plain_model())
         for p in self.model.parameters():
@@ -427,6 +430,8 @@ class SharedBase:
 
     def fingerprint(self) -> dict:
         """Identify the base: architecture, shapes and a hash of a few weights."""
+        if self.fingerprint_cache is not None:  # taken before sharding (the base is frozen)
+            return dict(self.fingerprint_cache)
         model = self._plain_model()
         h = hashlib.sha256()
         # Names as in the plain model, so the fingerprint does not change when adapters are added
@@ -469,7 +474,9 @@ class SharedBase:
         """Write adapter `name` as a PEFT folder (safetensors), atomically, with the base fingerprint."""
         path = Path(path)
         with atomic_dir(path) as tmp:
-            self.peft.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+            # Sharded (FSDP): the full copies every process gathered (align.fsdp.gathered_adapters).
+            full = {"state_dict": self.gathered[name]} if self.sharded else {}
+            self.peft.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True, **full)
             # PEFT nests non-default adapters in a subfolder; flatten so the folder is the adapter.
             nested = tmp / name
             if nested.is_dir():

@@ -11,15 +11,15 @@ accumulation would cut it; process r takes micro-batches r, r+N, ... (docs/scali
 
 from __future__ import annotations
 
-import torch
-
-from align.data import TokenizedPair, load_preferences, step_batches, tokenize_preferences
+from align.data import TokenizedPair, load_preferences, split_held_out, tokenize_preferences
 from align.errors import UserError
-from align.trainer import Trainer, epochs_to_steps
+from align.trainer import Trainer
 
 
 class PreferenceTrainer(Trainer):
     """A Trainer whose data are preference pairs; subclasses give `pair_loss` and `evaluate`."""
+
+    fsdp_ready = True
 
     def __init__(self, config, resume: bool | str | None = None, overwrite: bool = False, base=None,
                  train_dataset=None, eval_dataset=None):
@@ -59,46 +59,18 @@ class PreferenceTrainer(Trainer):
         if eval_file is not None and (not isinstance(eval_file, str) or eval_file):
             label = None if isinstance(eval_file, str) else "eval_dataset"
             self.eval_pairs, _ = self.tokenize(eval_file, "test", label)
-        elif c.eval_fraction:
-            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(c.seed)).tolist()
-            n_eval = max(1, int(len(pairs) * c.eval_fraction))
-            self.eval_pairs = [pairs[i] for i in order[:n_eval]]
-            pairs = [pairs[i] for i in sorted(order[n_eval:])]
         else:
-            self.eval_pairs = []
+            pairs, self.eval_pairs = split_held_out(pairs, c.eval_fraction, c.seed)
         if not pairs:
             raise UserError(f"{train_file if named else 'train_dataset'}: no training pairs left")
         self.pairs = pairs
 
-    def global_accumulation(self) -> int:
-        """Micro-batches in one global batch: gradient_accumulation_steps on each of the processes."""
-        return self.config.gradient_accumulation_steps * self.processes.world
-
     def num_steps(self) -> int:
-        c = self.config
-        per_step = c.per_device_train_batch_size * self.global_accumulation()
-        self.steps_per_epoch, total = epochs_to_steps(len(self.pairs), per_step, c.num_train_epochs, c.max_steps)
-        short = len(self.pairs) % per_step  # the last step of an epoch
-        if short and short < self.processes.world:
-            raise UserError(f"{len(self.pairs)} training pairs leave a last step of {short} pair(s) for "
-                            f"{self.processes.world} processes; drop or add pairs, or change the batch size")
-        return total
-
-    def global_batches_for_step(self, step: int) -> list[list[int]]:
-        """Pair indices of each micro-batch of global optimizer step `step` (0-based), every process's."""
-        c = self.config
-        micro = step_batches(len(self.pairs), c.per_device_train_batch_size, self.global_accumulation(),
-                             c.seed, step)
-        world = self.processes.world
-        if len(micro) % world:  # an epoch's short last step: re-cut it so every process gets as many
-            items = [i for mb in micro for i in mb]
-            k = min(-(-len(micro) // world) * world, len(items) // world * world)
-            micro = [items[j::k] for j in range(k)]
-        return micro
+        return self.data_parallel_steps(len(self.pairs), "pairs")
 
     def batches_for_step(self, step: int) -> list[list[int]]:
         """Pair indices of each micro-batch this process trains on in optimizer step `step` (0-based)."""
-        return self.processes.shard(self.global_batches_for_step(step))
+        return self.processes.shard(self.global_batches_for_step(len(self.pairs), step))
 
     def eval_chunks(self):
         size = self.config.per_device_eval_batch_size
@@ -108,7 +80,7 @@ class PreferenceTrainer(Trainer):
     # -- one step ------------------------------------------------------------------------------
     def training_step(self) -> dict:
         self.base.model.train()  # gradient checkpointing (and adapter dropout) act only in train mode
-        every = self.global_batches_for_step(self.step)
+        every = self.global_batches_for_step(len(self.pairs), self.step)
         micro = self.processes.shard(every)
         stats = self.optimizer_step(micro, lambda idx: self.pair_loss([self.pairs[i] for i in idx], idx, True),
                                     global_micro_batches=len(every))

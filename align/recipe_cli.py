@@ -65,3 +65,18 @@ def train_from_args(config_cls: type, trainer_cls: type, args: argparse.Namespac
         return trainer, trainer.train()
     finally:
         trainer.close()
+
+
+def adapter_recipe(config_cls: type, trainer_cls: type):
+    """`add_arguments(parser)` and `run(args)` for a recipe whose result is one adapter folder (DPO, SFT)."""
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        add_recipe_arguments(p, config_cls)
+
+    def run(args: argparse.Namespace) -> int:
+        done = train_from_args(config_cls, trainer_cls, args)
+        if done is not None and done[0].processes.is_main:  # said once, by the process that wrote it
+            print(f"adapter saved to {done[1]}")
+        return 0
+
+    return add_arguments, run

@@ -17,11 +17,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from align.config import arg
-from align.data import step_batches
+from align.data import split_held_out
 from align.errors import UserError
+from align.fsdp import full_tensor
+from align.recipe_cli import adapter_recipe
 from align.sft_data import collate_sft, load_sft, pack_examples, tokenize_sft
 from align.train_config import TrainConfig
-from align.trainer import Trainer, epochs_to_steps
+from align.trainer import Trainer
 
 
 @dataclass
@@ -97,11 +99,13 @@ def sft_forward(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     targets = batch["loss_mask"][:, 1:].bool()
     if getattr(base.lm_head, "bias", None) is not None:
         raise NotImplementedError("lm_head with a bias is not supported")
-    return token_nll(hidden[:, :-1][targets], base.lm_head.weight, batch["input_ids"][:, 1:][targets])
+    weight = full_tensor(base.lm_head.weight)  # sharded under FSDP (align/fsdp.py)
+    return token_nll(hidden[:, :-1][targets], weight, batch["input_ids"][:, 1:][targets])
 
 
 class SFTTrainer(Trainer):
     name = "sft"
+    fsdp_ready = True
 
     def build(self) -> list[dict]:
         c = self.config
@@ -114,13 +118,8 @@ class SFTTrainer(Trainer):
             eval_rows, _ = load_sft(c.eval_file, c.dataset_text_field, c.on_bad_rows)
             self.eval_examples, _ = tokenize_sft(eval_rows, tok, c.max_length, c.completion_only_loss,
                                                  c.assistant_only_loss, c.chat_template, c.on_bad_rows)
-        elif c.eval_fraction and len(examples) > 1:
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(c.seed)).tolist()
-            n_eval = max(1, int(len(examples) * c.eval_fraction))
-            self.eval_examples = [examples[i] for i in order[:n_eval]]
-            examples = [examples[i] for i in sorted(order[n_eval:])]
-        else:
-            self.eval_examples = []
+        else:  # one row is all training
+            examples, self.eval_examples = split_held_out(examples, c.eval_fraction if len(examples) > 1 else 0, c.seed)
         if not examples:
             raise UserError(f"{c.train_file}: no training rows left")
         self.train_examples = len(examples)
@@ -133,11 +132,7 @@ class SFTTrainer(Trainer):
         return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate}]
 
     def num_steps(self) -> int:
-        c = self.config
-        self.steps_per_epoch, total = epochs_to_steps(
-            len(self.items), c.per_device_train_batch_size * c.gradient_accumulation_steps,
-            c.num_train_epochs, c.max_steps)
-        return total
+        return self.data_parallel_steps(len(self.items), "rows")
 
     def state_extra(self) -> dict:
         return {"num_tokens": self.num_tokens}
@@ -150,23 +145,23 @@ class SFTTrainer(Trainer):
         return {k: v.to(self.config.device) for k, v in batch.items()}
 
     def training_step(self) -> dict:
-        c = self.config
         self.base.model.train()  # gradient checkpointing (and adapter dropout) act only in train mode
-        micro = step_batches(len(self.items), c.per_device_train_batch_size, c.gradient_accumulation_steps,
-                             c.seed, self.step)
-        batches = [self.collate([self.items[i] for i in idx]) for idx in micro]
-        # The step's loss is the mean over all its target tokens (as TRL's, across accumulated micro-batches):
-        # each micro-batch's sum is divided by the step's count, times n because optimizer_step divides by n.
-        targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
-        n = len(batches)
+        every = self.global_batches_for_step(len(self.items), self.step)  # all processes' micro-batches
+        batches = [self.collate([self.items[i] for i in idx]) for idx in self.processes.shard(every)]
+        # The step's loss is the mean over all its target tokens (as TRL's, across accumulated micro-batches
+        # and processes): each micro-batch's sum is divided by the global batch's count, times the number
+        # of micro-batches because optimizer_step weighs each micro-batch 1/that number.
+        rows = [self.items[i] for idx in every for i in idx]
+        targets = sum(sum(r.loss_mask[1:]) for r in rows)
+        n = len(every)
 
         def loss_fn(batch):
             nll, correct = sft_forward(self.base, batch)
             scale = n / max(targets, 1)
             return nll.sum() * scale, {"mean_token_accuracy": correct.sum().item() * scale}
 
-        stats = self.optimizer_step(batches, loss_fn)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        stats = self.optimizer_step(batches, loss_fn, global_micro_batches=n)
+        tokens = sum(len(r.input_ids) for r in rows)
         self.num_tokens += tokens
         stats["num_tokens"] = self.num_tokens
         stats["tokens"] = tokens
@@ -203,16 +198,4 @@ def train_sft(config: SFTConfig, resume: bool | str | None = None, overwrite: bo
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    from align.recipe_cli import add_recipe_arguments
-
-    add_recipe_arguments(p, SFTConfig)
-
-
-def run(args) -> int:
-    from align.recipe_cli import train_from_args
-
-    done = train_from_args(SFTConfig, SFTTrainer, args)
-    if done is not None:
-        print(f"adapter saved to {done[1]}")
-    return 0
+add_arguments, run = adapter_recipe(SFTConfig, SFTTrainer)

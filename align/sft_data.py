@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from align.data import DataError, DataIssue, _check_text, read_records, tokenize_answers
+from align.data_issues import collect_rows
 
 KINDS = ("language_modeling", "prompt_completion", "conversational")
 
@@ -79,16 +80,8 @@ def validate_sft_record(record, where: str, text_field: str = "text") -> tuple[S
 def load_sft(source: str, text_field: str = "text", on_bad_rows: str = "error",
              split: str = "train") -> tuple[list[SFTRow], list[DataIssue]]:
     """Read and validate every row -> (rows, skipped issues). Raises DataError listing all bad rows unless skip."""
-    rows, issues, seen_any = [], [], False
-    for where, record in read_records(source, split):
-        seen_any = True
-        if isinstance(record, DataIssue):
-            issues.append(record)
-            continue
-        row, row_issues = validate_sft_record(record, where, text_field)
-        issues.extend(row_issues)
-        if row is not None:
-            rows.append(row)
+    rows, issues, seen_any = collect_rows(read_records(source, split),
+                                          lambda record, where: validate_sft_record(record, where, text_field))
     if not seen_any:
         raise DataError([DataIssue(str(source), None, "empty file; expected at least one SFT row")])
     if issues and on_bad_rows == "error":

@@ -184,10 +184,6 @@ class TrainConfig(ModelConfig):
     def warmup_for(self, total_steps: int) -> int:
         return self.warmup_steps or math.ceil(self.warmup_ratio * total_steps)
 
-    @property
-    def tensorboard(self) -> bool:
-        return "tensorboard" in self.report_to
-
 
 @dataclass
 class PreferenceDataConfig:

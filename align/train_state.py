@@ -33,6 +33,7 @@ from torch import nn
 
 from align.atomic import atomic_dir, atomic_write_text, sweep_stale_temps
 from align.errors import TrainingDiverged, UserError
+from align.fsdp import full_tensor, load_full_adapter, shard_optimizer_state
 
 CHECKPOINTS = "checkpoints"
 # What LATEST may name: a checkpoint folder inside checkpoints/, nothing else.
@@ -45,12 +46,15 @@ class CheckpointError(UserError):
 
 # -- pieces -----------------------------------------------------------------------------------------
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict, dict]:
-    """Flatten an optimizer's state into named tensors plus JSON-able hyper-parameters."""
+    """Flatten an optimizer's state into named tensors plus JSON-able hyper-parameters.
+
+    Under FSDP the moments of sharded parameters are gathered whole: every process must call this.
+    """
     sd = optimizer.state_dict()
     tensors = {}
     for pid, state in sd["state"].items():
         for k, v in state.items():
-            t = v if torch.is_tensor(v) else torch.tensor(v)
+            t = full_tensor(v) if torch.is_tensor(v) else torch.tensor(v)
             tensors[f"{prefix}.{pid}.{k}"] = t.detach().cpu().contiguous()
     return tensors, {"param_groups": sd["param_groups"]}
 
@@ -98,6 +102,8 @@ def load_adapter_weights(base, name: str, folder: str | os.PathLike) -> None:
     from peft.utils import set_peft_model_state_dict
 
     weights = load_tensors(Path(folder) / "adapter_model.safetensors")
+    if base.sharded:  # FSDP: each process copies in its slice
+        return load_full_adapter(base, name, weights, folder)
     result = set_peft_model_state_dict(base.peft, weights, adapter_name=name)
     if result.unexpected_keys:
         raise UserError(f"{folder}: adapter tensors {result.unexpected_keys[:3]} do not fit adapter {name!r}")
@@ -303,17 +309,20 @@ class TrainState:
         self.scheduler = scheduler
         self.heads = heads or {}
 
-    def save(self, run_dir: str | os.PathLike, step: int, extra: dict | None = None, keep: int = 2) -> Path:
+    def save(self, run_dir: str | os.PathLike, step: int, extra: dict | None = None, keep: int = 2,
+             optim: tuple[dict, dict] | None = None) -> Path:
         """Write checkpoint `step` atomically and verify it, point LATEST at it, then drop all but the newest `keep`.
 
-        Non-finite tensors are refused before anything is written (TrainingDiverged).
+        Non-finite tensors are refused before anything is written (TrainingDiverged). `optim`: the
+        optimizer's tensors already gathered by every process (FSDP), else they are read here.
         """
-        opt_t, opt_meta = optimizer_tensors(self.optimizer)
+        opt_t, opt_meta = optim or optimizer_tensors(self.optimizer)
         rng_t, rng_meta = rng_tensors()
         tensors = {**opt_t, **rng_t}
         for name, head in self.heads.items():
             tensors.update({f"head.{name}.{k}": v for k, v in head.state_dict().items()})
-        trained = {f"adapter.{a}.{n}": p for a in self.adapters for n, p in self.base.adapter_parameters(a).items()}
+        trained = {f"adapter.{a}.{n}": p for a in self.adapters
+                   for n, p in (self.base.gathered.get(a) or self.base.adapter_parameters(a)).items()}
         bad = nonfinite({**trained, **tensors})
         if bad:
             raise TrainingDiverged(f"step {step}: {bad[0]} holds NaN or infinity ({len(bad)} such tensors); "
@@ -355,6 +364,8 @@ class TrainState:
                 prefix = f"head.{name}."
                 head.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             load_optimizer_tensors(self.optimizer, tensors, state["optimizer"])
+            if self.base.sharded:
+                shard_optimizer_state(self.optimizer)
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
             restore_rng(tensors, state["rng"])

@@ -16,7 +16,8 @@ metrics without duplicate steps after a resume, and the progress bar.
 On N processes (`accelerate launch`, docs/scaling.md) the same hooks run on every process:
 `self.processes` says which one this is; `optimizer_step` averages the trained tensors'
 gradients over the processes; only the main process evaluates and writes (config, metrics,
-checkpoints, final files). A recipe shards its data with `self.processes.shard`.
+checkpoints, final files). A recipe shards its data with `self.processes.shard`. Under FSDP
+(align/fsdp.py) the base is sharded after `build`, and every process evaluates and gathers what is saved.
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ from pathlib import Path
 
 import torch
 
+from align.data import global_step_batches
 from align.distributed import Processes
 from align.errors import TrainingDiverged, UserError
+from align.fsdp import clip_grad_norm, gathered_adapters, local, refuse_unsupported, shard_base
 from align.train_state import (
     CHECKPOINTS,
     CheckpointError,
     TrainState,
     find_checkpoint,
     latest_checkpoint,
+    optimizer_tensors,
     sweep_run_temps,
 )
 
@@ -118,6 +122,7 @@ class Trainer:
     """The shared lifecycle; see the module docstring for the hooks a recipe fills in."""
 
     name = "train"
+    fsdp_ready = False  # whether the recipe runs on a base sharded by FSDP (align/fsdp.py)
 
     def __init__(self, config, resume: bool | str | None = None, overwrite: bool = False, base=None):
         """`base`: train on a SharedBase already in memory (e.g. the demo's) instead of loading one."""
@@ -173,8 +178,6 @@ class Trainer:
     def setup(self) -> None:
         from dataclasses import asdict
 
-        from transformers import get_scheduler
-
         from align.config import dump_config
         from align.heap import limit_heap_fragmentation
         from align.metrics import MetricsLogger
@@ -184,6 +187,8 @@ class Trainer:
         c = self.config
         self.requested_device = c.device
         self.processes = Processes(c.device)
+        if self.processes.fsdp:
+            refuse_unsupported(c, self.name, self.fsdp_ready)
         c.device = self.processes.device  # recipes read config.device: from here on it is this process's device
         if self.base is not None:  # a base already in memory stays where it is
             c.device = str(next(self.base.model.parameters()).device)
@@ -206,15 +211,23 @@ class Trainer:
         if self.base is None:
             # Build order matters: the base, then adapters and heads on it (build), then the optimizer
             # over exactly the trained tensors, then the restored state, then engines (start).
-            self.base = SharedBase.load(self.model_path, c.dtype, c.device, c.trust_remote_code,
+            # FSDP: loaded whole on the CPU, then each process moves only its slices to its device.
+            self.base = SharedBase.load(self.model_path, c.dtype, "cpu" if self.processes.fsdp else c.device,
+                                        c.trust_remote_code,
                                         c.gradient_checkpointing, c.checkpoint_keep_last,
                                         load_in_4bit=getattr(c, "four_bit", None))
         groups = self.build()
+        if self.processes.fsdp:
+            groups = shard_base(self.base, self.processes, groups, self.heads())
         # Same seed, same adapters everywhere already; the broadcast makes it so whatever the device's kernels do.
         self.processes.broadcast_parameters([p for g in groups for p in g["params"]])
         self.optimizer = adamw(groups, weight_decay=c.weight_decay)
         self.total_steps = self.num_steps()
         total_updates = self.optimizer_steps()
+        # Imported here, not above: transformers' scheduler module imports peft (seconds), which a bad
+        # model path or folder should not wait for.
+        from transformers import get_scheduler
+
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=c.warmup_for(total_updates),
                                        num_training_steps=total_updates)
@@ -272,7 +285,11 @@ class Trainer:
         agg = dict(zip(keys, reduced[:-1]))
         if self.processes.distributed:
             agg["allreduce_bytes"] = self.processes.allreduce_bytes
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+        if self.base.sharded:  # this process's slices of the base, and the whole base (bytes)
+            agg["fsdp_base_bytes_local"], agg["fsdp_base_bytes_full"] = self.base.shard_bytes
+            grad_norm = clip_grad_norm(params, c.max_grad_norm, self.processes._comm_device())
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"step {self.step + 1}: the gradient norm is {grad_norm.item()}; stopped "
                                    f"before updating. {self.last_good()}")
@@ -298,8 +315,11 @@ class Trainer:
         for kind, tensors in (("optimizer state", moments), ("trained tensors", params)):
             if not tensors:
                 continue
-            norms = torch._foreach_norm(tensors, float("inf"))  # max |x|: finite for any finite tensor, unlike L2
-            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+            norms = torch._foreach_norm([local(t) for t in tensors], float("inf"))  # max |x|: finite for any finite
+            finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())  # tensor, unlike L2
+            if self.base.sharded:  # each process checked its slices: all stop, or none
+                finite = self.processes.all_agree(finite)
+            if not finite:
                 from align.train_state import inconsistent_moments
 
                 corrupt = inconsistent_moments(self.optimizer.state, self.optimizer.param_groups)
@@ -320,7 +340,16 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Written by the main process only (the others hold the same adapters); returns its path."""
+        """Written by the main process only (the others hold the same adapters); returns its path.
+
+        FSDP: every process first gathers the full adapters and optimizer state with the others.
+        """
+        if self.base.sharded:
+            with gathered_adapters(self.base, self.trained_adapters()):
+                optim = optimizer_tensors(self.optimizer)  # all-gathers the sharded moments
+                if self.processes.is_main:
+                    return self.state.save(self.out, self.step, self.state_extra(), self.config.save_total_limit,
+                                           optim)
         if not self.processes.is_main:
             return self.out / "checkpoints" / f"step-{self.step:06d}"
         return self.state.save(self.out, self.step, self.state_extra(), keep=self.config.save_total_limit)
@@ -362,8 +391,10 @@ class Trainer:
                 if key in stats:
                     stats[f"{key}_per_s"] = stats.pop(key) / stats["step_s"]
             last = self.step == self.total_steps
-            if main and (last or (c.eval_steps and self.step % c.eval_steps == 0)):
-                evaluation = self.evaluate()  # the adapters are the same everywhere: one process evaluates
+            if (main or self.base.sharded) and (last or (c.eval_steps and self.step % c.eval_steps == 0)):
+                # The adapters are the same everywhere: one process evaluates (all under FSDP: the forwards
+                # gather the base's slices from every process).
+                evaluation = self.evaluate()
                 stats.update(evaluation)
                 if last:
                     final = evaluation
@@ -375,15 +406,16 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if final is None:  # nothing was left to train (a finished run, resumed): its last step logged this
-            final = self.evaluate() if main else {}
+            final = self.evaluate() if main or self.base.sharded else {}
         self.save_checkpoint()
         self.summary = {"step": self.step}  # a recipe's summary may read what only the main process evaluated
-        if main:
-            self.summary = {"step": self.step, **self.summary_extra(), **final}
-            path = self.save_final(final)
-            from align.atomic import atomic_write_text
+        with gathered_adapters(self.base, self.trained_adapters()):  # FSDP: every process gathers, main writes
+            if main:
+                self.summary = {"step": self.step, **self.summary_extra(), **final}
+                path = self.save_final(final)
+                from align.atomic import atomic_write_text
 
-            atomic_write_text(self.out / "final_metrics.json", json.dumps(self.summary, indent=2, default=str))
+                atomic_write_text(self.out / "final_metrics.json", json.dumps(self.summary, indent=2, default=str))
         self.processes.barrier()  # every process returns once the run's files are complete
         if not main:
             path = self.final_path()
@@ -418,6 +450,24 @@ class Trainer:
             warnings.warn(f"dtype bfloat16 on {self.config.device}: this machine emulates bfloat16 matrix "
                           "work (several times slower than float32); use float32 here", stacklevel=2)
 
+    def data_parallel_steps(self, n_items: int, noun: str) -> int:
+        """Total optimizer steps over `n_items` at a global batch of per-device x accumulation x processes."""
+        c = self.config
+        world = self.processes.world
+        per_step = c.per_device_train_batch_size * c.gradient_accumulation_steps * world
+        self.steps_per_epoch, total = epochs_to_steps(n_items, per_step, c.num_train_epochs, c.max_steps)
+        short = n_items % per_step  # the last step of an epoch
+        if short and short < world:
+            raise UserError(f"{n_items} training {noun} leave a last step of {short} for {world} processes; "
+                            f"drop or add {noun}, or change the batch size")
+        return total
+
+    def global_batches_for_step(self, n_items: int, step: int) -> list[list[int]]:
+        """Item indices of each micro-batch of global step `step` (0-based), every process's."""
+        c = self.config
+        return global_step_batches(n_items, c.per_device_train_batch_size, c.gradient_accumulation_steps,
+                                   self.processes.world, c.seed, step)
+
     def epoch(self) -> float:
         return self.step / max(1, self.steps_per_epoch) if getattr(self, "steps_per_epoch", 0) else 0.0
 
@@ -425,9 +475,11 @@ class Trainer:
         return {}
 
     def close(self) -> None:
-        """Release what the run holds (metrics writers; a recipe adds its engines)."""
+        """Release what the run holds (metrics writers; a recipe adds its engines), then the process group."""
         if getattr(self, "logger", None) is not None:
             self.logger.close()
+        if getattr(self, "processes", None) is not None:  # a recipe closes its engines before this
+            self.processes.close()
 
 
 def epochs_to_steps(n_items: int, items_per_step: int, num_train_epochs: int, max_steps: int) -> tuple[int, int]:

@@ -128,22 +128,34 @@ class RewardTrainer(PreferenceTrainer):
                            "seed": c.seed, "model": model_path}, sort_keys=True)
 
     def _demo_files(self) -> tuple[str, str | None]:
+        """Demo pairs in output_dir/data/: every process makes them (sampling runs the base, which
+        under FSDP needs every process), the main one writes them, and all read what it wrote."""
+        train_path, eval_path = self._make_demo_files(write=self.processes.is_main)
+        self.processes.barrier()
+        return train_path, eval_path
+
+    def _make_demo_files(self, write: bool) -> tuple[str, str | None]:
         from align.atomic import atomic_write_text
         from reward.pairs import arithmetic_pairs, sampled_arithmetic_pairs, write_jsonl
 
         c = self.config
         data = self.out / "data"
+        train_path, eval_path = data / "train.jsonl", data / "eval.jsonl"
+
+        def keep(rows: list[dict], path) -> str | None:
+            if not rows:
+                return None
+            return write_jsonl(rows, path) if write else str(path)
+
         if c.demo_source == "synthetic":
             share = c.demo_bare_share
-            train = write_jsonl(arithmetic_pairs(c.demo_pairs, c.seed, bare_share=share), data / "train.jsonl")
             # A different seed: held-out pairs are drawn independently of the training ones.
-            ev = write_jsonl(arithmetic_pairs(c.demo_eval_pairs, c.seed + 10_000, bare_share=share),
-                             data / "eval.jsonl") if c.demo_eval_pairs else None
-            return train, ev
+            ev = arithmetic_pairs(c.demo_eval_pairs, c.seed + 10_000, bare_share=share) if c.demo_eval_pairs else []
+            return keep(arithmetic_pairs(c.demo_pairs, c.seed, bare_share=share), train_path), keep(ev, eval_path)
         # Sampling takes minutes and is not bit-repeatable everywhere: a resumed run reuses the
         # pairs its first start wrote, when they were made with the same settings.
         key = self.demo_stamp(self.model_path)
-        stamp, train_path, eval_path = data / "demo.json", data / "train.jsonl", data / "eval.jsonl"
+        stamp = data / "demo.json"
         if stamp.is_file() and stamp.read_text() == key and train_path.is_file():
             return str(train_path), str(eval_path) if c.demo_eval_pairs and eval_path.is_file() else None
         t0 = time.perf_counter()
@@ -151,9 +163,11 @@ class RewardTrainer(PreferenceTrainer):
             if c.demo_eval_pairs else []
         train = sampled_arithmetic_pairs(self.base, self.model_path, c.demo_pairs, c.seed,
                                          exclude={r["prompt"] for r in ev})
-        print(f"[align] sampled {len(train)} + {len(ev)} demo pairs in {time.perf_counter() - t0:.0f} s")
-        files = write_jsonl(train, train_path), write_jsonl(ev, eval_path) if ev else None
-        atomic_write_text(stamp, key)  # last: the stamp vouches for files already complete
+        if write:
+            print(f"[align] sampled {len(train)} + {len(ev)} demo pairs in {time.perf_counter() - t0:.0f} s")
+        files = keep(train, train_path), keep(ev, eval_path)
+        if write:
+            atomic_write_text(stamp, key)  # last: the stamp vouches for files already complete
         return files
 
     # -- one step -----------------------------------------------------------------------------

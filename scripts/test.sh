@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
        HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers, whole files each (a module's server or engine starts once): much of the suite waits on
+# process starts and servers, so two cores overlap it. `bash scripts/test.sh -n 0 ...` runs serially.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

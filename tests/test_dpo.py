@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -153,3 +154,20 @@ def test_reference_cache_is_keyed_on_what_it_depends_on(tiny_llama, tmp_path):
             change["train_file"].write_text("\n".join(rows) + "\n")
         assert computed(out, **change) is True, change
         assert computed(out) is True, f"back from {change}"
+
+
+def test_rpo_alpha_adds_the_chosen_nll(tiny_llama, tmp_path):
+    """At step 1 the policy is the reference (B = 0), so the DPO part is exactly ln 2 and the loss is
+    ln 2 + alpha x the chosen tokens' NLL; that NLL is what the chosen log-probs say per token."""
+    alpha = 0.5
+    trainer = DPOTrainer(tiny_config(tiny_llama, tmp_path / "run", max_steps=1, save_steps=0, rpo_alpha=alpha,
+                                     per_device_train_batch_size=4))
+    trainer.setup()
+    idx = trainer.batches_for_step(0)[0]
+    loss, stats = trainer.pair_loss([trainer.pairs[i] for i in idx], idx, train=False)
+    tokens = sum(len(trainer.pairs[i].chosen_ids) for i in idx)
+    assert stats["nll_loss"] == pytest.approx(-stats["logps/chosen"] * len(idx) / tokens, rel=1e-5)
+    assert loss.item() == pytest.approx(math.log(2) + alpha * stats["nll_loss"], abs=1e-5)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        tiny_config(tiny_llama, tmp_path / "bad", rpo_alpha=-1)
+    trainer.close()

@@ -70,3 +70,16 @@ def test_ipo_averages_in_the_loss_but_rewards_use_sums():
     assert losses.item() == pytest.approx(0.25, abs=1e-6)
     # implicit rewards from the sums (TRL's): 0.5*(-4 + 6) = 1.0 and 0.5*(-9 + 6) = -1.5
     assert r_c.item() == pytest.approx(1.0) and r_r.item() == pytest.approx(-1.5)
+
+
+def test_chosen_nll_is_per_token_over_the_batch():
+    from align.losses import chosen_nll
+
+    # Two chosen completions: summed log-probs -3 over 2 tokens and -1 over 4 tokens.
+    # (3 + 1) / (2 + 4) = 0.6666667, not the mean of per-sequence averages ((1.5 + 0.25) / 2 = 0.875).
+    value = chosen_nll(torch.tensor([-3.0, -1.0]), torch.tensor([2, 4]))
+    assert value.item() == pytest.approx(0.66666667, abs=1e-7)
+    # A gradient flows to the policy's log-probs: d/dx of -(x1 + x2)/6 is -1/6 each.
+    x = torch.tensor([-3.0, -1.0], requires_grad=True)
+    chosen_nll(x, torch.tensor([2, 4])).backward()
+    assert torch.allclose(x.grad, torch.full((2,), -1 / 6))

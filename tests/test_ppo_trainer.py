@@ -256,7 +256,8 @@ def reference_forwards(trainer) -> list[int]:
 
 @pytest.mark.parametrize("kl_coef,log_kl,runs", [(0.0, False, False), (0.05, False, True), (0.0, True, True)])
 def test_reference_forward_runs_only_when_its_kl_is_used(tiny_llama, tmp_path, kl_coef, log_kl, runs):
-    tr = make(tiny_llama, tmp_path, "algorithm=grpo", f"kl_coef={kl_coef}", f"log_reference_kl={log_kl}")
+    tr = make(tiny_llama, tmp_path, "algorithm=grpo", f"kl_coef={kl_coef}", f"log_reference_kl={log_kl}",
+              "sampler_logprobs_as_old=false")  # the pi_old forward stays, as the yardstick of the timing check
     calls = reference_forwards(tr)
     m1 = tr.ppo_step(1)
     m2 = tr.ppo_step(2)
@@ -267,3 +268,27 @@ def test_reference_forward_runs_only_when_its_kl_is_used(tiny_llama, tmp_path, k
     if not runs:
         assert m2["time/ref_logprobs"] < m2["time/old_logprobs"]
     tr.close()
+
+
+def test_pi_old_from_the_sampler_trains_like_the_trainers_forward(tiny_llama, tmp_path):
+    """In float32 the sampler's log-probs are the trainer's (within ~1e-6), so taking pi_old from them
+    (one forward pass less per step) trains the same adapter, and the mismatch is still measured."""
+    adapters, metrics = {}, {}
+    for flag in (True, False):
+        tr = make(tiny_llama, tmp_path / str(flag), "algorithm=grpo", f"sampler_logprobs_as_old={flag}",
+                  "kl_coef=0", "reward_functions={length_penalty: 1.0}")
+        assert tr.old_from_sampler() is flag
+        metrics[flag] = [tr.ppo_step(s) for s in (1, 2, 3)]
+        adapters[flag] = snapshot(tr.base.adapter_parameters("policy"))
+        tr.close()
+    a, b = adapters[True], adapters[False]
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4  # the policy moved
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    for m in metrics[True]:
+        assert m["logprob/mismatch_max"] < 1e-4 and m["time/old_logprobs"] < 0.01
+        assert m["policy/entropy"] > 0
+    # null (the default) means: an in-process engine sampling in the training dtype
+    for sets, expected in ((["kl_coef=0"], True), ([], False), (["kl_coef=0", "rollout_dtype=bfloat16"], False),
+                           (["kl_coef=0", "engine=remote", "engine_url=http://127.0.0.1:1"], False)):
+        cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", [f"model_name_or_path={tiny_llama}", *sets])
+        assert PPOTrainer(cfg).old_from_sampler() is expected, sets

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from align.config import load_config
 from align.ppo.config import PPOConfig
@@ -21,6 +22,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 KEY = "remote-test-key"
+TOL = 1e-4  # float32: engines match the trainer within ~1e-6
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
 
 
 def free_port() -> int:
@@ -75,17 +78,58 @@ class Server:
         psutil.wait_procs(family, timeout=30)
 
 
-@pytest.fixture
-def server(tiny_llama, tmp_path):
-    adapter_dir = tmp_path / "adapters"
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    """One server for the module (a vLLM start is most of these tests' time); the restart test goes last."""
+    root = tmp_path_factory.mktemp("remote")
+    adapter_dir = root / "adapters"
     adapter_dir.mkdir()
-    srv = Server(Path(tiny_llama), adapter_dir, free_port(), tmp_path / "server.log")
+    srv = Server(Path(tiny_llama), adapter_dir, free_port(), root / "server.log")
     srv.start()
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.kill()
+
+
+def perturb(base, seed: int) -> None:
+    """Random non-zero B, so the adapter differs from the base (a fresh one has B = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in base.adapter_parameters("policy").items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def test_remote_engine_syncs_adapter_and_matches_trainer(server, tiny_llama):
+    """Each sync's probe catches a stale adapter; samples of adapter and base requests, mixed in one
+    batch, carry the trainer's log-probs (float32: within 1e-4)."""
+    from align.engines import AdapterSyncError, make_engine, trainer_logprobs, verify_adapter
+    from align.model import LoraSettings, SharedBase
+
+    base = SharedBase.load(str(tiny_llama))
+    base.add_adapter("policy", LoraSettings(rank=4, alpha=32))
+    perturb(base, seed=0)
+    engine = make_engine("remote", str(tiny_llama), base, url=server.url, api_key=KEY,
+                         adapter_dir=str(server.adapter_dir))
+    try:
+        stats = engine.sync(base, "policy")
+        assert 32768 <= stats.bytes <= 32768 + 16384  # the adapter files only, not the model
+        perturb(base, seed=1)
+        with pytest.raises(AdapterSyncError):
+            verify_adapter(engine, base, "policy", *engine.probe, tol=TOL)
+        engine.sync(base, "policy")  # a fresh adapter name: the server must now serve the new weights
+        adapters = ["policy", None, "policy", None]
+        out = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.7, seed=0, adapter=adapters)
+        for prompt, samples, name in zip(PROMPTS, out, adapters, strict=True):
+            assert len(samples) == 2
+            for s in samples:
+                diff = max(abs(a - b) for a, b in zip(s.logprobs, trainer_logprobs(base, prompt, s.completion_ids,
+                                                                                  name), strict=True))
+                assert diff <= TOL, (name, diff)
+    finally:
+        engine.close()
 
 
 class RestartingTrainer(PPOTrainer):

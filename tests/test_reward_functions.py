@@ -120,3 +120,19 @@ def test_chat_message_completions_are_read_as_text():
 def test_length_mismatch_is_refused():
     with pytest.raises(RewardError, match="expected equal lengths"):
         compute_rewards("format", PROMPTS[:2], COMPLETIONS[:3])
+
+
+def test_training_prompts_never_hold_a_held_out_prompt():
+    from align.tasks.arithmetic import make_prompts
+
+    held_out = {r["prompt"] for r in make_prompts(100, seed=2)}
+    plain = make_prompts(300, seed=1)
+    assert any(r["prompt"] in held_out for r in plain)  # the draws do collide: the exclusion matters
+    train = make_prompts(300, seed=1, exclude=held_out)
+    assert len(train) == 300 and not any(r["prompt"] in held_out for r in train)
+    # the same stream with the held-out draws skipped: rows outside the held-out set are unchanged
+    kept = [r for r in plain if r["prompt"] not in held_out]
+    assert train[:len(kept)] == kept
+    assert all(int(r["answer"]) == sum(map(int, r["prompt"].split()[2].rstrip("?").split("+"))) for r in train)
+    with pytest.raises(ValueError, match="outside the 1 excluded"):
+        make_prompts(1, seed=0, low=1, high=1, exclude={"What is 1+1? Reply with the number only."})

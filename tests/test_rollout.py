@@ -215,69 +215,6 @@ def test_make_engine_rejects_unknown_kind(base, tiny_llama):
 
 # -- remote vLLM server (a real OpenAI-compatible server on 127.0.0.1) ---------------------------
 
-@pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    pytest.importorskip("vllm")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llama),
-             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", "--seed", "0"],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"vLLM server did not start; log:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_remote_engine_syncs_adapter_and_matches_trainer(server, base, tiny_llama):
-    engine = make_engine("remote", str(tiny_llama), base, url=server)
-    try:
-        stats = engine.sync(base, "policy")
-        assert 32768 <= stats.bytes <= 32768 + 16384  # the adapter files only (see test_sync_moves_adapter_bytes_only)
-        perturb(base, seed=1)
-        with pytest.raises(AdapterSyncError):
-            verify_adapter(engine, base, "policy", *engine.probe, tol=TOL)
-        engine.sync(base, "policy")  # a fresh adapter name: the server must now serve the new weights
-        adapters = ["policy", None, "policy", None]
-        out = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.7, seed=0, adapter=adapters)
-        for prompt, samples, name in zip(PROMPTS, out, adapters, strict=True):
-            assert len(samples) == 2
-            for s in samples:
-                assert max_diff(s.logprobs, trainer_logprobs(base, prompt, s.completion_ids, name)) <= TOL
-    finally:
-        engine.close()
-        perturb(base, seed=0)
-
-
 def test_ignore_eos_generates_exactly_max_new_tokens(engine, base):
     # Without ignore_eos some of these samples stop at EOS (same seed), so the test can fail.
     free = engine.generate(PROMPTS, n=16, max_new_tokens=24, temperature=1.0, seed=3)

@@ -39,8 +39,7 @@ def load_rows(spec: str, n: int, seed: int, exclude: set[str] = frozenset()) -> 
     if spec == "arithmetic":
         from align.tasks.arithmetic import make_prompts
 
-        rows = [r for r in make_prompts(n + len(exclude), seed) if r["prompt"] not in exclude]
-        return rows[:n]
+        return make_prompts(n, seed, exclude=exclude)
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"prompts: {spec!r} is neither 'arithmetic' nor an existing JSONL file")

@@ -51,6 +51,11 @@ class PPOConfig(TrainConfig):
     rollout_dtype: str | None = arg(None, "vLLM engine dtype (default: dtype). bfloat16 samples ~2.4x faster on "
                                           "CPUs with AMX; the sync probe's tolerance is then 0.25 instead of 1e-4 "
                                           "(docs/design.md, 'Rollout engines and adapter sync').")
+    sampler_logprobs_as_old: bool | None = arg(None, "Take pi_old, the PPO ratio's denominator, from the "
+        "sampler's log-probs instead of a forward pass of the trainer (one forward less per step). null: when "
+        "no reference forward runs (kl_coef 0) and an in-process engine samples in the training dtype, where "
+        "the sync probe holds it to the trainer within 1e-4. logprob/mismatch and policy/entropy then come "
+        "from the first update's forward.")
     engine_url: str | None = arg(None, "engine: remote: the server's base URL, e.g. http://127.0.0.1:8000 (start it "
                                        "with `align serve --base BASE --adapter-dir DIR`).")
     engine_api_key_env: str = arg("ALIGN_API_KEY", "engine: remote: environment variable holding the server's API "

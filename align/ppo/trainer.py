@@ -43,6 +43,7 @@ class PPOTrainer(Trainer):
         super().__init__(config, resume, overwrite, base)
         self.engine = engine
         self.name = config.algorithm
+        self.kl_coef = config.kl_coef  # the adaptive controller moves it; a checkpoint restores it
 
     # -- setup -----------------------------------------------------------------------------------
     def build(self) -> list[dict]:
@@ -161,7 +162,10 @@ class PPOTrainer(Trainer):
         # 3. Training-side log-probs (policy), reference log-probs (adapters off), values (critic).
         #    No reference forward when nothing uses it (docs/design.md, "What a PPO step spends").
         with torch.no_grad():
-            old_logp, entropy = self._logprobs(batch, "policy", with_entropy=True)
+            if self.old_from_sampler():  # the sampler's, proven equal to the trainer's by the last sync's probe
+                old_logp, entropy = batch.sampler_logprobs * mask, None
+            else:
+                old_logp, entropy = self._logprobs(batch, "policy", with_entropy=True)
             t = _lap(times, "old_logprobs", t)
             ref_logp = self._logprobs(batch, None) if self.needs_reference() else None
             t = _lap(times, "ref_logprobs", t)
@@ -191,8 +195,10 @@ class PPOTrainer(Trainer):
             advantages = A.masked_whiten(advantages, mask)
 
         # 5. Several epochs of minibatch updates with the clipped surrogate (and clipped value loss).
-        updates = self._update(step, batch, old_logp, ref_logp, advantages, old_values, returns)
+        updates, first = self._update(step, batch, old_logp, ref_logp, advantages, old_values, returns)
         t = _lap(times, "update", t)
+        # The trainer's own pi_old log-probs and entropy: the forward above, or the first update's (before any step).
+        trainer_view = (torch.arange(mask.shape[0]), old_logp, entropy) if entropy is not None else first
 
         # 6. Send the new policy adapter to the sampler (verified by probe log-probs).
         self.last_sync = self.engine.sync(base, adapter="policy")
@@ -203,20 +209,26 @@ class PPOTrainer(Trainer):
             self.kl_coef = A.adaptive_kl_coef(self.kl_coef, kl_mean, c.kl_target, c.kl_horizon,
                                               mask.shape[0] * self.processes.world)
 
-        return self._step_metrics(batch, scores, parts, kl if ref_logp is not None else None, kl_mean, entropy,
-                                  advantages, old_logp, updates, times, old_values, returns)
+        return self._step_metrics(batch, scores, parts, kl if ref_logp is not None else None, kl_mean, trainer_view,
+                                  advantages, updates, times, old_values, returns)
 
     def _update(self, step, batch: Rollout, old_logp, ref_logp, advantages, old_values, returns) -> list[dict]:
         c = self.config
         g = torch.Generator().manual_seed(self._seed(step))
         per_update = c.per_device_train_batch_size * c.gradient_accumulation_steps
 
+        first = {"rows": [], "logp": [], "entropy": [], "open": self.old_from_sampler()}
+
         def loss_fn(mb: torch.Tensor):
             mb_batch, m = batch.select(mb), batch.mask[mb]
-            if c.entropy_coef > 0:
+            if c.entropy_coef > 0 or first["open"]:
                 logp, ent = self._logprobs(mb_batch, "policy", with_entropy=True)
             else:
                 logp = self._logprobs(mb_batch, "policy")
+            if first["open"]:  # the first optimizer step's micro-batches: the policy is still pi_old
+                first["rows"].append(mb)
+                first["logp"].append(logp.detach())
+                first["entropy"].append(ent.detach())
             pg_loss, clipfrac, approx_kl = A.policy_loss(logp, old_logp[mb], advantages[mb], m, c.cliprange)
             loss = pg_loss
             if c.entropy_coef > 0:
@@ -236,23 +248,39 @@ class PPOTrainer(Trainer):
         for _ in range(c.num_ppo_epochs):
             for mb in torch.randperm(batch.mask.shape[0], generator=g).split(per_update):
                 stats.append(self.optimizer_step(list(mb.split(c.per_device_train_batch_size)), loss_fn))
-        return stats
+                first["open"] = False
+        view = (torch.cat(first["rows"]), torch.cat(first["logp"]), torch.cat(first["entropy"])) if first["rows"] \
+            else None
+        return stats, view
 
-    def _step_metrics(self, batch, scores, parts, kl, kl_mean, entropy, advantages, old_logp, updates, times,
+    def old_from_sampler(self) -> bool:
+        """Whether pi_old comes from the sampler (config.sampler_logprobs_as_old). null: when no reference
+        forward runs and an in-process engine samples in the training dtype (the sync probe holds its
+        log-probs to the trainer's within 1e-4). With a KL penalty the trainer's own forward stays: the KL
+        to the reference must be exactly 0 where the policy is the reference, or whitening/group scaling
+        blows its ~1e-7 rounding noise up into full-size advantages (measured on the tiny model)."""
+        c = self.config
+        if c.sampler_logprobs_as_old is not None:
+            return c.sampler_logprobs_as_old
+        return not self.needs_reference() and c.rollout_engine != "remote" and (c.rollout_dtype or c.dtype) == c.dtype
+
+    def _step_metrics(self, batch, scores, parts, kl, kl_mean, trainer_view, advantages, updates, times,
                       old_values, returns) -> dict:
         mask = batch.mask
+        rows, trainer_logp, entropy = trainer_view  # the trainer's pi_old log-probs of these rows
+        seen = mask[rows]
         # No reference forward ran: there is no KL to log (TRL logs none at beta 0 either).
         logged_kl = {} if kl is None else {"kl/ref": kl_mean, "kl/ref_per_token": A.masked_mean(kl, mask).item()}
         times = {**times, "forward": times["old_logprobs"] + times["ref_logprobs"] + times["values"]}
         mean = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-        mismatch = (old_logp - batch.sampler_logprobs).abs() * mask
+        mismatch = (trainer_logp - batch.sampler_logprobs[rows]).abs() * seen
         n_tokens = mask.sum().item()
         out = {
             "reward/mean": scores.mean().item(),
             **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
             **logged_kl,
             "kl/coef": self.kl_coef,
-            "policy/entropy": A.masked_mean(entropy, mask).item(),
+            "policy/entropy": A.masked_mean(entropy, seen).item(),
             "policy/clipfrac": mean["policy/clipfrac"],
             "policy/approx_kl": mean["policy/approx_kl"],
             "policy/advantage_std": advantages[mask.bool()].std().item() if n_tokens > 1 else 0.0,
@@ -260,7 +288,7 @@ class PPOTrainer(Trainer):
             "loss/policy": mean["loss/policy"],
             "grad_norm": mean["grad_norm"],
             "learning_rate": updates[-1]["learning_rate"],
-            "logprob/mismatch_mean": (mismatch.sum() / max(n_tokens, 1)).item(),
+            "logprob/mismatch_mean": (mismatch.sum() / max(seen.sum().item(), 1)).item(),
             "logprob/mismatch_max": mismatch.max().item(),
             "response/length": mask.sum(1).mean().item(),
             "response/stopped": batch.stopped.mean().item(),
@@ -311,7 +339,8 @@ class PPOTrainer(Trainer):
         return self.ppo_step(self.step + 1)
 
     def before_train(self) -> None:
-        if self.step == 0 and self.eval_rows:
+        # The main process alone: the others would score the same prompts again (PPO never runs under FSDP).
+        if self.step == 0 and self.eval_rows and self.processes.is_main:
             self.reward_before = self.evaluate()["eval/reward"]
             self.logger.log(0, {"eval/reward": self.reward_before})
 
@@ -354,9 +383,9 @@ class PPOTrainer(Trainer):
         return self.out / "policy"
 
     def close(self) -> None:
-        super().close()
         if self.engine is not None:
             self.engine.close()
+        super().close()
 
     # -- helpers ---------------------------------------------------------------------------------
     def needs_reference(self) -> bool:

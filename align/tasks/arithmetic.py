@@ -8,13 +8,24 @@ import re
 INSTRUCTION = "What is {a}+{b}? Reply with the number only."
 
 
-def make_prompts(n: int, seed: int, low: int = 10, high: int = 50) -> list[dict]:
-    """`n` rows {"prompt": str, "answer": str} with a, b drawn uniformly from [low, high]."""
+def make_prompts(n: int, seed: int, low: int = 10, high: int = 50, exclude=frozenset()) -> list[dict]:
+    """`n` rows {"prompt": str, "answer": str} with a, b drawn uniformly from [low, high].
+
+    Prompts in `exclude` (a held-out set) are skipped and drawn again, so training rows never hold
+    an evaluation prompt: with [10, 50] there are only 1,681 sums and 300 + 100 random draws share
+    about 18.
+    """
     rng = random.Random(seed)
     rows = []
-    for _ in range(n):
+    draws = 0
+    while len(rows) < n:
+        draws += 1
+        if draws > 100 * n + 10_000:  # an exclude set covering every sum would loop forever
+            raise ValueError(f"arithmetic prompts: found {len(rows)} of {n} outside the {len(exclude)} excluded")
         a, b = rng.randint(low, high), rng.randint(low, high)
-        rows.append({"prompt": INSTRUCTION.format(a=a, b=b), "answer": str(a + b)})
+        prompt = INSTRUCTION.format(a=a, b=b)
+        if prompt not in exclude:
+            rows.append({"prompt": prompt, "answer": str(a + b)})
     return rows
 
 

@@ -56,7 +56,7 @@ def load(model_path: str, four_bit, compute_dtype: str):
 
 
 def make_pairs(args, model_path: str, out: Path) -> Path:
-    from align.demo import DemoSettings, build_pairs
+    from align.demo import DemoSettings, build_pairs, demo_prompts
     from align.engines import make_engine
     from align.model import SharedBase
     from align.prompts import encode_prompts
@@ -66,11 +66,14 @@ def make_pairs(args, model_path: str, out: Path) -> Path:
     if args.quick:
         pairs = arithmetic.preference_pairs(args.train_prompts, seed=0)
     else:
-        s = DemoSettings()
-        base = SharedBase.load(model_path)
+        s = DemoSettings(train_prompts=args.train_prompts, eval_prompts=args.eval_prompts)
+        # --pairs-from 4bit: on-policy for QLoRA, the quantised base's own answers (transformers generates);
+        # base: the unquantised base's, as `align demo` samples them (vLLM when installed).
+        four_bit = args.pairs_from == "4bit"
+        base = load(model_path, True, args.compute_dtype) if four_bit else SharedBase.load(model_path)
         base.add_adapter("policy")
-        engine = make_engine("auto", model_path, base, seed=0)
-        rows = arithmetic.make_prompts(args.train_prompts, seed=s.seed + 1)
+        engine = make_engine("hf" if four_bit else "auto", model_path, base, seed=0)
+        rows, _ = demo_prompts(s)
         samples = engine.generate(encode_prompts(base.tokenizer, rows), n=s.samples_per_prompt,
                                   max_new_tokens=s.max_new_tokens, temperature=s.temperature, adapter=None)
         pairs, _ = build_pairs(rows, samples)
@@ -83,12 +86,11 @@ def make_pairs(args, model_path: str, out: Path) -> Path:
 
 def run_variant(args, model_path: str, pairs: Path, out: Path, four_bit: bool) -> dict:
     from align.config import load_config
-    from align.demo import DemoSettings, evaluate
+    from align.demo import DemoSettings, demo_prompts, evaluate
     from align.dpo import DPOConfig, DPOTrainer
     from align.engines import make_engine
-    from align.tasks import arithmetic
 
-    s = DemoSettings()
+    s = DemoSettings(train_prompts=args.train_prompts, eval_prompts=args.eval_prompts)
     base = load(model_path, four_bit, args.compute_dtype)
     sizes = {"linear_mb": linear_bytes(base) / 2**20, "base_mb": base.base_bytes() / 2**20}
     sets = [f"model_name_or_path={model_path}", f"train_file={pairs}", f"output_dir={out}", "max_length=128",
@@ -98,9 +100,10 @@ def run_variant(args, model_path: str, pairs: Path, out: Path, four_bit: bool) -
             f"load_in_4bit={str(four_bit).lower()}", f"bnb_4bit_compute_dtype={args.compute_dtype}"]
     if args.max_steps:
         sets.append(f"max_steps={args.max_steps}")
+    sets += args.set
     trainer = DPOTrainer(load_config(DPOConfig, None, sets), base=base, overwrite=True)
     trainer.setup()
-    eval_rows = arithmetic.make_prompts(args.eval_prompts, seed=s.seed + 2)
+    _, eval_rows = demo_prompts(s)
     engine = make_engine("hf", model_path, base)
     before, _ = evaluate(engine, base, eval_rows, None, s.max_new_tokens)
     t0 = time.perf_counter()
@@ -126,6 +129,9 @@ def main() -> None:
     p.add_argument("--memory-only", action="store_true", help="only the byte counts (seconds): no DPO, no demo")
     p.add_argument("--variants", default="4bit,bf16", help="which bases to train: 4bit, bf16 or both")
     p.add_argument("--out", default=None)
+    p.add_argument("--pairs-from", choices=("base", "4bit"), default="base",
+                   help="sample the DPO pairs from the unquantised base (as align demo) or from the 4-bit one")
+    p.add_argument("--set", action="append", default=[], help="DPO config override KEY=VALUE (both variants)")
     args = p.parse_args()
     if args.quick:
         args.train_prompts, args.eval_prompts, args.max_steps = 32, 8, args.max_steps or 3

@@ -243,8 +243,10 @@ def main() -> None:
         except RuntimeError as e:
             if args.trl_generation != "auto" or trl_generation == "transformers":
                 raise
-            lines = [line for line in str(e).splitlines() if line.strip()]
-            trl_note = f"vllm colocate failed with the CPU build: {lines[-1][:300] if lines else e}"
+            # The child's last stderr lines are often progress bars: name the exception line instead.
+            lines = [line for line in str(e).splitlines() if line.strip() and "|" not in line]
+            errors = [line for line in lines if "Error" in line or "Exception" in line] or lines
+            trl_note = f"vllm colocate failed with the CPU build: {errors[-1][:300] if errors else e}"
             print(f"  {trl_note}; using transformers generation", flush=True)
             trl_generation = "transformers"
             t = child("trl", model, str(seed), str(train_file), out, "transformers", sj)

@@ -1,7 +1,7 @@
 """SFT on the arithmetic task, then (with --dpo) DPO from the SFT adapter with the SFT policy as reference.
 
     python scripts/bench/sft_demo.py                     # SmolLM2-135M, configs/sft_smollm2.yaml
-    python scripts/bench/sft_demo.py --dpo               # ... then DPO from runs/sft-smollm2/adapter
+    python scripts/bench/sft_demo.py --dpo               # ... then DPO from the SFT adapter, on pairs it samples
     python scripts/bench/sft_demo.py --quick             # tiny random model, seconds (no learning expected)
 
 The data are the demo's prompts ("What is a+b? Reply with the number only.") with the bare sum as
@@ -43,6 +43,10 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--dpo", action="store_true", help="then DPO from the SFT adapter, reference: init")
+    p.add_argument("--dpo-prompts", type=int, default=300, help="prompts sampled from the SFT policy for DPO pairs")
+    p.add_argument("--samples", type=int, default=4, help="answers sampled per DPO prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for the DPO pairs")
+    p.add_argument("--dpo-set", action="append", default=[], help="DPO config override KEY=VALUE")
     p.add_argument("--set", action="append", default=[], help="SFT config override KEY=VALUE")
     args = p.parse_args()
     out = Path(args.out)
@@ -54,11 +58,9 @@ def main() -> None:
         if not (tiny / "config.json").exists():
             build_tiny_model(tiny)
         sets.append(f"model_name_or_path={tiny}")
-        args.train_rows, args.eval_prompts = 32, 8
+        args.train_rows, args.eval_prompts, args.dpo_prompts = 32, 8, 16
     train = arithmetic.make_prompts(args.train_rows, seed=11)
-    seen = {r["prompt"] for r in train}
-    held_out = [r for r in arithmetic.make_prompts(4 * args.eval_prompts, seed=12) if r["prompt"] not in seen]
-    held_out = held_out[:args.eval_prompts]
+    held_out = arithmetic.make_prompts(args.eval_prompts, seed=12, exclude={r["prompt"] for r in train})
     write_rows(out / "arithmetic.jsonl", [{"prompt": r["prompt"], "completion": r["answer"]} for r in train])
 
     t0 = time.perf_counter()
@@ -82,24 +84,45 @@ def main() -> None:
 
 
 def run_dpo(args, out: Path, adapter: Path, held_out: list[dict], model_path: str, base, engine) -> dict:
-    """DPO from the SFT adapter on the demo's synthetic pairs (bare right sum vs a wrong worked equation)."""
+    """DPO from the SFT adapter on pairs sampled from the SFT policy itself (best vs worst of
+    --samples answers per prompt, scored by the task's reward), reference = that SFT policy.
+
+    On-policy pairs, as `align demo` builds them from the base: the rejected answers are the
+    policy's own mistakes, so DPO has something to push down. With rpo_alpha 1.0 (RPO: the chosen
+    answers' NLL added), as Pang et al. found for reasoning pairs of right vs wrong answers.
+    Measured on SmolLM2 (100 held-out prompts): SFT 0.00 -> 0.78; then synthetic pairs (whose
+    rejected answers the SFT policy gives log-prob ~-145) 0.78 -> 0.60; on-policy pairs, plain DPO
+    0.78 -> 0.735; on-policy pairs with rpo_alpha 1.0, 0.78 -> 0.88.
+    """
     from align.config import load_config
-    from align.demo import evaluate
+    from align.demo import build_pairs, evaluate
     from align.dpo import DPOConfig, DPOTrainer
+    from align.prompts import encode_prompts
     from align.tasks import arithmetic
 
     t0 = time.perf_counter()
-    write_rows(out / "pairs.jsonl", arithmetic.preference_pairs(200 if not args.quick else 16, seed=13))
+    held = {r["prompt"] for r in held_out}
+    rows = [r for r in arithmetic.make_prompts(2 * args.dpo_prompts, seed=13) if r["prompt"] not in held]
+    rows = rows[:args.dpo_prompts]
+    samples = engine.generate(encode_prompts(base.tokenizer, rows), n=args.samples, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, adapter="policy", seed=0)
+    pairs, sample_reward = build_pairs(rows, samples)
+    if len(pairs) < 8 and args.quick:  # a random tiny model almost never writes a right sum
+        pairs = arithmetic.preference_pairs(16, seed=13)
+    if len(pairs) < 8:
+        raise SystemExit(f"only {len(pairs)} pairs from {len(rows)} prompts: every sample scored the same")
+    write_rows(out / "pairs.jsonl", pairs)
     config = load_config(DPOConfig, ROOT / "configs" / "dpo_smollm2.yaml", [
         f"model_name_or_path={model_path}", f"train_file={out / 'pairs.jsonl'}", f"output_dir={out / 'dpo'}",
         f"init_adapter={adapter}", "reference=init", "adapter_name=dpo", "report_to=[none]", "num_train_epochs=1",
-        "max_length=128"])
+        "max_length=128", "rpo_alpha=1.0", *args.dpo_set])
     trainer = DPOTrainer(config, base=base, overwrite=True)
     trainer.train()
     engine.sync(base, "dpo")
     after, _ = evaluate(engine, base, held_out, "dpo", args.max_new_tokens)
     trainer.close()
-    return {"after_dpo": round(after, 4), "dpo_steps": trainer.step, "dpo_s": round(time.perf_counter() - t0, 1),
+    return {"after_dpo": round(after, 4), "dpo_pairs": len(pairs), "dpo_sample_reward": round(sample_reward, 4),
+            "dpo_steps": trainer.step, "dpo_s": round(time.perf_counter() - t0, 1),
             "dpo_final": {k: round(v, 4) for k, v in trainer.summary.items() if isinstance(v, float)}}
 
 
