@@ -39,13 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    from align.distributed import leave_launched_process
     from align.errors import UserError
 
     try:
-        return importlib.import_module(args._module).run(args) or 0
+        code = importlib.import_module(args._module).run(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    leave_launched_process(code)  # one of N launched processes ends here (align/distributed.py says why)
+    return code
 
 
 if __name__ == "__main__":

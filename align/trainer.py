@@ -475,11 +475,9 @@ class Trainer:
         return {}
 
     def close(self) -> None:
-        """Release what the run holds (metrics writers; a recipe adds its engines), then the process group."""
+        """Release what the run holds (metrics writers; a recipe adds its engines)."""
         if getattr(self, "logger", None) is not None:
             self.logger.close()
-        if getattr(self, "processes", None) is not None:  # a recipe closes its engines before this
-            self.processes.close()
 
 
 def epochs_to_steps(n_items: int, items_per_step: int, num_train_epochs: int, max_steps: int) -> tuple[int, int]:

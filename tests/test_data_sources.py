@@ -242,7 +242,7 @@ def test_tokenisation_is_cached_on_disk(tmp_path, tiny_llama, hf_cache, monkeypa
     rows = load_preferences(path).rows
     first = tokenize_preferences(rows, tok, 64, on_bad_rows="skip")
     assert len(calls) == len(rows) and len(first) == len(ROWS)
-    files = list((hf_cache / "align_tokenized").glob("*.arrow"))
+    files = list((hf_cache / "align_tokenized").glob("*.safetensors"))
     assert len(files) == 1
     again = tokenize_preferences(load_preferences(path).rows, tok, 64, on_bad_rows="skip")
     assert len(calls) == len(rows)  # nothing tokenised the second time
@@ -254,7 +254,35 @@ def test_tokenisation_is_cached_on_disk(tmp_path, tiny_llama, hf_cache, monkeypa
     # anything the tokens depend on makes a new entry
     tokenize_preferences(rows, tok, 96)
     assert len(calls) == 2 * len(rows)
-    assert len(list((hf_cache / "align_tokenized").glob("*.arrow"))) == 2
+    assert len(list((hf_cache / "align_tokenized").glob("*.safetensors"))) == 2
     # other rows under the same settings are tokenised afresh, not served another set's tokens
     assert len(tokenize_preferences(rows[:3], tok, 96)) == 3
     assert len(calls) == 2 * len(rows) + 3
+
+
+def test_a_damaged_cache_file_is_tokenised_again(tmp_path, tiny_llama, hf_cache):
+    tok = load_tokenizer(str(tiny_llama))
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    first = tokenize_preferences(load_preferences(path).rows, tok, 64)
+    (cached,) = (hf_cache / "align_tokenized").glob("*.safetensors")
+    cached.write_bytes(cached.read_bytes()[:50])  # torn, as by a full disk
+    again = tokenize_preferences(load_preferences(path).rows, tok, 64)
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in again] == \
+           [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in first]
+    assert len(cached.read_bytes()) > 50  # and the file was written whole again
+
+
+def test_local_jsonl_is_tokenised_without_importing_datasets(tmp_path, tiny_llama):
+    """`datasets` (and pyarrow, pandas) cost ~120 MB resident: a local file must not pull them in."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    code = ("import sys; from align.data import load_preferences, tokenize_preferences; "
+            "from align.model import load_tokenizer; "
+            f"pairs = tokenize_preferences(load_preferences({str(path)!r}).rows, load_tokenizer({str(tiny_llama)!r}), 64); "
+            "print(len(pairs), sorted(m for m in ('datasets', 'pyarrow', 'pandas') if m in sys.modules))")
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(len(ROWS)), "[]"]
+    assert list((tmp_path / "cache" / "align_tokenized").glob("*.safetensors"))  # and it was cached
