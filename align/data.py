@@ -9,8 +9,8 @@ Sources (files, save_to_disk folders, dataset names, Dataset objects, lists): al
 
 Every problem is reported with its place (`file:line` for JSONL, `SOURCE: row N`
 otherwise), the field and what was expected. `on_bad_rows="error"` (default) raises
-one DataError listing every bad row; "skip" drops them and counts them. Tokenisation runs
-through `datasets.map`, cached on disk (align/data_tokenize.py), so a resumed run does not redo it.
+one DataError listing every bad row; "skip" drops them and counts them. Tokenisation is cached
+on disk (align/data_tokenize.py), so a resumed run does not redo it.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def tokenize_answers(prompt: Text, answers: list[Text], tokenizer, max_length: i
 
 
 def _tokenize_pair(example: dict, tokenizer, max_length: int, chat_template: bool) -> dict:
-    """One row of the tokenising `datasets.map`: ids, or the issue that stops the row."""
+    """One row of the cached tokenising map: ids, or the issue that stops the row."""
     prompt, chosen, rejected = json.loads(example["row"])
     prompt_ids, (chosen_ids, rejected_ids) = tokenize_answers(prompt, [chosen, rejected], tokenizer, max_length,
                                                               chat_template, example["where"])
@@ -224,7 +224,7 @@ def tokenize_preferences(rows: list[PreferenceRow], tokenizer, max_length: int, 
                          on_bad_rows: str = "error") -> list[TokenizedPair]:
     """Tokenize rows; answers are truncated to fit `max_length`, a prompt that leaves no room is an error.
 
-    Runs as a cached `datasets.map` (align/data_tokenize.py): the same rows, tokenizer and settings
+    Cached on disk (align/data_tokenize.py): the same rows, tokenizer and settings
     are tokenised once and read back from the cache afterwards.
     """
     from align.data_tokenize import cache_key, cached_map
