@@ -82,8 +82,11 @@ def cached_map(columns: dict[str, list], function, fn_kwargs: dict, key: str, de
             for i in tqdm(range(n), desc=desc, unit="row", disable=n < 1000, leave=False)]
     out = {k: [row[k] for row in rows] for k in (rows[0] if rows else {})}
     if path is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        _write(path, out)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write(path, out)
+        except OSError as e:  # a read-only or full cache costs the next run a re-tokenisation, not this run
+            print(f"[align] tokenisation cache not written ({e}); the next run tokenises again", file=sys.stderr)
     return out
 
 

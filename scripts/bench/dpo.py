@@ -6,9 +6,12 @@
 Every figure is the median of --repeats runs, each run in its own process (peak RSS
 is per process). A run's steps/s is 1 / its median step time, so a noisy neighbour that
 stalls a few steps moves it little; the plain mean is kept as steps_per_s_mean. Same model,
-data, batch (4 pairs), max_length (128) and gradient checkpointing for every contender; ours
-keeps the last --keep-last layers' activations (checkpoint_keep_last, reported in the JSON),
-TRL checkpoints every layer. Last line: one JSON object.
+data, batch (4 pairs), max_length (128), gradient checkpointing and precision (float32) for every
+contender; ours keeps the last --keep-last layers' activations (checkpoint_keep_last, reported in
+the JSON), TRL checkpoints every layer. TRL's DPOConfig defaults to bf16 mixed precision
+(autocast), which on a CPU with AVX512_BF16 runs its matmuls ~4x faster and on one without is
+emulated: so TRL runs with bf16=False for the figures with targets, and once more with its
+default (trl_bf16_autocast, reported beside them, not compared against). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def worker_trl(args) -> dict:
     config = DPOConfig(output_dir=str(args.out), per_device_train_batch_size=args.batch, max_length=args.max_length,
                        max_steps=args.steps + 1, learning_rate=5e-5, beta=0.1, logging_steps=1, save_strategy="no",
                        report_to="none", use_cpu=True, gradient_checkpointing=args.grad_ckpt,
-                       dataloader_num_workers=0, seed=0)
+                       dataloader_num_workers=0, seed=0, bf16=args.worker == "trl_bf16_autocast")
     lora = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
                          callbacks=[Clock()])
@@ -147,7 +150,7 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        result = worker_trl(args) if args.worker == "trl" else worker_ours(args)
+        result = worker_trl(args) if args.worker.startswith("trl") else worker_ours(args)
         print(json.dumps(result))
         return
 
@@ -163,7 +166,8 @@ def main() -> None:
             model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
         data = Path(tmp) / "pairs.jsonl"
         make_data(data, args.rows)
-        modes = ["shared", "ref_copy", "precompute", "trl"] + (["shared_lean_heap"] if args.lean_heap else [])
+        modes = ["shared", "ref_copy", "precompute", "trl", "trl_bf16_autocast"] + (
+            ["shared_lean_heap"] if args.lean_heap else [])
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(args.repeats):  # interleave contenders so drift in machine load hits all alike
             for mode in runs:
@@ -191,6 +195,11 @@ def main() -> None:
         "precompute_speed_ratio": round(med("precompute", "steps_per_s") / med("shared", "steps_per_s"), 3),
         "precompute_s": round(med("precompute", "precompute_s"), 2),
         "steps_per_s_mean": {m: round(med(m, "steps_per_s_mean"), 4) for m in runs},
+        "trl_precision": "float32 (bf16=False)",
+        "trl_bf16_autocast_steps_per_s": round(med("trl_bf16_autocast", "steps_per_s"), 4),
+        "trl_bf16_autocast_peak_mb": round(med("trl_bf16_autocast", "peak_mb"), 1),
+        "speed_ratio_vs_trl_bf16_autocast": round(med("shared", "steps_per_s") / med("trl_bf16_autocast", "steps_per_s"), 3),
+        "memory_vs_trl_bf16_autocast": round(med("shared", "peak_mb") / med("trl_bf16_autocast", "peak_mb"), 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if args.lean_heap:  # the same run with heap_mmap_threshold_mb=1 (align/heap.py): memory saved, speed lost
