@@ -55,10 +55,9 @@ def cache_dir() -> Path | None:
         if not datasets.is_caching_enabled():
             return None
         return Path(os.environ.get("HF_DATASETS_CACHE") or datasets.config.HF_DATASETS_CACHE) / "align_tokenized"
-    if os.environ.get("HF_DATASETS_CACHE"):
-        return Path(os.environ["HF_DATASETS_CACHE"]) / "align_tokenized"
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(home).expanduser() / "datasets" / "align_tokenized"
+    from huggingface_hub import constants  # HF_HOME as `datasets` derives its default cache from it
+
+    return Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets") / "align_tokenized"
 
 
 def cached_map(columns: dict[str, list], function, fn_kwargs: dict, key: str, desc: str) -> dict[str, list]:
