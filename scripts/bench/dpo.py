@@ -11,7 +11,8 @@ contender; ours keeps the last --keep-last layers' activations (checkpoint_keep_
 the JSON), TRL checkpoints every layer. TRL's DPOConfig defaults to bf16 mixed precision
 (autocast), which on a CPU with AVX512_BF16 runs its matmuls ~4x faster and on one without is
 emulated: so TRL runs with bf16=False for the figures with targets, and once more with its
-default (trl_bf16_autocast, reported beside them, not compared against). Last line: one JSON object.
+default (trl_bf16_autocast), which is compared with ours at `bf16: true` (base weights stored in
+bfloat16, adapters and Adam state float32): the bf16_* figures. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def worker_ours(args) -> dict:
             f"checkpoint_keep_last={args.keep_last if args.grad_ckpt else 0}",
             f"precompute_ref_log_probs={str(args.worker == 'precompute').lower()}",
             f"ref_model_copy={str(args.worker == 'ref_copy').lower()}"]
+    if args.worker == "shared_bf16":
+        sets.append("bf16=true")  # base weights in bfloat16, adapters and optimizer state float32
     if args.worker == "shared_lean_heap":
         sets.append("heap_mmap_threshold_mb=1.0")  # align/heap.py: lower peak memory, slower steps
     trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs" / "dpo_tiny.yaml", sets), overwrite=True)
@@ -166,7 +169,7 @@ def main() -> None:
             model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
         data = Path(tmp) / "pairs.jsonl"
         make_data(data, args.rows)
-        modes = ["shared", "ref_copy", "precompute", "trl", "trl_bf16_autocast"] + (
+        modes = ["shared", "ref_copy", "precompute", "trl", "shared_bf16", "trl_bf16_autocast"] + (
             ["shared_lean_heap"] if args.lean_heap else [])
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(args.repeats):  # interleave contenders so drift in machine load hits all alike
@@ -200,6 +203,11 @@ def main() -> None:
         "trl_bf16_autocast_peak_mb": round(med("trl_bf16_autocast", "peak_mb"), 1),
         "speed_ratio_vs_trl_bf16_autocast": round(med("shared", "steps_per_s") / med("trl_bf16_autocast", "steps_per_s"), 3),
         "memory_vs_trl_bf16_autocast": round(med("shared", "peak_mb") / med("trl_bf16_autocast", "peak_mb"), 3),
+        "bf16_steps_per_s": round(med("shared_bf16", "steps_per_s"), 4),
+        "bf16_peak_mb": round(med("shared_bf16", "peak_mb"), 1),
+        "bf16_speed_ratio_vs_trl_bf16_autocast": round(
+            med("shared_bf16", "steps_per_s") / med("trl_bf16_autocast", "steps_per_s"), 3),
+        "bf16_memory_vs_trl_bf16_autocast": round(med("shared_bf16", "peak_mb") / med("trl_bf16_autocast", "peak_mb"), 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if args.lean_heap:  # the same run with heap_mmap_threshold_mb=1 (align/heap.py): memory saved, speed lost
