@@ -12,7 +12,7 @@ Figures (targets in brackets):
   arithmetic reward after minus before DPO, both measured on the 4-bit base (before: adapter off);
 - steps_per_s_4bit / steps_per_s_bf16: DPO step speed (median step time), same pairs and batch.
 Pairs: --pairs FILE (e.g. runs/demo/pairs.jsonl from `align demo`), else sampled from the base as the
-demo does. Last line: one JSON object.
+demo does (--pairs-from). Why a 4-bit SmolLM2 gains little: scripts/bench/nf4_sensitivity.py. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -69,19 +69,37 @@ def make_pairs(args, model_path: str, out: Path) -> Path:
         s = DemoSettings(train_prompts=args.train_prompts, eval_prompts=args.eval_prompts)
         # --pairs-from 4bit: on-policy for QLoRA, the quantised base's own answers (transformers generates);
         # base: the unquantised base's, as `align demo` samples them (vLLM when installed).
-        four_bit = args.pairs_from == "4bit"
+        four_bit = args.pairs_from in ("4bit", "4bit-gold")
         base = load(model_path, True, args.compute_dtype) if four_bit else SharedBase.load(model_path)
         base.add_adapter("policy")
         engine = make_engine("hf" if four_bit else "auto", model_path, base, seed=0)
         rows, _ = demo_prompts(s)
         samples = engine.generate(encode_prompts(base.tokenizer, rows), n=s.samples_per_prompt,
                                   max_new_tokens=s.max_new_tokens, temperature=s.temperature, adapter=None)
-        pairs, _ = build_pairs(rows, samples)
+        pairs = gold_pairs(rows, samples) if args.pairs_from == "4bit-gold" else build_pairs(rows, samples)[0]
         engine.close()
         del base, engine
         gc.collect()
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return path
+
+
+def gold_pairs(rows: list[dict], samples) -> list[dict]:
+    """Chosen: the reference answer unless a sample already is it; rejected: the worst sample.
+
+    For a base that rarely answers right (NF4 SmolLM2), best-vs-worst of its own samples leaves few
+    pairs; the task's own answer (SPIN's gold-over-sampled construction) gives one per prompt.
+    """
+    from align.tasks import arithmetic
+
+    pairs = []
+    for row, group in zip(rows, samples, strict=True):
+        scored = sorted((arithmetic.score(s.text, row["answer"]), s.text.strip()) for s in group)
+        (worst_score, worst), (best_score, best) = scored[0], scored[-1]
+        if worst_score < 1.0 and worst:
+            pairs.append({"prompt": row["prompt"], "chosen": best if best_score >= 1.0 else row["answer"],
+                          "rejected": worst})
+    return pairs
 
 
 def run_variant(args, model_path: str, pairs: Path, out: Path, four_bit: bool) -> dict:
@@ -129,8 +147,9 @@ def main() -> None:
     p.add_argument("--memory-only", action="store_true", help="only the byte counts (seconds): no DPO, no demo")
     p.add_argument("--variants", default="4bit,bf16", help="which bases to train: 4bit, bf16 or both")
     p.add_argument("--out", default=None)
-    p.add_argument("--pairs-from", choices=("base", "4bit"), default="base",
-                   help="sample the DPO pairs from the unquantised base (as align demo) or from the 4-bit one")
+    p.add_argument("--pairs-from", choices=("base", "4bit", "4bit-gold"), default="base",
+                   help="sample the DPO pairs from the unquantised base (as align demo) or from the 4-bit one; "
+                        "4bit-gold: the 4-bit base's worst answer against the task's reference answer")
     p.add_argument("--set", action="append", default=[], help="DPO config override KEY=VALUE (both variants)")
     args = p.parse_args()
     if args.quick:
