@@ -25,3 +25,18 @@ def fast_bfloat16(device: str = "cpu") -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_dtype(device: str) -> str:
+    """What `dtype: auto` means on `device`: bfloat16 on a CUDA GPU that supports it (TRL's `bf16`
+    default: half the base's memory, its fast matmuls), float32 anywhere else.
+
+    Not bfloat16 on a CPU, even one with AVX512_BF16 or AMX where it is native (DPO steps ~2x faster,
+    docs/design.md): many CPUs emulate it (several times slower), and on a CPU runs are compared
+    exactly (processes at 1e-5, a float32 vLLM's log-probs at 1e-4). `bf16: true` asks for it.
+    """
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"

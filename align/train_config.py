@@ -74,7 +74,9 @@ FINITE = ("weight_decay", "max_grad_norm", "warmup_ratio", "lora_dropout")
 class ModelConfig:
     model_name_or_path: str = arg("smollm2", "Local model folder, hub id, or 'smollm2' (SmolLM2-135M-Instruct, "
                                              "built offline on first use).")
-    dtype: str = arg("float32", "Base weights dtype: float32, bfloat16 or float16. Adapters train in float32.")
+    dtype: str = arg("auto", "Base weights dtype: auto (bfloat16 on a CUDA GPU that supports it, like TRL's "
+                             "bf16 default; float32 on a CPU), float32, bfloat16 or float16. Adapters train in "
+                             "float32.")
     device: str = arg("auto", "Where the base lives: auto (this process's CUDA GPU when there is one, else the "
                               "CPU), cpu, cuda or cuda:N (one process only).")
     trust_remote_code: bool = arg(False, "Run the model repository's own Python code (off: only transformers' "
@@ -111,8 +113,8 @@ class ModelConfig:
             raise ValueError(f"heap_mmap_threshold_mb: expected > 0 or null, got {self.heap_mmap_threshold_mb}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _ = self.lora  # builds LoraSettings now, so a bad lora_* field fails at load, named
 
     @property
@@ -154,8 +156,9 @@ class TrainConfig(ModelConfig):
     report_to: list[str] = arg(["tensorboard"], "Where metrics go besides metrics.jsonl: a list of tensorboard, "
                                                 "wandb, trackio, mlflow, or [none]. wandb/trackio/mlflow need "
                                                 "their extra: pip install 'align-lora[trackio]'.")
-    bf16: bool = arg(False, "Base weights stored in bfloat16 (the same as dtype: bfloat16); adapters, heads and "
-                            "optimizer state stay float32, no autocast (docs/scaling.md, \"Precision\").")
+    bf16: bool | None = arg(None, "true: base weights stored in bfloat16 (dtype: bfloat16); false: float32 where "
+                                  "dtype is auto; null: as dtype says. Adapters, heads and optimizer state stay "
+                                  "float32, no autocast (docs/scaling.md, \"Precision\").")
 
     RENAMED = RENAMED
 
@@ -163,9 +166,11 @@ class TrainConfig(ModelConfig):
         super().__post_init__()
         _finite(self)
         if self.bf16:
-            if self.dtype not in ("float32", "bfloat16"):
+            if self.dtype not in ("auto", "float32", "bfloat16"):  # float32: the default before auto
                 raise ValueError(f"bf16: true contradicts dtype: {self.dtype}")
             self.dtype = "bfloat16"
+        elif self.bf16 is False and self.dtype == "auto":
+            self.dtype = "float32"
         _positive(self, "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                   "gradient_accumulation_steps", "num_train_epochs", "logging_steps", "save_total_limit",
                   "max_grad_norm")

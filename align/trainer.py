@@ -179,6 +179,7 @@ class Trainer:
         from dataclasses import asdict
 
         from align.config import dump_config
+        from align.hardware import default_dtype
         from align.heap import limit_heap_fragmentation
         from align.metrics import MetricsLogger
         from align.model import SharedBase, resolve_model
@@ -192,6 +193,9 @@ class Trainer:
         c.device = self.processes.device  # recipes read config.device: from here on it is this process's device
         if self.base is not None:  # a base already in memory stays where it is
             c.device = str(next(self.base.model.parameters()).device)
+        self.requested_dtype = c.dtype
+        if c.dtype == "auto":  # from here on recipes read the dtype the base is in
+            c.dtype = self.base.load_dtype if self.base is not None else default_dtype(c.device)
         main = self.processes.is_main
         self.model_path = resolve_model(c.model_name_or_path)  # a wrong path fails before anything is touched
         check_model_available(c.model_name_or_path, self.model_path)
@@ -427,11 +431,11 @@ class Trainer:
 
     # -- where the run is ----------------------------------------------------------------------------
     def config_as_given(self):
-        """The config as the user wrote it (device: auto, not this process's resolved device), for config.yaml."""
+        """The config as the user wrote it (device and dtype auto, not what they resolved to here), for config.yaml."""
         import copy
 
         given = copy.copy(self.config)
-        given.device = self.requested_device
+        given.device, given.dtype = self.requested_device, self.requested_dtype
         return given
 
     def cpu_only(self, field: str, apply) -> None:

@@ -31,8 +31,8 @@ PREFS = REPO / "tests" / "data" / "prefs_tiny.jsonl"
 
 def recipes(model: str, out: Path, device: str, steps: int) -> dict:
     """name -> (config class path, YAML, --set overrides, trainer class path) of each recipe to check."""
-    common = [f"model_name_or_path={model}", f"device={device}", f"max_steps={steps}", "report_to=[none]",
-              "save_steps=0"]
+    common = [f"model_name_or_path={model}", f"device={device}", "dtype=auto", f"max_steps={steps}",
+              "report_to=[none]", "save_steps=0"]  # dtype auto: bfloat16 on a GPU that has it, checked below
     table = {
         "dpo": ("align.dpo:DPOConfig", "dpo_tiny.yaml", [f"train_file={PREFS}"], "align.dpo:DPOTrainer"),
         "reward": ("reward.train:RewardConfig", "reward_tiny.yaml", [f"train_file={PREFS}"],
@@ -102,7 +102,9 @@ def run_recipe(config_cls: str, yaml: str, sets: list[str], trainer_cls: str, cu
     on_cuda = any(p.is_cuda for p in trainer.base.model.parameters())
     if cuda and not on_cuda:
         raise RuntimeError("the base model is not on the GPU")
-    return {"ok": True, "steps": len(step_s), "step_s": step_s,
+    if cuda and torch.cuda.is_bf16_supported() and trainer.config.dtype != "bfloat16":
+        raise RuntimeError(f"dtype: auto gave {trainer.config.dtype} on a GPU with bfloat16")
+    return {"ok": True, "dtype": trainer.config.dtype, "steps": len(step_s), "step_s": step_s,
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None}
 
 

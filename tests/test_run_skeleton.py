@@ -106,3 +106,45 @@ def test_resume_from_a_named_checkpoint(tiny_llama, tmp_path):
     trainer.setup()
     assert trainer.step == 1
     trainer.close()
+
+
+@pytest.mark.parametrize("sets, dtype", [([], "auto"), (["bf16=true"], "bfloat16"), (["bf16=false"], "float32"),
+                                         (["dtype=float16"], "float16"), (["dtype=bfloat16", "bf16=false"], "bfloat16")])
+def test_bf16_and_dtype_settle_the_base_dtype(sets, dtype):
+    assert load_config(DPOConfig, None, sets).dtype == dtype
+
+
+@pytest.mark.parametrize("sets, message", [(["dtype=float64"], "dtype: expected auto, float32, bfloat16 or float16"),
+                                           (["dtype=float16", "bf16=true"], "bf16: true contradicts dtype: float16")])
+def test_bad_dtype_settings_are_named(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DPOConfig, None, sets)
+
+
+def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tiny_llama, tmp_path):
+    """auto: float32 on a CPU (bfloat16 only on a CUDA GPU that has it); a base handed in keeps its own dtype."""
+    import torch
+
+    from align.dpo import DPOTrainer
+    from align.hardware import default_dtype
+    from align.model import SharedBase
+
+    assert default_dtype("cpu") == "float32"
+    assert default_dtype("cuda") == ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                                     else "float32")
+    sets = [f"model_name_or_path={tiny_llama}", f"train_file={DATA}", "max_steps=1", "report_to=[none]",
+            "device=cpu"]
+    trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml", sets + [f"output_dir={tmp_path / 'a'}"]))
+    trainer.train()
+    trainer.close()
+    assert {p.dtype for p in trainer.base.model.parameters() if not p.requires_grad} == {torch.float32}
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["dtype"] == "auto"
+
+    base = SharedBase.load(str(tiny_llama), dtype="bfloat16", device="cpu")
+    trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml", sets + [f"output_dir={tmp_path / 'b'}"]),
+                         base=base)
+    trainer.train()
+    trainer.close()
+    assert trainer.config.dtype == "bfloat16"  # what the precompute cache and engines are keyed on
+    logged = [line for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert logged and all(torch.isfinite(torch.tensor(yaml.safe_load(line)["loss"])) for line in logged)
