@@ -107,6 +107,8 @@ def score(base, model_path: str, rows, adapter=None, max_new_tokens: int = 16) -
 
 
 def main() -> None:
+    from transformers import AutoConfig
+
     from align.demo import DemoSettings, demo_prompts
     from align.model import resolve_model
 
@@ -122,8 +124,6 @@ def main() -> None:
     else:
         model_path = resolve_model("smollm2")
     _, rows = demo_prompts(DemoSettings(eval_prompts=args.eval_prompts))
-    from transformers import AutoConfig
-
     layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
     half = layers // 2
     out = {"model": "tiny" if args.quick else "SmolLM2-135M-Instruct", "eval_prompts": len(rows), "rank": args.rank}

@@ -12,7 +12,8 @@ Figures (targets in brackets):
   arithmetic reward after minus before DPO, both measured on the 4-bit base (before: adapter off);
 - steps_per_s_4bit / steps_per_s_bf16: DPO step speed (median step time), same pairs and batch.
 Pairs: --pairs FILE (e.g. runs/demo/pairs.jsonl from `align demo`), else sampled from the base as the
-demo does (--pairs-from). Why a 4-bit SmolLM2 gains little: scripts/bench/nf4_sensitivity.py. Last line: one JSON object.
+demo does (--pairs-from). Why a 4-bit SmolLM2 gains little: scripts/bench/nf4_sensitivity.py.
+Last line: one JSON object.
 """
 
 from __future__ import annotations
