@@ -121,12 +121,12 @@ def test_bad_dtype_settings_are_named(sets, message):
         load_config(DPOConfig, None, sets)
 
 
-def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tiny_llama, tmp_path):
+def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tiny_llama, tmp_path, capsys):
     """auto: float32 on a CPU (bfloat16 only on a CUDA GPU that has it); a base handed in keeps its own dtype."""
     import torch
 
     from align.dpo import DPOTrainer
-    from align.hardware import default_dtype
+    from align.hardware import default_dtype, fast_bfloat16
     from align.model import SharedBase
 
     assert default_dtype("cpu") == "float32"
@@ -139,6 +139,8 @@ def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tin
     trainer.close()
     assert {p.dtype for p in trainer.base.model.parameters() if not p.requires_grad} == {torch.float32}
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["dtype"] == "auto"
+    # A CPU with native bfloat16 (AVX512_BF16, AMX) is told that --bf16 true would be faster; others are not.
+    assert ("computes bfloat16 natively" in capsys.readouterr().out) == fast_bfloat16("cpu")
 
     base = SharedBase.load(str(tiny_llama), dtype="bfloat16", device="cpu")
     trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml", sets + [f"output_dir={tmp_path / 'b'}"]),
