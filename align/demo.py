@@ -49,13 +49,19 @@ def demo_prompts(s: DemoSettings) -> tuple[list[dict], list[dict]]:
     return train_rows, eval_rows
 
 
-def build_pairs(rows: list[dict], samples) -> tuple[list[dict], float]:
-    """Best-vs-worst pair per prompt where the scores differ; also the mean sample reward."""
+def build_pairs(rows: list[dict], samples, gold: bool = False) -> tuple[list[dict], float]:
+    """Best-vs-worst pair per prompt where the scores differ; also the mean sample reward.
+
+    `gold`: where no sample is fully right, the task's own answer is the chosen one (SPIN's gold over
+    sampled), so every prompt with a wrong sample gives a pair: for a policy that rarely answers right.
+    """
     pairs, rewards = [], []
     for row, group in zip(rows, samples, strict=True):
         scored = [(arithmetic.score(s.text, row["answer"]), s.text.strip()) for s in group]
         rewards += [r for r, _ in scored]
         best, worst = max(scored), min(scored)
+        if gold and best[0] < 1.0:
+            best = (1.0, row["answer"])
         if best[0] > worst[0] and best[1] and worst[1] and best[1] != worst[1]:
             pairs.append({"prompt": row["prompt"], "chosen": best[1], "rejected": worst[1]})
     return pairs, statistics.fmean(rewards)

@@ -29,3 +29,17 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     check = subprocess.run([sys.executable, "-m", "align.cli", "data", "check", str(out / "pairs.jsonl")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_build_pairs_best_vs_worst_and_the_gold_answer_where_no_sample_is_right():
+    from types import SimpleNamespace as Sample
+
+    from align.demo import build_pairs
+
+    rows = [{"prompt": "What is 1+2?", "answer": "3"}, {"prompt": "What is 2+2?", "answer": "4"}]
+    samples = [[Sample(text="3"), Sample(text="1 + 2 = 5")], [Sample(text="2 + 2 = 5"), Sample(text="5")]]
+    pairs, mean_reward = build_pairs(rows, samples)
+    assert pairs == [{"prompt": "What is 1+2?", "chosen": "3", "rejected": "1 + 2 = 5"}]  # row 2: all score 0
+    assert mean_reward == 0.25
+    gold, _ = build_pairs(rows, samples, gold=True)
+    assert gold == pairs + [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "2 + 2 = 5"}]

@@ -77,30 +77,12 @@ def make_pairs(args, model_path: str, out: Path) -> Path:
         rows, _ = demo_prompts(s)
         samples = engine.generate(encode_prompts(base.tokenizer, rows), n=s.samples_per_prompt,
                                   max_new_tokens=s.max_new_tokens, temperature=s.temperature, adapter=None)
-        pairs = gold_pairs(rows, samples) if args.pairs_from == "4bit-gold" else build_pairs(rows, samples)[0]
+        pairs, _ = build_pairs(rows, samples, gold=args.pairs_from == "4bit-gold")
         engine.close()
         del base, engine
         gc.collect()
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return path
-
-
-def gold_pairs(rows: list[dict], samples) -> list[dict]:
-    """Chosen: the reference answer unless a sample already is it; rejected: the worst sample.
-
-    For a base that rarely answers right (NF4 SmolLM2), best-vs-worst of its own samples leaves few
-    pairs; the task's own answer (SPIN's gold-over-sampled construction) gives one per prompt.
-    """
-    from align.tasks import arithmetic
-
-    pairs = []
-    for row, group in zip(rows, samples, strict=True):
-        scored = sorted((arithmetic.score(s.text, row["answer"]), s.text.strip()) for s in group)
-        (worst_score, worst), (best_score, best) = scored[0], scored[-1]
-        if worst_score < 1.0 and worst:
-            pairs.append({"prompt": row["prompt"], "chosen": best if best_score >= 1.0 else row["answer"],
-                          "rejected": worst})
-    return pairs
 
 
 def run_variant(args, model_path: str, pairs: Path, out: Path, four_bit: bool) -> dict:
