@@ -452,11 +452,11 @@ class Trainer:
         from align.hardware import fast_bfloat16
 
         c = self.config
-        if c.dtype == "bfloat16" and not fast_bfloat16(c.device):
+        native = fast_bfloat16(c.device)  # reads /proc/cpuinfo on a CPU: once
+        if c.dtype == "bfloat16" and not native:
             warnings.warn(f"dtype bfloat16 on {c.device}: this machine emulates bfloat16 matrix "
                           "work (several times slower than float32); use float32 here", stacklevel=2)
-        elif self.requested_dtype == "auto" and c.dtype == "float32" and fast_bfloat16(c.device) \
-                and self.processes.is_main:
+        elif native and self.requested_dtype == "auto" and c.dtype == "float32" and self.processes.is_main:
             print(f"[align] dtype auto: float32 on {c.device}, which computes bfloat16 natively: "
                   "--bf16 true halves the base and ran DPO ~2x faster (docs/scaling.md, \"Precision\")")
 
