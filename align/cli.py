@@ -10,16 +10,16 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("align.demo", "Offline end-to-end demo: SmolLM2-135M, arithmetic task, DPO adapter."),
-    "dpo": ("align.dpo", "Train a DPO adapter from a YAML config."),
-    "sft": ("align.sft", "Supervised fine-tuning of a LoRA adapter (TRL's SFT formats) from a YAML config."),
+    "demo": ("align.recipes.demo", "Offline end-to-end demo: SmolLM2-135M, arithmetic task, DPO adapter."),
+    "dpo": ("align.recipes.dpo", "Train a DPO adapter from a YAML config."),
+    "sft": ("align.recipes.sft", "Supervised fine-tuning of a LoRA adapter (TRL's SFT formats) from a YAML config."),
     "reward": ("reward.cli", "Train a reward model (LoRA + scalar head, Bradley-Terry), or score text with one."),
-    "data": ("align.data_cli", "Validate a preference dataset (`align data check FILE`)."),
-    "advise": ("align.advise", "Count a dataset's training tokens against a LoRA adapter's capacity; suggest rank and lr."),
-    "ppo": ("align.ppo.cli", "PPO / GRPO / RLOO with policy, reference, critic and reward on one frozen base."),
-    "plot": ("align.plot_cli", "Draw a run's metrics.jsonl curves to a PNG."),
+    "data": ("align.data.cli", "Validate a preference dataset (`align data check FILE`)."),
+    "advise": ("align.train.advise", "Count a dataset's training tokens against a LoRA adapter's capacity; suggest rank and lr."),
+    "ppo": ("align.recipes.ppo.cli", "PPO / GRPO / RLOO with policy, reference, critic and reward on one frozen base."),
+    "plot": ("align.train.plot", "Draw a run's metrics.jsonl curves to a PNG."),
     "serve": ("align.serve", "Serve a base model and its LoRA adapters through vLLM's OpenAI-compatible API."),
-    "export": ("align.export", "Merge an adapter into its base: a full safetensors model for engines without LoRA."),
+    "export": ("align.export.merge", "Merge an adapter into its base: a full safetensors model for engines without LoRA."),
 }
 
 
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-    from align.distributed import leave_launched_process
-    from align.errors import UserError
+    from align.core.distributed import leave_launched_process
+    from align.core.errors import UserError
 
     try:
         code = importlib.import_module(args._module).run(args) or 0

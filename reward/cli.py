@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    from align.recipe_cli import add_recipe_arguments
+    from align.train.cli import add_recipe_arguments
     from reward.train import RewardConfig
 
     p.add_argument("action", nargs="?", choices=["train", "score"], default="train",
@@ -24,7 +24,7 @@ def add_arguments(p) -> None:
 
 
 def _train(args) -> int:
-    from align.recipe_cli import train_from_args
+    from align.train.cli import train_from_args
     from reward.train import RewardConfig, RewardTrainer, format_calibration
 
     done = train_from_args(RewardConfig, RewardTrainer, args)
@@ -42,8 +42,9 @@ def _train(args) -> int:
 
 
 def _score(args) -> int:
-    from align.errors import UserError
-    from align.model import SharedBase, resolve_model
+    from align.core.base import SharedBase
+    from align.core.errors import UserError
+    from align.core.loading import resolve_model
     from reward.model import RewardModel
 
     if not args.model or not args.pairs:
@@ -56,7 +57,7 @@ def _score(args) -> int:
     base = SharedBase.load(resolve_model(base_name))
     rm = RewardModel.attach(base, args.model)
     prompts, completions, wheres = [], [], []
-    from align.data import DataError, DataIssue, read_jsonl
+    from align.data.preference import DataError, DataIssue, read_jsonl
 
     for where, row in read_jsonl(Path(args.pairs)):
         if isinstance(row, DataIssue):

@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
-from align.errors import UserError
+from align.core.errors import UserError
 
 RewardFn = Callable[[list[str], list[str], "list[str | None] | None"], list[float]]
 

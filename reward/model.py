@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from align.atomic import atomic_dir
-from align.errors import UserError
-from align.model import LoraSettings, SharedBase
+from align.core.atomic import atomic_dir
+from align.core.base import SharedBase
+from align.core.errors import UserError
+from align.core.lora import LoraSettings
 
 META = "reward_meta.json"
 HEAD = "head.safetensors"
@@ -54,11 +55,11 @@ def encode(tokenizer, prompt, completion, chat_template: bool = True,
            max_length: int | None = None) -> list[int]:
     """Token ids of one (prompt, completion), exactly as training reads a preference pair.
 
-    The same function as training (`align.data.tokenize_answers`): chat template choice, EOS and
+    The same function as training (`align.data.preference.tokenize_answers`): chat template choice, EOS and
     the completion cut to fit `max_length`. Training refuses a prompt that leaves no room; a
     score is still owed, so such a prompt keeps its last `max_length - 1` tokens.
     """
-    from align.data import tokenize_answers
+    from align.data.preference import tokenize_answers
 
     p_ids, (c_ids,) = tokenize_answers(prompt, [completion], tokenizer, max_length, chat_template, "score")
     if max_length is not None and len(p_ids) >= max_length:

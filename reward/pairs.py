@@ -1,6 +1,6 @@
 """Preference pairs for reward models: optional per-pair margins, and the demo task's pairs.
 
-Rows are read and validated by `align.data` (the same formats and errors as DPO). A
+Rows are read and validated by `align.data.preference` (the same formats and errors as DPO). A
 reward row may carry one extra field, `margin` (a number, default 0): how much the
 chosen answer should win by (Bradley–Terry with margin, as in Llama 2's reward models).
 """
@@ -12,7 +12,7 @@ import math
 import os
 import random
 
-from align.data import DataError, DataIssue, read_records
+from align.data.preference import DataError, DataIssue, read_records
 
 
 def read_margins(source, split: str = "train", config: str | None = None, label: str | None = None
@@ -73,7 +73,7 @@ def arithmetic_pairs(n: int, seed: int, low: int = 10, high: int = 50, bare_shar
 
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> str:
-    from align.atomic import atomic_write_text
+    from align.core.atomic import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -110,9 +110,9 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
     installed, bfloat16 where the hardware has it; adapters off) until `n` pairs exist. Prompts in `exclude`
     are not used (keep held-out prompts out of training).
     """
+    from align.core.hardware import fast_bfloat16
+    from align.data.prompts import encode_prompts
     from align.engines import make_engine, vllm_available
-    from align.hardware import fast_bfloat16
-    from align.prompts import encode_prompts
     from align.tasks.arithmetic import make_prompts
 
     kind = engine if engine != "auto" else "vllm" if vllm_available() else "hf"

@@ -2,7 +2,7 @@
 
     align reward --config configs/reward_demo.yaml [--resume] [--learning_rate 2e-4]
 
-The lifecycle (setup, steps, checkpoints, resume, metrics) is align.trainer's; this file is
+The lifecycle (setup, steps, checkpoints, resume, metrics) is align.train.lifecycle's; this file is
 the reward part. Preference rows are read, validated and tokenised exactly as for DPO; a
 row may add `margin` (how much chosen should win by). Both sides of a pair go through one
 forward pass of the base with the reward adapter on; the head reads the last token.
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from align.config import arg
-from align.data import TokenizedPair, collate_pairs
-from align.preference_trainer import PreferenceTrainer
-from align.train_config import PreferenceDataConfig, TrainConfig
+from align.data.preference import TokenizedPair, collate_pairs
+from align.train.config import PreferenceDataConfig, TrainConfig
+from align.train.config_parser import arg
+from align.train.preference import PreferenceTrainer
 from reward.losses import (
     DEFAULT_BUCKETS,
     bradley_terry_loss,
@@ -135,7 +135,7 @@ class RewardTrainer(PreferenceTrainer):
         return train_path, eval_path
 
     def _make_demo_files(self, write: bool) -> tuple[str, str | None]:
-        from align.atomic import atomic_write_text
+        from align.core.atomic import atomic_write_text
         from reward.pairs import arithmetic_pairs, sampled_arithmetic_pairs, write_jsonl
 
         c = self.config

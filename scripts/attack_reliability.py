@@ -49,7 +49,7 @@ def one_line_error(done: subprocess.CompletedProcess, needle: str) -> bool:
 
 
 def run_is_sound(out: Path, steps: int) -> bool:
-    from align.train_state import latest_checkpoint, verify_checkpoint
+    from align.train.state import latest_checkpoint, verify_checkpoint
 
     rows = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     ck = out / "checkpoints"
@@ -79,7 +79,7 @@ def corrupt_state(model: Path, tmp: Path) -> list[bool]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from align.train_state import CheckpointError, latest_checkpoint, sha256_file
+    from align.train.state import CheckpointError, latest_checkpoint, sha256_file
 
     base = tmp / "good"
     assert run(dpo(model, base, "--max_steps", "3")).returncode == 0
@@ -176,9 +176,9 @@ def corrupt_state(model: Path, tmp: Path) -> list[bool]:
 
 
 def bad_config(model: Path, tmp: Path) -> list[bool]:
-    from align.config import ConfigError, load_config
-    from align.dpo import DPOConfig
-    from align.ppo.config import PPOConfig
+    from align.recipes.dpo import DPOConfig
+    from align.recipes.ppo.config import PPOConfig
+    from align.train.config_parser import ConfigError, load_config
     from reward.train import RewardConfig
 
     values = ["learning_rate=0", "learning_rate=-1", "learning_rate=.nan", "learning_rate=.inf", "learning_rate=abc",
@@ -234,7 +234,7 @@ def divergence(model: Path, tmp: Path) -> list[bool]:
     import torch
     from safetensors.torch import load_file
 
-    from align.train_state import verify_checkpoint
+    from align.train.state import verify_checkpoint
 
     def clean(out: Path) -> bool:
         return all(bool(torch.isfinite(t).all()) for f in out.rglob("*.safetensors")
@@ -255,7 +255,7 @@ def divergence(model: Path, tmp: Path) -> list[bool]:
 
 
 def main() -> None:
-    from align.tiny import build_tiny_model
+    from align.core.tiny import build_tiny_model
 
     seed = int(os.environ.get("ATTACK_SEED", random.randrange(2**32)))
     rng = random.Random(seed)

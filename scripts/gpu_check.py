@@ -34,28 +34,28 @@ def recipes(model: str, out: Path, device: str, steps: int) -> dict:
     common = [f"model_name_or_path={model}", f"device={device}", "dtype=auto", f"max_steps={steps}",
               "report_to=[none]", "save_steps=0"]  # dtype auto: bfloat16 on a GPU that has it, checked below
     table = {
-        "dpo": ("align.dpo:DPOConfig", "dpo_tiny.yaml", [f"train_file={PREFS}"], "align.dpo:DPOTrainer"),
+        "dpo": ("align.recipes.dpo:DPOConfig", "dpo_tiny.yaml", [f"train_file={PREFS}"], "align.recipes.dpo:DPOTrainer"),
         "reward": ("reward.train:RewardConfig", "reward_tiny.yaml", [f"train_file={PREFS}"],
                    "reward.train:RewardTrainer"),
-        "ppo": ("align.ppo.config:PPOConfig", "ppo_tiny.yaml", ["engine=hf", "algorithm=ppo"],
-                "align.ppo.trainer:PPOTrainer"),
+        "ppo": ("align.recipes.ppo.config:PPOConfig", "ppo_tiny.yaml", ["engine=hf", "algorithm=ppo"],
+                "align.recipes.ppo.trainer:PPOTrainer"),
     }
     if sft_note() is None:
-        table = {"sft": ("align.sft:SFTConfig", "sft_tiny.yaml", [], "align.sft:SFTTrainer"), **table}
+        table = {"sft": ("align.recipes.sft:SFTConfig", "sft_tiny.yaml", [], "align.recipes.sft:SFTTrainer"), **table}
     return {name: (cfg, yaml, common + [f"output_dir={out / name}", *extra], tr)
             for name, (cfg, yaml, extra, tr) in table.items()}
 
 
 def sft_note() -> str | None:
     """Why SFT is skipped, or None when this checkout has `align sft` with a tiny config to run."""
-    if not _has_module("align.sft"):
+    if not _has_module("align.recipes.sft"):
         return "this checkout has no `align sft`"
     if not (REPO / "configs" / "sft_tiny.yaml").is_file():
         return "no configs/sft_tiny.yaml to run `align sft` with"
-    import align.sft
+    import align.recipes.sft
 
-    if not (hasattr(align.sft, "SFTConfig") and hasattr(align.sft, "SFTTrainer")):
-        return "align.sft has no SFTConfig/SFTTrainer"
+    if not (hasattr(align.recipes.sft, "SFTConfig") and hasattr(align.recipes.sft, "SFTTrainer")):
+        return "align.recipes.sft has no SFTConfig/SFTTrainer"
     return None
 
 
@@ -75,7 +75,7 @@ def _load(path: str):
 def run_recipe(config_cls: str, yaml: str, sets: list[str], trainer_cls: str, cuda: bool) -> dict:
     import torch
 
-    from align.config import load_config
+    from align.train.config_parser import load_config
 
     config = load_config(_load(config_cls), REPO / "configs" / yaml, sets)
     if cuda:
@@ -141,7 +141,7 @@ def main() -> int:
             return 2
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
-    from align.tiny import build_tiny_model
+    from align.core.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="align-gpu-check-"))
     model = str(build_tiny_model(work / "tiny", "llama"))

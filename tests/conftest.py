@@ -25,7 +25,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """Path to a tiny Llama-shaped causal LM + BPE tokenizer with a chat template."""
-    from align.tiny import build_tiny_model
+    from align.core.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
@@ -33,7 +33,7 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny Llama, Qwen3-MoE and Mixtral models, keyed by architecture."""
-    from align.tiny import build_tiny_model
+    from align.core.tiny import build_tiny_model
 
     return {arch: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch)
             for arch in ("llama", "qwen3_moe", "mixtral")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.adapter_files import BaseInfo, ZeroAdapter, vllm_max_lora_rank
+from align.core.adapter_files import BaseInfo, ZeroAdapter, vllm_max_lora_rank
 
 
 def test_lora_rank_rounds_up_to_what_vllm_accepts():
@@ -37,7 +37,8 @@ def test_zero_adapter_of_a_trainer_loads_in_peft_and_adds_exactly_zero(tiny_llam
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from align.model import LoraSettings, SharedBase
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
 
     shared = SharedBase.load(str(tiny_llama))
     shared.add_adapter("policy", LoraSettings(rank=4))  # PEFT renames the base weights it wraps
@@ -58,7 +59,7 @@ def test_zero_adapter_of_a_trainer_loads_in_peft_and_adds_exactly_zero(tiny_llam
 
 
 def test_base_folder_fingerprint_agrees_with_the_trainers(tiny_llama):
-    from align.model import SharedBase
+    from align.core.base import SharedBase
 
     # What check_adapter compares with an adapter's align_meta.json base_fingerprint (written by the trainer).
     folder = BaseInfo.read(tiny_llama).fingerprint()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from align.advise import lora_parameters, lora_shapes, recommend_rank
+from align.train.advise import lora_parameters, lora_shapes, recommend_rank
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "prefs_tiny.jsonl"
@@ -30,7 +30,8 @@ def advise_cli(*args: str) -> subprocess.CompletedProcess:
 def test_parameters_by_hand_and_as_peft_builds_them(tiny_llama):
     from transformers import AutoConfig
 
-    from align.model import LoraSettings, SharedBase
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
 
     shapes = lora_shapes(AutoConfig.from_pretrained(tiny_llama))
     assert len(shapes) == 14
@@ -45,7 +46,8 @@ def test_parameters_by_hand_and_as_peft_builds_them(tiny_llama):
 def test_moe_experts_count_once_per_expert(tiny_models):
     from transformers import AutoConfig
 
-    from align.model import LoraSettings, SharedBase
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
 
     path = tiny_models["qwen3_moe"]
     shapes = lora_shapes(AutoConfig.from_pretrained(path))
@@ -63,8 +65,8 @@ def test_recommended_rank_is_the_smallest_that_holds_the_data():
 
 
 def test_dpo_advice_counts_pairs_and_tokens(tiny_llama):
-    from align.data import load_preferences, tokenize_preferences
-    from align.model import load_tokenizer
+    from align.core.loading import load_tokenizer
+    from align.data.preference import load_preferences, tokenize_preferences
 
     done = advise_cli(str(DATA), "--model", str(tiny_llama), "--recipe", "dpo", "--lora_r", "4", "--json",
                       "--max_length", "96")
@@ -84,7 +86,7 @@ def test_dpo_advice_counts_pairs_and_tokens(tiny_llama):
 
 
 def test_sft_advice_past_capacity_and_large_batch(tiny_llama, tmp_path):
-    from align.model import load_tokenizer
+    from align.core.loading import load_tokenizer
 
     answer = "the quick brown fox jumps over the lazy dog " * 60
     rows = [{"messages": [{"role": "user", "content": f"say it {i}"}, {"role": "assistant", "content": answer}]}

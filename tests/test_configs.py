@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from align.config import load_config
+from align.train.config_parser import load_config
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(ROOT.glob("*.yaml"))  # recipe configs; configs/accelerate/ holds launcher configs
 
 # File-name prefix -> config dataclass that the file mirrors.
 KINDS = {
-    "dpo": "align.dpo:DPOConfig",
-    "ppo": "align.ppo.config:PPOConfig",
-    "grpo": "align.ppo.config:PPOConfig",
+    "dpo": "align.recipes.dpo:DPOConfig",
+    "ppo": "align.recipes.ppo.config:PPOConfig",
+    "grpo": "align.recipes.ppo.config:PPOConfig",
     "reward": "reward.train:RewardConfig",
-    "sft": "align.sft:SFTConfig",
+    "sft": "align.recipes.sft:SFTConfig",
 }
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from align.cli import main as align_main
-from align.data import DataError, collate_pairs, load_preferences, tokenize_preferences
-from align.model import load_tokenizer
+from align.core.loading import load_tokenizer
+from align.data.preference import DataError, collate_pairs, load_preferences, tokenize_preferences
 
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 CONV = {
@@ -112,7 +112,7 @@ def test_prompt_without_room_under_max_length(tmp_path, tiny_llama, capsys):
 
 def test_chat_template_and_collation(tiny_llama):
     tok = load_tokenizer(str(tiny_llama))
-    from align.data import PreferenceRow
+    from align.data.preference import PreferenceRow
 
     rows = [PreferenceRow(GOOD["prompt"], "4", "5", "x:1"), PreferenceRow(CONV["prompt"], CONV["chosen"],
                                                                            CONV["rejected"], "x:2")]
@@ -129,7 +129,7 @@ def test_chat_template_and_collation(tiny_llama):
 
 
 def test_step_batches_cover_each_epoch_once():
-    from align.data import step_batches
+    from align.data.preference import step_batches
 
     # 5 items, 2 pairs x 1 micro-batch per step -> 3 steps per epoch: sizes 2, 2, 1
     epoch0 = [step_batches(5, 2, 1, seed=7, step=s) for s in range(3)]

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from align.config import load_config
-from align.data import DataError, load_preferences, tokenize_preferences, validate_record
-from align.dpo import DPOConfig, DPOTrainer
-from align.model import load_tokenizer
+from align.core.loading import load_tokenizer
+from align.data.preference import DataError, load_preferences, tokenize_preferences, validate_record
+from align.recipes.dpo import DPOConfig, DPOTrainer
+from align.train.config_parser import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [json.loads(line) for line in (REPO / "tests" / "data" / "prefs_tiny.jsonl").read_text().splitlines()][:8]
@@ -158,7 +158,7 @@ def test_python_api_takes_a_dataset_or_a_list(tmp_path, tiny_llama):
 
 
 def test_no_source_is_one_clear_error(tmp_path, tiny_llama):
-    from align.errors import UserError
+    from align.core.errors import UserError
 
     with pytest.raises(UserError, match="train_file: expected"):
         DPOTrainer(dpo_config(tiny_llama, tmp_path / "run"))
@@ -225,16 +225,16 @@ def test_implicit_prompt_conversations():
 
 # -- the tokenisation cache -------------------------------------------------------------------------
 def test_tokenisation_is_cached_on_disk(tmp_path, tiny_llama, hf_cache, monkeypatch):
-    import align.data
+    import align.data.preference
 
     calls = []
-    real = align.data.tokenize_answers
+    real = align.data.preference.tokenize_answers
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(align.data, "tokenize_answers", counting)
+    monkeypatch.setattr(align.data.preference, "tokenize_answers", counting)
     tok = load_tokenizer(str(tiny_llama))
     path = tmp_path / "d.jsonl"
     long = {"prompt": "the quick brown fox " * 20, "chosen": "a", "rejected": "b"}
@@ -277,8 +277,8 @@ def test_local_jsonl_is_tokenised_without_importing_datasets(tmp_path, tiny_llam
     """`datasets` (and pyarrow, pandas) cost ~120 MB resident: a local file must not pull them in."""
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    code = ("import sys; from align.data import load_preferences, tokenize_preferences; "
-            "from align.model import load_tokenizer; "
+    code = ("import sys; from align.data.preference import load_preferences, tokenize_preferences; "
+            "from align.core.loading import load_tokenizer; "
             f"pairs = tokenize_preferences(load_preferences({str(path)!r}).rows, load_tokenizer({str(tiny_llama)!r}), 64); "
             "print(len(pairs), sorted(m for m in ('datasets', 'pyarrow', 'pandas') if m in sys.modules))")
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")}

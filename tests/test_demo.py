@@ -34,7 +34,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
 def test_build_pairs_best_vs_worst_and_the_gold_answer_where_no_sample_is_right():
     from types import SimpleNamespace as Sample
 
-    from align.demo import build_pairs
+    from align.recipes.demo import build_pairs
 
     rows = [{"prompt": "What is 1+2?", "answer": "3"}, {"prompt": "What is 2+2?", "answer": "4"}]
     samples = [[Sample(text="3"), Sample(text="1 + 2 = 5")], [Sample(text="2 + 2 = 5"), Sample(text="5")]]

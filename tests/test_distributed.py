@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.distributed import Processes, resolve_device
-from align.errors import UserError
+from align.core.distributed import Processes, resolve_device
+from align.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "prefs_tiny.jsonl"
@@ -153,8 +153,8 @@ def test_ppo_two_processes_run_write_once_and_sync(tiny_llama, tmp_path):
 
 def test_each_process_takes_a_disjoint_share_of_the_global_batch(tiny_llama, tmp_path):
     """The shards of 2 processes partition the step's micro-batches, also on an epoch's short last step."""
-    from align.config import load_config
-    from align.dpo import DPOConfig, DPOTrainer
+    from align.recipes.dpo import DPOConfig, DPOTrainer
+    from align.train.config_parser import load_config
 
     cfg = load_config(DPOConfig, REPO / "configs" / "dpo_tiny.yaml",
                       common(tiny_llama, tmp_path / "run", "per_device_train_batch_size=4"))

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from align.cli import main as align_main
-from align.config import load_config
-from align.dpo import DPOConfig, DPOTrainer, train_dpo
-from align.errors import TrainingDiverged
+from align.core.errors import TrainingDiverged
+from align.recipes.dpo import DPOConfig, DPOTrainer, train_dpo
+from align.train.config_parser import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "dpo_tiny.yaml"
@@ -132,7 +132,7 @@ def test_learning_rate_schedules_by_hand(tiny_llama, tmp_path):
 
 
 def test_reference_cache_is_keyed_on_what_it_depends_on(tiny_llama, tmp_path):
-    from align.tiny import build_tiny_model
+    from align.core.tiny import build_tiny_model
 
     def computed(out, **over) -> bool:
         trainer = DPOTrainer(tiny_config(tiny_llama, out, precompute_ref_log_probs=True, **over),

@@ -12,7 +12,8 @@ PROMPTS = ["What is 3+4?", "the quick brown fox", "hello world"]
 
 def make_adapter(base_path, out, rank=4, seed=0, scale=0.5):
     """A real PEFT adapter on `base_path` whose B matrices are random (so it differs from the base)."""
-    from align.model import LoraSettings, SharedBase
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
 
     sb = SharedBase.load(str(base_path))
     torch.manual_seed(seed)  # lora_A is drawn from the global RNG: without this the adapter depends on test order
@@ -28,7 +29,7 @@ def make_adapter(base_path, out, rank=4, seed=0, scale=0.5):
 def test_merged_export_matches_adapter(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from align.export import export_merged, greedy
+    from align.export.merge import export_merged, greedy
 
     sb, adapter = make_adapter(tiny_llama, tmp_path / "adapter")
     with sb.adapter("policy"):
@@ -54,7 +55,7 @@ def test_merged_export_matches_adapter(tiny_llama, tmp_path):
 
 
 def test_export_reads_base_from_adapter_and_cli(tiny_llama, tmp_path, capsys):
-    from align.export import add_arguments, run
+    from align.export.merge import add_arguments, run
 
     _, adapter = make_adapter(tiny_llama, tmp_path / "adapter", seed=1)
     import argparse
@@ -67,9 +68,9 @@ def test_export_reads_base_from_adapter_and_cli(tiny_llama, tmp_path, capsys):
 
 
 def test_export_refuses_missing_base_and_wrong_base(tiny_llama, tmp_path):
-    from align.errors import UserError
-    from align.export import export_merged
-    from align.tiny import build_tiny_model
+    from align.core.errors import UserError
+    from align.core.tiny import build_tiny_model
+    from align.export.merge import export_merged
 
     _, adapter = make_adapter(tiny_llama, tmp_path / "adapter", seed=2)
     with pytest.raises(UserError, match="base model folder not found"):
@@ -83,8 +84,8 @@ def test_export_refuses_missing_base_and_wrong_base(tiny_llama, tmp_path):
 def test_export_fails_loudly_when_merged_output_differs(tiny_llama, tmp_path):
     """A real failing case, no mock: a 16-bit merge rounds W + (alpha/r) B A, and with this strong adapter
     on the tiny random model the greedy continuation drifts within 24 tokens (seen: bfloat16 and float16)."""
-    from align.errors import UserError
-    from align.export import export_merged
+    from align.core.errors import UserError
+    from align.export.merge import export_merged
 
     _, adapter = make_adapter(tiny_llama, tmp_path / "adapter")
     with pytest.raises(UserError, match="greedy output differs from the adapter's"):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from align.cli import main as align_main
-from align.config import load_config
+from align.train.config_parser import load_config
 from reward.model import RewardModel, encode
 from reward.train import RewardConfig, RewardTrainer
 
@@ -22,7 +22,7 @@ PAIRS = [("What is 2+3?", "5"), ("What is 2+3?", "The answer is 2 + 3 = 6, I thi
 def test_exported_classifier_scores_like_the_reward_model(tiny_llama, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.model import SharedBase
+    from align.core.base import SharedBase
 
     run = tmp_path / "run"
     config = load_config(RewardConfig, ROOT / "configs" / "reward_tiny.yaml", [

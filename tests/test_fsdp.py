@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_distributed import REPO, align_run, common, compare_runs, max_diff, metrics, tensors
 
-from align.errors import UserError
-from align.fsdp import refuse_unsupported
+from align.core.errors import UserError
+from align.core.fsdp import refuse_unsupported
 
 FSDP = REPO / "configs" / "accelerate" / "fsdp.yaml"
 SFT_DATA = REPO / "tests" / "data" / "sft_tiny.jsonl"
@@ -91,9 +91,9 @@ def test_reward_fsdp_equals_one_process(tiny_llama, tmp_path):
 
 
 def test_what_fsdp_refuses_is_refused_in_one_line(monkeypatch):
-    from align.dpo import DPOTrainer
-    from align.ppo.trainer import PPOTrainer
-    from align.sft import SFTTrainer
+    from align.recipes.dpo import DPOTrainer
+    from align.recipes.ppo.trainer import PPOTrainer
+    from align.recipes.sft import SFTTrainer
     from reward.train import RewardTrainer
 
     assert DPOTrainer.fsdp_ready and SFTTrainer.fsdp_ready and RewardTrainer.fsdp_ready

@@ -1,4 +1,4 @@
-"""align.heap: a fixed mmap threshold returns freed activation-sized blocks to the OS.
+"""align.core.heap: a fixed mmap threshold returns freed activation-sized blocks to the OS.
 
 Each case runs in a fresh interpreter (the setting is process-wide) and drives glibc's
 malloc directly: 2 MB blocks (SmolLM2 activation-sized) interleaved with small blocks
@@ -15,7 +15,7 @@ import pytest
 
 SCRIPT = r"""
 import ctypes, json, os, sys
-from align.heap import limit_heap_fragmentation
+from align.core.heap import limit_heap_fragmentation
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -50,7 +50,7 @@ def test_fixed_mmap_threshold_returns_freed_blocks():
 
 
 def test_threshold_must_be_positive():
-    from align.heap import limit_heap_fragmentation
+    from align.core.heap import limit_heap_fragmentation
 
     with pytest.raises(ValueError, match="mmap_threshold_mb"):
         limit_heap_fragmentation(0)

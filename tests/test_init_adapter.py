@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.config import ConfigError, load_config
-from align.dpo import DPOConfig, DPOTrainer
-from align.errors import UserError
-from align.model import SharedBase
-from align.ppo.config import PPOConfig
-from align.ppo.trainer import PPOTrainer
+from align.core.base import SharedBase
+from align.core.errors import UserError
+from align.recipes.dpo import DPOConfig, DPOTrainer
+from align.recipes.ppo.config import PPOConfig
+from align.recipes.ppo.trainer import PPOTrainer
+from align.train.config_parser import ConfigError, load_config
 
 torch.set_num_threads(1)
 

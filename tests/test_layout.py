@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for pkg in ("align", "reward") for p in (ROOT / pkg).rglob("*.py"))
 # Recipes, the demo and the command line sit on top; the reward package must not import them.
-TOP_LAYER = ("align.dpo", "align.sft", "align.ppo", "align.demo", "align.cli", "align.serve", "align.export", "reward.cli")
+TOP_LAYER = ("align.recipes.dpo", "align.recipes.sft", "align.recipes.ppo", "align.recipes.demo", "align.cli", "align.serve", "align.export", "reward.cli")
 
 
 def imports(path: Path) -> set[str]:

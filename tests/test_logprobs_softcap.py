@@ -1,7 +1,7 @@
 """Log-probs of families whose forward changes lm_head's output: Gemma-2's final_logit_softcapping,
 Cohere's logit_scale (multiplied) and Granite's logits_scaling (divided).
 
-align.logprobs goes around `forward` (hidden states -> lm_head in chunks), so it has to apply the
+align.core.logprobs goes around `forward` (hidden states -> lm_head in chunks), so it has to apply the
 same transform itself, once. The reference is log_softmax of transformers' own `forward` logits.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.logprobs import completion_logprobs, logit_transform
-from align.model import SharedBase
+from align.core.base import SharedBase
+from align.core.logprobs import completion_logprobs, logit_transform
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from align.lora_forward import _lean_forward
-from align.model import SharedBase
+from align.core.base import SharedBase
+from align.core.lora_forward import _lean_forward
 
 
 def _randomise_adapter(base: SharedBase, name: str, seed: int) -> None:
@@ -74,7 +74,7 @@ def test_partial_checkpointing_gives_the_same_gradients(tiny_llama):
     """checkpoint_keep_last: the top layers keep activations, the rest recompute; gradients do not change."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from align.logprobs import completion_logprobs
+    from align.core.logprobs import completion_logprobs
 
     ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)

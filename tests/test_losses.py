@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.losses import dpo_loss
+from align.recipes.dpo_losses import dpo_loss
 
 # One pair: policy chosen -1, rejected -3; reference chosen -2, rejected -2.
 # h = (-1 - -3) - (-2 - -2) = 2; beta = 0.5 -> beta*h = 1.
@@ -73,7 +73,7 @@ def test_ipo_averages_in_the_loss_but_rewards_use_sums():
 
 
 def test_chosen_nll_is_per_token_over_the_batch():
-    from align.losses import chosen_nll
+    from align.recipes.dpo_losses import chosen_nll
 
     # Two chosen completions: summed log-probs -3 over 2 tokens and -1 over 4 tokens.
     # (3 + 1) / (2 + 4) = 0.6666667, not the mean of per-sequence averages ((1.5 + 0.25) / 2 = 0.875).

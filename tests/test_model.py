@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from align.logprobs import completion_logprobs
-from align.model import LoraSettings, SharedBase
+from align.core.base import SharedBase
+from align.core.logprobs import completion_logprobs
+from align.core.lora import LoraSettings
 
 
 def _lora_layer_names(model: nn.Module, adapter: str) -> set[str]:
@@ -20,7 +21,7 @@ def test_all_linear_layers_and_fused_experts_carry_lora(tiny_models):
     for arch, path in tiny_models.items():
         base = SharedBase.load(str(path))
         plain = {n: m for n, m in base.model.named_modules()}
-        # Every nn.Linear inside a block, found independently of align.model.lora_targets.
+        # Every nn.Linear inside a block, found independently of align.core.lora.lora_targets.
         linears = {n for n, m in plain.items() if isinstance(m, nn.Linear) and ".layers." in n}
         # Routers: the MoE block's other child with weights (TopKRouter here, nn.Linear in older versions).
         routers = {n for n, m in plain.items() if not n.endswith(".experts") and ".layers." in n
@@ -125,9 +126,9 @@ def test_loading_a_frozen_adapter_keeps_train_mode(tiny_llama, tmp_path):
 
 
 def test_resolve_model_kinds(tmp_path, monkeypatch):
-    from align.errors import UserError
-    from align.model import resolve_model
-    from align.smollm import MODEL_DIRNAME
+    from align.core.errors import UserError
+    from align.core.loading import resolve_model
+    from align.core.smollm import MODEL_DIRNAME
 
     # 'smollm2' -> the cached conversion (a stand-in here, so nothing is downloaded).
     cached = tmp_path / "models" / MODEL_DIRNAME

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from align.optim import adamw
+from align.train.optim import adamw
 
 
 def test_fused_adamw_matches_the_reference_loop():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.ppo import algorithms as A
+from align.recipes.ppo import algorithms as A
 
 TOL = 1e-5
 

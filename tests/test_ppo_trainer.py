@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.config import ConfigError, load_config
-from align.errors import TrainingDiverged, UserError
-from align.ppo.batch import prompt_indices
-from align.ppo.config import PPOConfig
-from align.ppo.trainer import PPOTrainer
+from align.core.errors import TrainingDiverged, UserError
+from align.recipes.ppo.batch import prompt_indices
+from align.recipes.ppo.config import PPOConfig
+from align.recipes.ppo.trainer import PPOTrainer
+from align.train.config_parser import ConfigError, load_config
 from reward.functions import CombinedReward
 
 torch.set_num_threads(1)  # tiny tensors: thread hand-off costs more than it saves on a shared 2-core box
@@ -69,7 +69,7 @@ def test_first_step_kl_is_exactly_zero_then_the_policy_moves(tiny_llama, tmp_pat
 @pytest.fixture(scope="module")
 def reward_adapter(tiny_llama, tmp_path_factory):
     """A saved reward model (adapter + head) with non-zero weights, as `align reward` would write it."""
-    from align.model import SharedBase
+    from align.core.base import SharedBase
     from reward.model import RewardModel
 
     base = SharedBase.load(str(tiny_llama))

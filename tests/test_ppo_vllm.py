@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.config import load_config
-from align.ppo.config import PPOConfig
-from align.ppo.trainer import PPOTrainer
+from align.recipes.ppo.config import PPOConfig
+from align.recipes.ppo.trainer import PPOTrainer
+from align.train.config_parser import load_config
 
 pytest.importorskip("vllm")
 torch.set_num_threads(1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from align.errors import UserError
-from align.model import load_tokenizer
-from align.prompts import encode_prompt, encode_prompts
+from align.core.errors import UserError
+from align.core.loading import load_tokenizer
+from align.data.prompts import encode_prompt, encode_prompts
 
 PROMPT = "What is 12+7? Reply with the number only."
 SYSTEM = "You answer with a number."

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.config import load_config
-from align.dpo import DPOConfig, DPOTrainer
-from align.model import FourBit, SharedBase
+from align.core.base import SharedBase
+from align.core.loading import FourBit
+from align.recipes.dpo import DPOConfig, DPOTrainer
+from align.train.config_parser import load_config
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -95,8 +96,8 @@ def test_bad_4bit_settings_name_the_field(tiny_llama, tmp_path, field, value):
 
 
 def test_ppo_steps_on_a_4bit_base(tiny_llama, tmp_path):
-    from align.ppo.config import PPOConfig
-    from align.ppo.trainer import PPOTrainer
+    from align.recipes.ppo.config import PPOConfig
+    from align.recipes.ppo.trainer import PPOTrainer
 
     cfg = load_config(PPOConfig, REPO / "configs" / "ppo_tiny.yaml", [
         f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "load_in_4bit=true", "engine=auto"])

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from align.train_state import CheckpointError, latest_checkpoint, sha256_file, verify_checkpoint
+from align.train.state import CheckpointError, latest_checkpoint, sha256_file, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "prefs_tiny.jsonl"
@@ -159,9 +159,9 @@ def test_resume_over_a_damaged_checkpoint(finished_run, tiny_llama, tmp_path):
 
 def test_a_checkpoint_that_fails_verification_never_replaces_older_ones(tiny_llama, tmp_path, monkeypatch):
     """Rotation deletes old checkpoints only after the new one reads back intact."""
-    from align import train_state
-    from align.config import load_config
-    from align.dpo import DPOConfig, DPOTrainer
+    from align.recipes.dpo import DPOConfig, DPOTrainer
+    from align.train import state as train_state
+    from align.train.config_parser import load_config
 
     out = tmp_path / "run"
     config = load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml",
@@ -189,7 +189,7 @@ def test_temporaries_of_a_killed_write_are_swept_at_the_next_start(finished_run,
     out = fresh_copy(finished_run, tmp_path)
     writer = ("import sys, time\n"
               "from pathlib import Path\n"
-              "from align.atomic import atomic_dir\n"
+              "from align.core.atomic import atomic_dir\n"
               "out = Path(sys.argv[1])\n"
               "with atomic_dir(out / 'checkpoints' / 'step-000004') as tmp:\n"
               "    (tmp / 'tensors.safetensors').write_bytes(b'half')\n"
@@ -211,7 +211,7 @@ def test_temporaries_of_a_killed_write_are_swept_at_the_next_start(finished_run,
 
 
 def test_a_copy_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
-    from align.atomic import sweep_stale_temps
+    from align.core.atomic import sweep_stale_temps
 
     (tmp_path / ".step-000002.old-4242").mkdir()
     (tmp_path / ".step-000002.old-4242" / "state.json").write_text("{}")

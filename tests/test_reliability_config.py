@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from align.config import ConfigError, load_config
-from align.dpo import DPOConfig
-from align.ppo.config import PPOConfig
+from align.recipes.dpo import DPOConfig
+from align.recipes.ppo.config import PPOConfig
+from align.train.config_parser import ConfigError, load_config
 from reward.train import RewardConfig
 
 ROOT = Path(__file__).resolve().parents[1]

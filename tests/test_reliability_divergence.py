@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from align.errors import TrainingDiverged
-from align.train_state import sha256_file, verify_checkpoint
+from align.core.errors import TrainingDiverged
+from align.train.state import sha256_file, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "prefs_tiny.jsonl"
@@ -84,8 +84,8 @@ def test_garbled_optimizer_state_is_refused_at_resume(tiny_llama, tmp_path):
 
 def test_garbled_optimizer_state_in_memory_stops_the_step_before_saving(tiny_llama, tmp_path):
     """Past every load check (e.g. memory corruption): the update goes non-finite, the guard names the cause."""
-    from align.config import load_config
-    from align.dpo import DPOConfig, DPOTrainer
+    from align.recipes.dpo import DPOConfig, DPOTrainer
+    from align.train.config_parser import load_config
 
     out = tmp_path / "run"
     config = load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml",
@@ -110,8 +110,8 @@ def test_garbled_optimizer_state_in_memory_stops_the_step_before_saving(tiny_lla
 
 def test_train_state_refuses_to_write_non_finite_tensors(tiny_llama, tmp_path):
     """The last line of defence: TrainState.save itself, whatever the loop checked."""
-    from align.config import load_config
-    from align.dpo import DPOConfig, DPOTrainer
+    from align.recipes.dpo import DPOConfig, DPOTrainer
+    from align.train.config_parser import load_config
 
     out = tmp_path / "run"
     config = load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml",

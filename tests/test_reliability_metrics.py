@@ -74,7 +74,7 @@ def test_killed_after_the_last_checkpoint(tiny_llama, tmp_path):
 
 
 def test_a_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
-    from align.metrics import MetricsLogger
+    from align.train.metrics import MetricsLogger
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
     logger = MetricsLogger(tmp_path, report_to=[])

@@ -27,8 +27,8 @@ def no_template_model(tiny_llama, tmp_path_factory):
 
 
 def test_the_tokenizer_really_has_no_template(no_template_model):
-    from align.model import load_tokenizer
-    from align.prompts import encode_prompt
+    from align.core.loading import load_tokenizer
+    from align.data.prompts import encode_prompt
 
     tok = load_tokenizer(str(no_template_model))
     assert not tok.chat_template

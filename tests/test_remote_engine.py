@@ -14,9 +14,9 @@ import psutil
 import pytest
 import torch
 
-from align.config import load_config
-from align.ppo.config import PPOConfig
-from align.ppo.trainer import PPOTrainer
+from align.recipes.ppo.config import PPOConfig
+from align.recipes.ppo.trainer import PPOTrainer
+from align.train.config_parser import load_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -105,8 +105,9 @@ def perturb(base, seed: int) -> None:
 def test_remote_engine_syncs_adapter_and_matches_trainer(server, tiny_llama):
     """Each sync's probe catches a stale adapter; samples of adapter and base requests, mixed in one
     batch, carry the trainer's log-probs (float32: within 1e-4)."""
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
     from align.engines import AdapterSyncError, make_engine, trainer_logprobs, verify_adapter
-    from align.model import LoraSettings, SharedBase
 
     base = SharedBase.load(str(tiny_llama))
     base.add_adapter("policy", LoraSettings(rank=4, alpha=32))
@@ -145,8 +146,8 @@ class RestartingTrainer(PPOTrainer):
 
 
 def test_grpo_samples_from_align_serve_and_survives_a_restart(tiny_llama, tmp_path, server, monkeypatch):
+    from align.core.base import SharedBase
     from align.engines import RemoteEngine
-    from align.model import SharedBase
 
     with pytest.raises(RuntimeError, match="HTTP 401"):  # the server enforces its key; the engine sends it
         RemoteEngine(str(tiny_llama), SharedBase.load(str(tiny_llama)), url=server.url, api_key="wrong")

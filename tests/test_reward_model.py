@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from align.data import collate_pairs, load_preferences, tokenize_preferences
-from align.logprobs import completion_logprobs
-from align.model import SharedBase
+from align.core.base import SharedBase
+from align.core.logprobs import completion_logprobs
+from align.data.preference import collate_pairs, load_preferences, tokenize_preferences
 from reward.model import RewardModel, RewardModelError, last_token_index, pad_sequences
 
 PROMPTS = ["What is 12+30? Reply with the number only.", "What is 41+17? Reply with the number only.",
@@ -115,7 +115,7 @@ def test_save_and_load_reproduce_scores_exactly(tiny_llama, saved_reward, tmp_pa
 
 
 def test_a_different_base_is_refused(tmp_path, saved_reward):
-    from align.tiny import build_tiny_model
+    from align.core.tiny import build_tiny_model
 
     path, _ = saved_reward
     other = SharedBase.load(str(build_tiny_model(tmp_path / "other", "llama", seed=1)))  # same shape, other weights

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.config import load_config
-from align.data import DataError
+from align.data.preference import DataError
+from align.train.config_parser import load_config
 from reward.model import RewardModel
 from reward.train import RewardConfig, RewardTrainer, length_baseline_accuracy
 
@@ -38,12 +38,12 @@ def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path, cap
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))  # 18 pairs / 6 per step * 3 epochs
     assert {"accuracy", "margin", "learning_rate", "grad_norm", "epoch"} <= set(rows[0])  # TRL's names
     assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["calibration"]
-    from align.model import SharedBase
+    from align.core.base import SharedBase
 
     # The saved reward model scores exactly like the one that was trained.
     fresh = RewardModel.attach(SharedBase.load(str(tiny_llama)), path)
     assert fresh.max_length == 96 and fresh.chat_template is True
-    from align.data import collate_pairs
+    from align.data.preference import collate_pairs
 
     batch = collate_pairs(trainer.eval_pairs, trainer.base.tokenizer.pad_token_id)
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_bad_config_is_named(tmp_path):
 
 
 def test_length_baseline_by_hand():
-    from align.data import TokenizedPair
+    from align.data.preference import TokenizedPair
 
     pairs = [TokenizedPair([1], [2, 3], [4], "a"), TokenizedPair([1], [2], [4, 5], "b"),
              TokenizedPair([1], [2], [4], "c")]
@@ -173,7 +173,7 @@ def test_pairs_from_samples_rank_by_task_reward():
 
 def test_sampled_pairs_name_the_shortfall(tiny_llama):
     # A random tiny model never writes a right sum: no pairs, and the error says what to do.
-    from align.model import SharedBase
+    from align.core.base import SharedBase
     from reward.pairs import sampled_arithmetic_pairs
 
     base = SharedBase.load(str(tiny_llama))

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from align.core.base import SharedBase
+from align.core.lora import LoraSettings
 from align.engines import (
     AdapterSyncError,
     HFEngine,
@@ -23,7 +25,6 @@ from align.engines import (
     verify_adapter,
 )
 from align.engines.fold import fused_delta
-from align.model import LoraSettings, SharedBase
 
 TOL = 1e-4  # float32: engines match the trainer within ~1e-6 (docs/design.md, "Rollout engines and adapter sync")
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from align.cli import main
-from align.config import ConfigError, load_config
-from align.dpo import DPOConfig
-from align.ppo.config import PPOConfig
+from align.recipes.dpo import DPOConfig
+from align.recipes.ppo.config import PPOConfig
+from align.train.config_parser import ConfigError, load_config
 from reward.train import RewardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_resume_from_a_named_checkpoint(tiny_llama, tmp_path):
     assert main(args) == 0
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
         "step-000001", "step-000002", "step-000003"]
-    from align.dpo import DPOTrainer
+    from align.recipes.dpo import DPOTrainer
 
     config = load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml",
                          [f"model_name_or_path={tiny_llama}", f"output_dir={out}", f"train_file={DATA}",
@@ -125,9 +125,9 @@ def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tin
     """auto: float32 on a CPU (bfloat16 only on a CUDA GPU that has it); a base handed in keeps its own dtype."""
     import torch
 
-    from align.dpo import DPOTrainer
-    from align.hardware import default_dtype, fast_bfloat16
-    from align.model import SharedBase
+    from align.core.base import SharedBase
+    from align.core.hardware import default_dtype, fast_bfloat16
+    from align.recipes.dpo import DPOTrainer
 
     assert default_dtype("cpu") == "float32"
     assert default_dtype("cuda") == ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()

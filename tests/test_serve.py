@@ -32,7 +32,8 @@ RANKS = {"red": 4, "blue": 8, "green": 8}  # red+blue at start, green loaded at 
 
 def make_adapters(base_path, out_dir, names, seed=0):
     """Real PEFT adapters on one SharedBase, each with distinct random nonzero B matrices."""
-    from align.model import LoraSettings, SharedBase
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
 
     sb = SharedBase.load(str(base_path))
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +100,7 @@ def wait_ready(proc, log_path, timeout=240) -> Server:
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama, tmp_path_factory):
-    from align.tiny import build_tiny_model
+    from align.core.tiny import build_tiny_model
 
     t = time.monotonic()
     root = tmp_path_factory.mktemp("serve")
@@ -177,7 +178,7 @@ def test_allowed_folder_follows_symlinks(tmp_path):
 
 
 def test_adapter_checks(tiny_llama, tmp_path):
-    from align.adapter_files import BaseInfo
+    from align.core.adapter_files import BaseInfo
     from align.serve.adapters import AdapterRefused, check_adapter, read_adapter
 
     base = BaseInfo.read(tiny_llama)

@@ -37,7 +37,7 @@ def private_folder(log: Path) -> Path:
 
 def build_allowed(tiny_llama, root: Path) -> dict:
     """--adapter-dir with good adapters and one bad folder of each kind the start-up scan must skip."""
-    from align.tiny import build_tiny_model
+    from align.core.tiny import build_tiny_model
 
     allowed = root / "allowed"
     good = make_adapters(tiny_llama, allowed, ["red", "green", "spoiled-json", "fifo", "escape", "wide"])

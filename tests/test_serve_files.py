@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_serve import make_adapters
 
-from align.adapter_files import BaseInfo
+from align.core.adapter_files import BaseInfo
 from align.serve.adapters import AdapterRefused, check_adapter, check_name, read_adapter, snapshot_adapter
 from align.serve.fs import FsGuard, check_path_text
 
@@ -280,8 +280,8 @@ def test_sweep_removes_folders_of_dead_servers_only(tmp_path):
 
 # -- KV cache sizing ------------------------------------------------------------------------------
 def test_kv_cache_sized_from_model_length_and_sequences(tiny_llama, tmp_path):
+    from align.core.errors import UserError
     from align.engines.kv_cache import MIB
-    from align.errors import UserError
     from align.serve.server import kv_settings
 
     base = BaseInfo.read(tiny_llama)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from align.cli import main as align_main
-from align.config import load_config
-from align.model import SharedBase
-from align.sft import SFTConfig, SFTTrainer, sft_forward, token_nll
-from align.sft_data import collate_sft, load_sft, pack_examples, tokenize_sft
+from align.core.base import SharedBase
+from align.data.sft import collate_sft, load_sft, pack_examples, tokenize_sft
+from align.recipes.sft import SFTConfig, SFTTrainer, sft_forward, token_nll
+from align.train.config_parser import load_config
 
 torch.set_num_threads(1)
 

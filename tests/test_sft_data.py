@@ -11,8 +11,9 @@ import json
 import pytest
 import torch
 
-from align.data import DataError
-from align.sft_data import (
+from align.core.tiny import CHAT_TEMPLATE
+from align.data.preference import DataError
+from align.data.sft import (
     PackedRow,
     SFTExample,
     SFTRow,
@@ -23,7 +24,6 @@ from align.sft_data import (
     tokenize_sft,
     validate_sft_record,
 )
-from align.tiny import CHAT_TEMPLATE
 
 VOCAB = ["<pad>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "there", "ok", "more", "yes",
          "[UNK]"]

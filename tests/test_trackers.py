@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from align.config import load_config
-from align.dpo import DPOConfig, DPOTrainer
-from align.trackers import BACKENDS, check_report_to, dashboard_name
+from align.recipes.dpo import DPOConfig, DPOTrainer
+from align.train.config_parser import load_config
+from align.train.trackers import BACKENDS, check_report_to, dashboard_name
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "prefs_tiny.jsonl"

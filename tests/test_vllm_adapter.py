@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("vllm")
 
+from align.core.base import SharedBase  # noqa: E402
+from align.core.lora import LoraSettings
 from align.engines import trainer_logprobs  # noqa: E402
-from align.model import LoraSettings, SharedBase  # noqa: E402
 
 
 @pytest.mark.vllm

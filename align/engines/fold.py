@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from align.adapter_files import PEFT_PREFIX
+from align.core.adapter_files import PEFT_PREFIX
 
 
 def lora_factors(base, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

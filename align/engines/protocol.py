@@ -4,7 +4,7 @@ An engine samples completions with a named adapter active, scores fixed continua
 receives the trainer's adapter after each update (`sync`). The guard against the classic silent
 failure (the adapter never reaches the engine and rollouts keep sampling the initial policy) is
 `verify_adapter`: after every sync the engine's log-probs of a fixed probe sequence must equal the
-trainer's own (`align.logprobs.completion_logprobs`) within a tolerance for the engine's dtype.
+trainer's own (`align.core.logprobs.completion_logprobs`) within a tolerance for the engine's dtype.
 
 Log-prob convention: `Sample.logprobs` and `RolloutEngine.logprobs` are log-probs of the model's
 own next-token distribution (temperature 1, no top-p), i.e. what the trainer's scoring pass
@@ -94,7 +94,7 @@ def probe_ids(tokenizer) -> tuple[list[int], list[int]]:
 def trainer_logprobs(base, prompt_ids: list[int], completion_ids: list[int],
                      adapter: str | None = "policy") -> list[float]:
     """The trainer's per-token log-probs of `completion_ids` (eval mode, no grad)."""
-    from align.logprobs import completion_logprobs
+    from align.core.logprobs import completion_logprobs
 
     if not completion_ids:
         return []

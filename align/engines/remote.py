@@ -16,7 +16,7 @@ import time
 import weakref
 from pathlib import Path
 
-from align.adapter_files import ZERO_ADAPTER_NAME, ZeroAdapter, folder_bytes, scratch_dir
+from align.core.adapter_files import ZERO_ADAPTER_NAME, ZeroAdapter, folder_bytes, scratch_dir
 from align.engines.protocol import (
     AdapterArg,
     Sample,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from align.adapter_files import (
+from align.core.adapter_files import (
     ZERO_ADAPTER_NAME,
     ZeroAdapter,
     folder_bytes,

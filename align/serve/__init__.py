@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
-    from align.errors import UserError
+    from align.core.errors import UserError
 
     adapters: dict[str, str] = {}
     for spec in specs:

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from align.errors import UserError
+from align.core.errors import UserError
 from align.serve import add_arguments, run
 
 parser = argparse.ArgumentParser(prog="align serve", description=__doc__)

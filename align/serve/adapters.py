@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.adapter_files import PEFT_PREFIX, BaseInfo, content_digest, vllm_max_lora_rank, weight_files
+from align.core.adapter_files import PEFT_PREFIX, BaseInfo, content_digest, vllm_max_lora_rank, weight_files
 from align.serve.fs import JSON_FILE_LIMIT, copy_regular, inside, open_regular, read_regular, short
 from align.serve.refusal import AdapterRefused
 

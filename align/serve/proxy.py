@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, web
 
-from align.adapter_files import BaseInfo
+from align.core.adapter_files import BaseInfo
 from align.serve.adapters import AdapterInfo, check_adapter, check_name, resolve_in_folder, snapshot_adapter
 from align.serve.fs import FsGuard, check_path_text, short
 from align.serve.refusal import AdapterRefused

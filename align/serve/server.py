@@ -14,8 +14,14 @@ import signal
 import sys
 from pathlib import Path
 
-from align.adapter_files import VLLM_LORA_RANKS, ZERO_ADAPTER_NAME, BaseInfo, ZeroAdapter, vllm_max_lora_rank
-from align.errors import UserError
+from align.core.adapter_files import (
+    VLLM_LORA_RANKS,
+    ZERO_ADAPTER_NAME,
+    BaseInfo,
+    ZeroAdapter,
+    vllm_max_lora_rank,
+)
+from align.core.errors import UserError
 from align.serve.adapters import (
     AdapterInfo,
     AdapterRefused,

@@ -47,8 +47,8 @@ def peak_mb() -> float:
 
 
 def worker_ours(args) -> dict:
-    from align.config import load_config
-    from align.dpo import DPOConfig, DPOTrainer
+    from align.recipes.dpo import DPOConfig, DPOTrainer
+    from align.train.config_parser import load_config
 
     sets = [f"model_name_or_path={args.model}", f"train_file={args.data}", f"output_dir={args.out}",
             "report_to=[none]", f"per_device_train_batch_size={args.batch}", f"per_device_eval_batch_size={args.batch}",
@@ -160,11 +160,11 @@ def main() -> None:
     args.steps = args.steps or 10
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
-            from align.tiny import build_tiny_model
+            from align.core.tiny import build_tiny_model
 
             model, name = str(build_tiny_model(Path(tmp) / "tiny")), "tiny-llama"
         else:
-            from align.smollm import ensure_smollm2
+            from align.core.smollm import ensure_smollm2
 
             model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
         data = Path(tmp) / "pairs.jsonl"

@@ -30,14 +30,14 @@ def main() -> None:
 
     import torch
 
-    from align.config import load_config
-    from align.dpo import DPOConfig, DPOTrainer
+    from align.recipes.dpo import DPOConfig, DPOTrainer
     from align.tasks.arithmetic import preference_pairs
+    from align.train.config_parser import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="finite-guard-"))
     model = "smollm2"
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         model = str(build_tiny_model(tmp / "tiny", "llama"))
     data = tmp / "pairs.jsonl"

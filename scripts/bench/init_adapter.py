@@ -38,7 +38,8 @@ def make_adapter(model: str, out: Path) -> None:
     """A rank-8 all-linear adapter with non-zero weights, saved as an SFT run would save it."""
     import torch
 
-    from align.model import SharedBase, resolve_model
+    from align.core.base import SharedBase
+    from align.core.loading import resolve_model
 
     base = SharedBase.load(resolve_model(model))
     base.add_adapter("policy")
@@ -49,8 +50,8 @@ def make_adapter(model: str, out: Path) -> None:
 
 
 def worker(args) -> dict:
-    from align.config import load_config
-    from align.dpo import DPOConfig, DPOTrainer
+    from align.recipes.dpo import DPOConfig, DPOTrainer
+    from align.train.config_parser import load_config
 
     sets = [f"model_name_or_path={args.model}", f"train_file={args.data}", f"output_dir={args.out}",
             "report_to=[none]", f"per_device_train_batch_size={args.batch}", f"max_length={args.max_length}",
@@ -95,7 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.quick:
-            from align.tiny import build_tiny_model
+            from align.core.tiny import build_tiny_model
 
             args.model = str(build_tiny_model(tmp / "tiny"))
         make_data(tmp / "pairs.jsonl", 64)

@@ -35,7 +35,8 @@ def load(model_path: str, four_bit: bool, skip_layers=()):
     """The base as the recipes hold it, optionally with some decoder layers left unquantised."""
     from transformers import AutoModelForCausalLM
 
-    from align.model import FourBit, SharedBase, load_tokenizer
+    from align.core.base import SharedBase
+    from align.core.loading import FourBit, load_tokenizer
 
     kwargs = {}
     if four_bit:
@@ -70,7 +71,7 @@ def add_svd_correction(base, model_path: str, rank: int) -> tuple[list[float], l
     """
     from safetensors import safe_open
 
-    from align.model import LoraSettings
+    from align.core.lora import LoraSettings
 
     base.add_adapter("svd", LoraSettings(rank=rank, alpha=4 * rank), trainable=False)
     before, after = [], []
@@ -97,8 +98,8 @@ def gaussian_nf4_error(shape=(576, 576)) -> float:
 
 
 def score(base, model_path: str, rows, adapter=None, max_new_tokens: int = 16) -> float:
-    from align.demo import evaluate
     from align.engines import make_engine
+    from align.recipes.demo import evaluate
 
     if not base.adapters:
         base.add_adapter("policy")  # the transformers engine drives a PEFT model
@@ -109,8 +110,8 @@ def score(base, model_path: str, rows, adapter=None, max_new_tokens: int = 16) -
 def main() -> None:
     from transformers import AutoConfig
 
-    from align.demo import DemoSettings, demo_prompts
-    from align.model import resolve_model
+    from align.core.loading import resolve_model
+    from align.recipes.demo import DemoSettings, demo_prompts
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny random model, 8 prompts")
@@ -118,7 +119,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8, help="rank of the SVD correction (the recipes' lora_r)")
     args = p.parse_args()
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         model_path, args.eval_prompts = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "llama")), 8
     else:

@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_len: int) -> dict:
     import torch
 
-    from align.logprobs import completion_logprobs
-    from align.model import SharedBase
-    from align.ppo import algorithms as A
-    from align.ppo.heads import ValueHead
+    from align.core.base import SharedBase
+    from align.core.logprobs import completion_logprobs
+    from align.recipes.ppo import algorithms as A
+    from align.recipes.ppo.heads import ValueHead
 
     torch.manual_seed(0)
 
@@ -152,9 +152,9 @@ def trainer_child(model: str, batch: int, completion_len: int) -> dict:
 
     import torch
 
-    from align.config import load_config
-    from align.model import SharedBase
-    from align.ppo import PPOConfig, PPOTrainer
+    from align.core.base import SharedBase
+    from align.recipes.ppo import PPOConfig, PPOTrainer
+    from align.train.config_parser import load_config
     from reward.model import RewardModel
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-child-"))
@@ -191,9 +191,9 @@ def copies_child(model: str, sync_mode: str, dtype: str, batch: int, completion_
     """
     import torch
 
-    from align.config import load_config
     from align.engines import vllm_compat
-    from align.ppo import PPOConfig, PPOTrainer
+    from align.recipes.ppo import PPOConfig, PPOTrainer
+    from align.train.config_parser import load_config
 
     vllm_compat.import_vllm()
     import peft  # noqa: F401
@@ -239,8 +239,8 @@ def sync_and_rollouts(model: str, n_prompts: int, max_new_tokens: int, repeats: 
     """
     import importlib.util
 
+    from align.core.base import SharedBase
     from align.engines import make_engine
-    from align.model import SharedBase
     from align.tasks.arithmetic import make_prompts
 
     spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).with_name("rollout.py"))
@@ -284,12 +284,12 @@ def digit_fraction(prompts, completions, answers=None):
 
 def learning(config: str, overrides: list[str], reuse_run: str | None) -> dict:
     if reuse_run:
-        from align.metrics import read_metrics
+        from align.train.metrics import read_metrics
 
         evals = [r["eval/reward"] for r in read_metrics(reuse_run) if "eval/reward" in r]
         return {"reward_before": evals[0], "reward_after": evals[-1], "reward_source": reuse_run}
-    from align.config import load_config
-    from align.ppo import PPOConfig, PPOTrainer
+    from align.recipes.ppo import PPOConfig, PPOTrainer
+    from align.train.config_parser import load_config
 
     cfg = load_config(PPOConfig, config, overrides)
     trainer = PPOTrainer(cfg)
@@ -331,7 +331,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         model = str(build_tiny_model(tmp / "tiny"))
         name = "tiny-llama"
@@ -343,7 +343,7 @@ def main() -> None:
                      "max_completion_length=8", "temperature=1.0", "engine=hf"]
         rollout_shape = (16, 16)
     else:
-        from align.smollm import ensure_smollm2
+        from align.core.smollm import ensure_smollm2
 
         model = str(ensure_smollm2())
         name = "SmolLM2-135M-Instruct"

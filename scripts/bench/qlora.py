@@ -50,17 +50,18 @@ def linear_bytes(base) -> int:
 
 
 def load(model_path: str, four_bit, compute_dtype: str):
-    from align.model import FourBit, SharedBase
+    from align.core.base import SharedBase
+    from align.core.loading import FourBit
 
     q = FourBit(bnb_4bit_compute_dtype=compute_dtype) if four_bit else None
     return SharedBase.load(model_path, dtype="bfloat16", load_in_4bit=q)
 
 
 def make_pairs(args, model_path: str, out: Path) -> Path:
-    from align.demo import DemoSettings, build_pairs, demo_prompts
+    from align.core.base import SharedBase
+    from align.data.prompts import encode_prompts
     from align.engines import make_engine
-    from align.model import SharedBase
-    from align.prompts import encode_prompts
+    from align.recipes.demo import DemoSettings, build_pairs, demo_prompts
     from align.tasks import arithmetic
 
     path = out / "pairs.jsonl"
@@ -86,10 +87,10 @@ def make_pairs(args, model_path: str, out: Path) -> Path:
 
 
 def run_variant(args, model_path: str, pairs: Path, out: Path, four_bit: bool) -> dict:
-    from align.config import load_config
-    from align.demo import DemoSettings, demo_prompts, evaluate
-    from align.dpo import DPOConfig, DPOTrainer
     from align.engines import make_engine
+    from align.recipes.demo import DemoSettings, demo_prompts, evaluate
+    from align.recipes.dpo import DPOConfig, DPOTrainer
+    from align.train.config_parser import load_config
 
     s = DemoSettings(train_prompts=args.train_prompts, eval_prompts=args.eval_prompts)
     base = load(model_path, four_bit, args.compute_dtype)
@@ -137,12 +138,12 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.train_prompts, args.eval_prompts, args.max_steps = 32, 8, args.max_steps or 3
-    from align.model import resolve_model
+    from align.core.loading import resolve_model
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-qlora-"))
     out.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         model_path = str(build_tiny_model(out / "tiny", "llama"))
     else:

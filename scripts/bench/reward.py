@@ -35,15 +35,15 @@ def main() -> None:
 
     import torch
 
-    from align.config import load_config
-    from align.metrics import read_metrics
+    from align.train.config_parser import load_config
+    from align.train.metrics import read_metrics
     from reward.train import RewardConfig, RewardTrainer, format_calibration
 
     tmp = tempfile.TemporaryDirectory()
     out = args.out or str(Path(tmp.name) / "run")
     overrides = [f"output_dir={out}", "report_to=[none]", "save_steps=0"]
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         tiny = build_tiny_model(Path(tmp.name) / "tiny", "llama")
         overrides += [f"model_name_or_path={tiny}", "demo_pairs=48", "demo_eval_pairs=32", "demo_source=synthetic",

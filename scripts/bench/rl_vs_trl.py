@@ -53,9 +53,9 @@ def settings(quick: bool, steps: int) -> dict:
 # -- the shared held-out evaluation -----------------------------------------------------------------
 def evaluate(model: str, adapter: str | None, eval_file: str, s: dict) -> dict:
     """Mean task reward of greedy completions on the held-out rows (transformers, same for both)."""
+    from align.core.base import SharedBase
+    from align.data.prompts import encode_prompts
     from align.engines import HFEngine
-    from align.model import SharedBase
-    from align.prompts import encode_prompts
     from align.tasks.arithmetic import score
 
     rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines()]
@@ -80,8 +80,8 @@ def peak_mb() -> float:
 
 
 def run_align(model: str, seed: int, train_file: str, out: str, s: dict, rollout_dtype: str) -> dict:
-    from align.config import load_config
-    from align.ppo import PPOConfig, PPOTrainer
+    from align.recipes.ppo import PPOConfig, PPOTrainer
+    from align.train.config_parser import load_config
 
     overrides = [
         f"model_name_or_path={model}", f"output_dir={out}", f"seed={seed}", "algorithm=grpo", "engine=vllm",
@@ -206,15 +206,15 @@ def main() -> None:
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-rl-vs-trl-"))
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         model, name = str(build_tiny_model(tmp / "tiny")), "tiny-llama"
     else:
-        from align.smollm import ensure_smollm2
+        from align.core.smollm import ensure_smollm2
 
         model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
     s = settings(args.quick, steps)
-    from align.ppo.batch import load_rows
+    from align.recipes.ppo.batch import load_rows
 
     train = load_rows("arithmetic", s["num_train_prompts"], 0)
     held_out = load_rows("arithmetic", s["num_eval_prompts"], 1, exclude={r["prompt"] for r in train})

@@ -89,18 +89,19 @@ def main() -> None:
 
     import torch
 
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
     from align.engines import make_engine
-    from align.model import LoraSettings, SharedBase
     from align.tasks.arithmetic import make_prompts
 
     tmp = tempfile.TemporaryDirectory()
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         model_path = build_tiny_model(Path(tmp.name) / "tiny", "llama")
         args.prompts, args.new_tokens = min(args.prompts, 16), min(args.new_tokens, 16)
     else:
-        from align.smollm import ensure_smollm2
+        from align.core.smollm import ensure_smollm2
 
         model_path = ensure_smollm2()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]

@@ -83,7 +83,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from align.model import resolve_model
+    from align.core.loading import resolve_model
 
     args.model = resolve_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,7 +43,8 @@ def make_adapters(base: Path, out: Path, names: list[str], scale: float) -> dict
     """Real PEFT adapters with distinct random B matrices (a fresh adapter has B = 0, equal to the base)."""
     import torch
 
-    from align.model import LoraSettings, SharedBase
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
 
     sb = SharedBase.load(str(base))
     g = torch.Generator().manual_seed(0)
@@ -163,11 +164,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         base, scale = build_tiny_model(work / "base", "llama"), 0.5
     else:
-        from align.smollm import ensure_smollm2
+        from align.core.smollm import ensure_smollm2
 
         base, scale = Path(ensure_smollm2()), 0.02
     adapters = make_adapters(base, work / "adapters", ["red", "blue"], scale)

@@ -30,11 +30,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from align.config import load_config
-    from align.demo import evaluate
     from align.engines import make_engine
-    from align.sft import SFTConfig, SFTTrainer
+    from align.recipes.demo import evaluate
+    from align.recipes.sft import SFTConfig, SFTTrainer
     from align.tasks import arithmetic
+    from align.train.config_parser import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -52,7 +52,7 @@ def main() -> None:
     out = Path(args.out)
     sets = [f"output_dir={out / 'sft'}", f"train_file={out / 'arithmetic.jsonl'}", "report_to=[none]", *args.set]
     if args.quick:
-        from align.tiny import build_tiny_model
+        from align.core.tiny import build_tiny_model
 
         tiny = out / "tiny-model"
         if not (tiny / "config.json").exists():
@@ -94,11 +94,11 @@ def run_dpo(args, out: Path, adapter: Path, held_out: list[dict], model_path: st
     rejected answers the SFT policy gives log-prob ~-145) 0.78 -> 0.60; on-policy pairs, plain DPO
     0.78 -> 0.735; on-policy pairs with rpo_alpha 1.0, 0.78 -> 0.88.
     """
-    from align.config import load_config
-    from align.demo import build_pairs, evaluate
-    from align.dpo import DPOConfig, DPOTrainer
-    from align.prompts import encode_prompts
+    from align.data.prompts import encode_prompts
+    from align.recipes.demo import build_pairs, evaluate
+    from align.recipes.dpo import DPOConfig, DPOTrainer
     from align.tasks import arithmetic
+    from align.train.config_parser import load_config
 
     t0 = time.perf_counter()
     held = {r["prompt"] for r in held_out}

@@ -1,0 +1,116 @@
+"""Per-token log-probabilities without materialising full-vocabulary logits for every position.
+
+Only completion positions need logits. We run the decoder once, gather the hidden
+states at the positions that are scored, and push them through lm_head in
+chunks. Under autograd each chunk is checkpointed, so the (chunk x vocab) logits
+are rebuilt in backward instead of being kept for the whole batch.
+
+Going around the model's `forward` skips what some families do to the logits there:
+Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`, Gemma-2/3 cap them
+with `final_logit_softcapping`. `logit_transform` reads those from the config and the chunks
+apply them exactly once, as `forward` would; paths that call `forward` (generation) already
+get them from transformers and must not apply them again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from align.core.fsdp import full_tensor
+
+# model_type -> (config field, "mul" | "div"): how each family's forward scales lm_head's output.
+LOGIT_SCALES = {
+    **{t: ("logit_scale", "mul") for t in ("cohere", "cohere2", "cohere2_moe")},
+    **{t: ("logits_scaling", "div") for t in ("granite", "granite_swa", "granitemoe", "granitemoe_swa",
+                                              "granitemoeshared", "granitemoehybrid", "minicpm3")},
+    "hyperclovax": ("logits_scaling", "mul"),
+    "falcon_h1": ("lm_head_multiplier", "mul"),
+}
+SCALE_FIELDS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) that the model's own forward applies to lm_head's output: logits * scale,
+    then softcap * tanh(logits / softcap) when softcap is set."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", "")
+    scale = 1.0
+    if model_type in LOGIT_SCALES:
+        field, how = LOGIT_SCALES[model_type]
+        value = float(getattr(text, field, 1.0) or 1.0)
+        scale = value if how == "mul" else 1.0 / value
+    else:
+        unknown = [f for f in SCALE_FIELDS if getattr(text, f, None) not in (None, 1, 1.0)]
+        if unknown:
+            raise NotImplementedError(f"model_type {model_type!r} sets {unknown[0]}: align does not know how its "
+                                      f"forward applies it to the logits, so its log-probs would be wrong")
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return scale, (float(softcap) if softcap else None)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    with_entropy: bool, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight)
+    if scale != 1.0:  # in the model's dtype, as its forward does
+        logits = logits * scale
+    logits = logits.float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logz
+    if not with_entropy:
+        return logp
+    probs = torch.softmax(logits, dim=-1)
+    entropy = logz - (probs * logits).sum(-1)
+    return torch.stack([logp, entropy], dim=-1)
+
+
+def gather_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                    chunk_size: int = 512, with_entropy: bool = False,
+                    transform: tuple[float, float | None] = (1.0, None)) -> torch.Tensor:
+    """log p(labels | hidden) for flat `hidden` (N, H) and `labels` (N,).
+
+    `transform`: (scale, softcap) of the logits, from `logit_transform(model.config)`.
+    Returns (N,), or (N, 2) holding (logprob, entropy) when `with_entropy`.
+    """
+    if getattr(lm_head, "bias", None) is not None:
+        raise NotImplementedError("lm_head with a bias is not supported")
+    weight = full_tensor(lm_head.weight)  # sharded under FSDP, and no forward of lm_head gathers it for us
+    outs = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            outs.append(checkpoint(_chunk_logprobs, h, weight, y, with_entropy, *transform,
+                                   use_reentrant=False))
+        else:
+            outs.append(_chunk_logprobs(h, weight, y, with_entropy, *transform))
+    if not outs:
+        return hidden.new_zeros((0, 2) if with_entropy else (0,), dtype=torch.float32)
+    return torch.cat(outs)
+
+
+def completion_logprobs(base, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_mask: torch.Tensor, with_entropy: bool = False,
+                        chunk_size: int = 512):
+    """Per-token log-probs of the completion tokens under the active adapter of `base`.
+
+    Args:
+        base: an `align.core.base.SharedBase` (the active adapter, or none inside `reference()`).
+        input_ids, attention_mask: (B, T) prompt + completion, left or right padded.
+        completion_mask: (B, T) 1 on completion tokens that are scored.
+    Returns:
+        logprobs (B, T-1) float32 aligned with `input_ids[:, 1:]`, zero where not scored;
+        with `with_entropy`, also entropy (B, T-1) of the full next-token distribution.
+    """
+    hidden = base.hidden(input_ids, attention_mask)[:, :-1]
+    labels = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].bool()
+    transform = logit_transform(base.model.config)
+    picked = gather_logprobs(hidden[mask], base.lm_head, labels[mask], chunk_size, with_entropy, transform)
+    shape = labels.shape
+    if with_entropy:
+        logp = picked.new_zeros(shape).masked_scatter(mask, picked[:, 0])
+        ent = picked.new_zeros(shape).masked_scatter(mask, picked[:, 1])
+        return logp, ent
+    return picked.new_zeros(shape).masked_scatter(mask, picked)

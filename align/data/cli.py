@@ -1,0 +1,56 @@
+"""`align data check SOURCE`: validate a preference dataset without training.
+
+SOURCE is anything the trainers take: a .jsonl/.json/.parquet/.csv file, a save_to_disk
+folder, or a dataset name for `datasets.load_dataset` (`--dataset_config`, `--dataset_split`).
+
+Lists every bad row (file:line, field, what was expected) and exits non-zero if
+there is any. With `--model`, rows are also tokenized to check that each prompt
+leaves room for an answer under `--max-length`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = sub.add_parser("check", help="validate a dataset and list every bad row")
+    c.add_argument("file", metavar="SOURCE", help=".jsonl/.json/.parquet/.csv file, save_to_disk folder or dataset "
+                                                 "name")
+    c.add_argument("--dataset_config", default=None, help="a dataset name's configuration")
+    c.add_argument("--dataset_split", default="train", help="the split, for a dataset name or a DatasetDict")
+    c.add_argument("--format", default="auto", choices=["auto", "standard", "conversational"])
+    c.add_argument("--model", help="tokenizer (model folder or name) to check lengths with")
+    c.add_argument("--max-length", type=int, default=512, help="token budget for prompt + answer")
+    c.add_argument("--no-chat-template", action="store_true", help="do not apply the tokenizer's chat template")
+
+
+def run(args) -> int:
+    from align.data.preference import DataError, load_preferences, tokenize_preferences
+
+    try:
+        data = load_preferences(args.file, fmt=args.format, on_bad_rows="skip", split=args.dataset_split,
+                                config=args.dataset_config)
+    except DataError as e:
+        for issue in e.issues:
+            print(issue)
+        print(f"{args.file}: {len(e.issues)} problem(s), no valid rows", file=sys.stderr)
+        return 1
+    issues = list(data.skipped)
+    valid = len(data.rows)
+    if args.model:
+        from align.core.loading import load_tokenizer
+
+        tok = load_tokenizer(args.model)
+        try:
+            tokenize_preferences(data.rows, tok, args.max_length, not args.no_chat_template, on_bad_rows="error")
+        except DataError as e:
+            issues.extend(e.issues)
+            valid -= len(e.issues)
+    for issue in issues:
+        print(issue)
+    total = len(data.rows) + len(data.skipped)
+    status = "OK" if not issues else f"{len(issues)} bad row(s)"
+    print(f"{args.file}: {total} rows, {valid} valid, {status}", file=sys.stderr if issues else sys.stdout)
+    return 1 if issues else 0

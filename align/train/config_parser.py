@@ -1,0 +1,224 @@
+"""YAML configs and command-line flags that mirror config dataclasses exactly.
+
+An unknown key, a wrong type or a failed cross-field check is an error that
+names the file, the line and the key. Overrides (`--learning_rate 1e-5` or
+`--set learning_rate=1e-5`) go through the same checks. A key that was renamed
+(a config class's `RENAMED`) is an error that names its new spelling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from align.core.errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override that does not match its dataclass."""
+
+
+def _key_lines(path: Path) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and remember the line of every (dotted) key."""
+    text = path.read_text(encoding="utf-8-sig")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    if node is not None:
+        walk(node, "")
+    data = yaml.safe_load(text)
+    return ({} if data is None else data), lines
+
+
+def arg(default, help: str, **kw):
+    """A config field with help text (shown by `align <recipe> --help`); lists and dicts are copied per instance."""
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, "
+                          f"got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if tp is typing.Any:
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str) and typing.get_args(tp)[:1] == (str,):
+            value = [value]  # `--report_to tensorboard` means [tensorboard]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (arm,) = typing.get_args(tp)[:1] or (typing.Any,)
+        return [_coerce(v, arm, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return value  # built by _build
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads 1e-4 (no dot) as a string; accept it as the number it plainly is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: dict, source: str, lines: dict[str, int], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        where = f"{_place(source, lines, dotted)}: {dotted}"
+        if key not in fields:
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed:
+                raise ConfigError(f"{where}: renamed; use {renamed}")
+            raise ConfigError(f"{where}: unknown key; expected one of {sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            kwargs[key] = _build(tp, value, source, lines, dotted + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(_where_check_failed(str(e), source, lines, prefix, cls)) from None
+
+
+def _where_check_failed(message: str, source: str, lines: dict[str, int], prefix: str, cls: type) -> str:
+    """`file:line: message` when the message starts with a field set on a line of the file, else `file: Class: message`."""
+    head = message.split(":", 1)[0]
+    fields = [w for w in head.replace(",", " ").split() if w not in ("and", "or")]
+    for name in fields:
+        if f"{prefix}{name}" in lines:
+            return f"{_place(source, lines, prefix + name)}: {message}"
+    if fields and fields[0] in {f.name for f in dataclasses.fields(cls)}:
+        return f"{source}: {message}"
+    return f"{source}: {prefix.rstrip('.') or cls.__name__}: {message}"
+
+
+def _place(source: str, lines: dict[str, int | str], dotted: str) -> str:
+    """Where a key was set: `file:line`, the override that set it (`--set key=value`), or just the file."""
+    place = lines.get(dotted)
+    if isinstance(place, str):
+        return f"--set {place}"
+    return f"{source}:{place}" if place is not None else source
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
+    """Build `cls` from a YAML file (or defaults) plus `key.sub=value` overrides."""
+    data: dict = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data, lines = _key_lines(path)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top level")
+    for item in overrides:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {part} is not a section")
+        node[parts[-1]] = value
+        lines[key] = item  # errors about this key name the override, not the file's line
+    return _build(cls, data, source, lines)
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """`--config FILE`, `--set key=value`, and one `--<field> VALUE` flag per field of `cls`, with its help."""
+    parser.add_argument("--config", help=f"YAML file mirroring {cls.__name__} (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set beta=0.2 (repeatable; same as --beta 0.2)")
+    group = parser.add_argument_group(f"{cls.__name__} fields (YAML keys; values are read as YAML)")
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        group.add_argument(f"--{f.name}", dest=f"field__{f.name}", default=argparse.SUPPRESS,
+                           metavar="VALUE", help=f"{help_text} (default: {default!r})".replace("%", "%%"))
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build `cls` from `--config`, then the `--<field>` flags, then `--set` (later wins)."""
+    flags = [f"{k[len('field__'):]}={v}" for k, v in vars(args).items() if k.startswith("field__")]
+    return load_config(cls, args.config, flags + list(args.overrides))
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config, path: str | os.PathLike) -> None:
+    """Write the resolved config (every field, defaults included) atomically."""
+    from align.core.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

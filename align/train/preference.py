@@ -1,0 +1,93 @@
+"""The part of the lifecycle that recipes trained on preference pairs share (DPO, reward models).
+
+Rows are read and validated by align.data.preference (errors name file:line), tokenised once, and
+split into training and held-out pairs. Step `s` trains on `step_batches(..., s)`: a pure
+function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+
+On N processes a step's global batch is per_device_train_batch_size x gradient_accumulation_steps
+x N pairs (TRL's convention), cut into micro-batches exactly as one process with N times the
+accumulation would cut it; process r takes micro-batches r, r+N, ... (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+from align.core.errors import UserError
+from align.data.preference import TokenizedPair, load_preferences, split_held_out, tokenize_preferences
+from align.train.lifecycle import Trainer
+
+
+class PreferenceTrainer(Trainer):
+    """A Trainer whose data are preference pairs; subclasses give `pair_loss` and `evaluate`."""
+
+    fsdp_ready = True
+
+    def __init__(self, config, resume: bool | str | None = None, overwrite: bool = False, base=None,
+                 train_dataset=None, eval_dataset=None):
+        """`train_dataset` / `eval_dataset` (TRL's names): a datasets.Dataset or a list of row dicts, in
+        place of train_file / eval_file, for the Python API."""
+        super().__init__(config, resume, overwrite, base)
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+
+    def data_sources(self) -> tuple:
+        """(training source, held-out source or None): the objects given, else the config's files or name."""
+        c = self.config
+        train = self.train_dataset if self.train_dataset is not None else c.train_source()
+        held_out = self.eval_dataset if self.eval_dataset is not None else c.eval_file
+        return train, held_out
+
+    def pair_loss(self, pairs: list[TokenizedPair], indices: list[int] | None, train: bool):
+        """(loss, stats) of one micro-batch of pairs; `indices` are their positions in self.pairs."""
+        raise NotImplementedError
+
+    # -- data ----------------------------------------------------------------------------------
+    def tokenize(self, source, split: str = "train", label: str | None = None) -> tuple[list[TokenizedPair], int]:
+        """(pairs, skipped rows) of one preference source, tokenised as every recipe does."""
+        c = self.config
+        data = load_preferences(source, c.format, c.on_bad_rows, split, c.dataset_config, label)
+        pairs = tokenize_preferences(data.rows, self.base.tokenizer, c.max_length, c.chat_template, c.on_bad_rows)
+        return pairs, len(data.skipped)
+
+    def load_pairs(self, train_file, eval_file) -> None:
+        """Set self.pairs, self.eval_pairs and self.skipped_rows (sources: any that align.data.sources reads).
+
+        A dataset name or a saved DatasetDict gives `dataset_split` for training and "test" (TRL's
+        dataset_test_split default) for evaluation.
+        """
+        c = self.config
+        named = isinstance(train_file, str)
+        pairs, self.skipped_rows = self.tokenize(train_file, c.dataset_split, None if named else "train_dataset")
+        if eval_file is not None and (not isinstance(eval_file, str) or eval_file):
+            label = None if isinstance(eval_file, str) else "eval_dataset"
+            self.eval_pairs, _ = self.tokenize(eval_file, "test", label)
+        else:
+            pairs, self.eval_pairs = split_held_out(pairs, c.eval_fraction, c.seed)
+        if not pairs:
+            raise UserError(f"{train_file if named else 'train_dataset'}: no training pairs left")
+        self.pairs = pairs
+
+    def num_steps(self) -> int:
+        return self.data_parallel_steps(len(self.pairs), "pairs")
+
+    def batches_for_step(self, step: int) -> list[list[int]]:
+        """Pair indices of each micro-batch this process trains on in optimizer step `step` (0-based)."""
+        return self.processes.shard(self.global_batches_for_step(len(self.pairs), step))
+
+    def eval_chunks(self):
+        size = self.config.per_device_eval_batch_size
+        for start in range(0, len(self.eval_pairs), size):
+            yield self.eval_pairs[start:start + size]
+
+    # -- one step ------------------------------------------------------------------------------
+    def training_step(self) -> dict:
+        self.base.model.train()  # gradient checkpointing (and adapter dropout) act only in train mode
+        every = self.global_batches_for_step(len(self.pairs), self.step)
+        micro = self.processes.shard(every)
+        stats = self.optimizer_step(micro, lambda idx: self.pair_loss([self.pairs[i] for i in idx], idx, True),
+                                    global_micro_batches=len(every))
+        chosen = [self.pairs[i] for idx in every for i in idx]  # counts of the global batch
+        stats["pairs"] = len(chosen)
+        stats["tokens"] = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chosen)
+        return stats
+
+    def summary_extra(self) -> dict:
+        return {"skipped_rows": self.skipped_rows, "train_pairs": len(self.pairs)}

@@ -1,0 +1,62 @@
+"""The output-folder policy every recipe shares, checked before any model loads.
+
+A folder that already holds a run is refused unless the user says `--resume` or `--overwrite`;
+a model name that cannot be found offline is an error now, not after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from align.core.errors import UserError
+from align.train.state import CHECKPOINTS, find_checkpoint
+
+# Files whose presence means a folder already holds a run.
+RUN_MARKERS = ("config.yaml", CHECKPOINTS, "metrics.jsonl")
+
+
+def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: bool = False,
+                       main: bool = True, dry_run: bool = False) -> Path | None:
+    """Apply the output-folder policy; returns the checkpoint to resume from, if any.
+
+    A folder that already holds a run is refused unless `resume` (continue it: the latest
+    checkpoint, or the one named) or `overwrite` (delete it and start over) is given.
+    Only the main process (`main`) deletes; the others apply the same checks and read.
+    `dry_run` (--check-config): every check, nothing deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir: {out} is a file; expected a folder (new or holding a run)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"output_dir: {out} is inside {blocking}, which is a file")
+    held = [m for m in RUN_MARKERS if (out / m).exists()]
+    if resume:
+        if overwrite:
+            raise UserError("--resume and --overwrite: choose one")
+        checkpoint = find_checkpoint(out, None if resume is True else str(resume))
+        if checkpoint is None and main:
+            print(f"[align] no checkpoint in {out}; starting fresh")
+        return checkpoint
+    if held:
+        if not overwrite:
+            raise UserError(f"output_dir: {out} already holds a run ({', '.join(held)}); pass --resume to "
+                            f"continue it or --overwrite to delete it and start over")
+        if out.resolve() in (Path.cwd().resolve(), Path.home().resolve(), Path("/")):
+            raise UserError(f"--overwrite: refusing to delete {out.resolve()}; choose a run folder of its own")
+        if main and not dry_run:
+            shutil.rmtree(out)
+    return None
+
+
+def check_model_available(name: str, resolved: str) -> None:
+    """With the hub offline, a name that is neither a local folder nor cached is an error now, not at load."""
+    import os
+
+    if Path(resolved).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(resolved, "config.json"), str):
+        raise UserError(f"model_name_or_path: {name!r} is not a local folder, and the hub is offline "
+                        f"(HF_HUB_OFFLINE) with no cached copy of it")
