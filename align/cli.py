@@ -10,8 +10,8 @@ import importlib
 import sys
 import textwrap
 
-ABOUT = ("align aligns language models with LoRA adapters: DPO, SFT, reward models and PPO/GRPO/RLOO, "
-         "with rollouts and serving by vLLM.")
+ABOUT = ("align is a toolkit that aligns language models with LoRA adapters (DPO, SFT, reward models, "
+         "PPO/GRPO/RLOO), with rollouts and serving by vLLM.")
 
 # name -> (module, what it does in one sentence, an example). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {

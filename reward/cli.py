@@ -23,9 +23,11 @@ def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", metavar="score", help="score text with a saved reward model instead of "
                                                                 "training one (`align reward score --help`)")
     s = sub.add_parser("score", description=SCORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("file", nargs="?", metavar="FILE",
+    # `--pairs FILE` is FILE's old spelling, kept for old scripts. The positional's SUPPRESS default keeps
+    # argparse from overwriting a --pairs value with None when FILE itself is absent.
+    s.add_argument("file", nargs="?", default=argparse.SUPPRESS, metavar="FILE",
                    help="JSONL rows with prompt and completion (or chosen/rejected) fields")
-    s.add_argument("--pairs", help=argparse.SUPPRESS)  # FILE's old spelling, kept for old scripts
+    s.add_argument("--pairs", dest="file", default=None, help=argparse.SUPPRESS)
     # `--model` was this flag's name before it took the recipes' name: kept as a hidden alias.
     s.add_argument("--model_name_or_path", "--model", dest="model", required=True, metavar="REWARD_MODEL",
                    help="a saved reward-model folder (a reward run's output_dir/reward_model)")
@@ -80,7 +82,7 @@ def _score(args) -> int:
     from align.core.loading import resolve_model
     from reward.model import RewardModel
 
-    source = args.file or args.pairs
+    source = args.file
     if not source:
         raise UserError("align reward score: expected FILE, JSONL rows with prompt and completion fields")
     if args.config or args.overrides or any(k.startswith("field__") for k in vars(args)):

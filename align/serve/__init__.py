@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "private folder before vLLM loads them).")
     p.add_argument("--start_timeout", "--start-timeout", type=float, default=600.0, help="Seconds to wait for vLLM to become healthy.")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                   help="After `--`: extra arguments passed to vLLM as is (e.g. -- --enforce-eager --max-model-len 2048).")
+                   help="After `--`: extra arguments passed to vLLM as is (e.g. -- --enforce-eager --seed 1).")
 
 
 def client_examples(url: str, models: list[str], needs_key: bool) -> list[str]:
