@@ -16,7 +16,7 @@ ABOUT = ("align is a toolkit that aligns language models with LoRA adapters (DPO
 # name -> (module, what it does in one sentence, an example). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("align.recipes.demo", "Runs the whole loop offline: samples answers, trains a DPO adapter, scores it.",
-             "align demo --quick --output_dir runs/demo-quick"),
+             "align demo --quick"),
     "dpo": ("align.recipes.dpo", "Trains a DPO adapter from a YAML config.",
             "align dpo --config configs/dpo_smollm2.yaml --beta 0.2"),
     "sft": ("align.recipes.sft", "Trains a LoRA adapter by supervised fine-tuning on TRL's SFT formats.",
