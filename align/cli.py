@@ -1,5 +1,6 @@
 """The `align` command. Each subcommand lives in its own module exposing
-`add_arguments(parser)` and `run(args) -> int`; this file only routes.
+`add_arguments(parser)` and `run(args) -> int`; this file only routes, writes the help's
+first lines and gives every flag its one spelling (TRL's underscore names).
 """
 
 from __future__ import annotations
@@ -7,38 +8,89 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 
-# name -> (module, one-line help). Modules are imported only when their command runs.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("align.recipes.demo", "Offline end-to-end demo: SmolLM2-135M, arithmetic task, DPO adapter."),
-    "dpo": ("align.recipes.dpo", "Train a DPO adapter from a YAML config."),
-    "sft": ("align.recipes.sft", "Supervised fine-tuning of a LoRA adapter (TRL's SFT formats) from a YAML config."),
-    "reward": ("reward.cli", "Train a reward model (LoRA + scalar head, Bradley-Terry), or score text with one."),
-    "data": ("align.data.cli", "Validate a preference dataset (`align data check FILE`)."),
-    "advise": ("align.train.advise", "Count a dataset's training tokens against a LoRA adapter's capacity; suggest rank and lr."),
-    "ppo": ("align.recipes.ppo.cli", "PPO / GRPO / RLOO with policy, reference, critic and reward on one frozen base."),
-    "plot": ("align.train.plot", "Draw a run's metrics.jsonl curves to a PNG."),
-    "serve": ("align.serve", "Serve a base model and its LoRA adapters through vLLM's OpenAI-compatible API."),
-    "export": ("align.export.merge", "Merge an adapter into its base: a full safetensors model for engines without LoRA."),
+ABOUT = ("align is a toolkit that aligns language models with LoRA adapters (DPO, SFT, reward models, "
+         "PPO/GRPO/RLOO), with rollouts and serving by vLLM.")
+
+# name -> (module, what it does in one sentence, an example). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("align.recipes.demo", "Runs the whole loop offline: samples answers, trains a DPO adapter, scores it.",
+             "align demo --quick"),
+    "dpo": ("align.recipes.dpo", "Trains a DPO adapter from a YAML config.",
+            "align dpo --config configs/dpo_smollm2.yaml --beta 0.2"),
+    "sft": ("align.recipes.sft", "Trains a LoRA adapter by supervised fine-tuning on TRL's SFT formats.",
+            "align sft --config configs/sft_smollm2.yaml --train_file my_rows.jsonl"),
+    "reward": ("reward.cli", "Trains a reward model, or scores text with one (`align reward score`).",
+               "align reward --config configs/reward_demo.yaml"),
+    "ppo": ("align.recipes.ppo.cli", "Trains a policy adapter with PPO, GRPO or RLOO on one frozen base.",
+            "align ppo --config configs/grpo_demo.yaml --max_steps 20"),
+    "data": ("align.data.cli", "Checks a preference dataset and lists every bad row.",
+             "align data check my_pairs.jsonl --model_name_or_path smollm2 --max_length 256"),
+    "advise": ("align.train.advise", "Weighs a dataset against an adapter's capacity and suggests a rank and lr.",
+               "align advise my_pairs.jsonl --model_name_or_path smollm2 --recipe dpo"),
+    "plot": ("align.train.plot", "Draws the metrics.jsonl curves of a run, or of every run in a folder, to PNGs.",
+             "align plot runs/"),
+    "serve": ("align.serve", "Serves a base model and its LoRA adapters through an OpenAI-compatible API.",
+              "align serve --base runs/demo/tiny-model --adapter policy=runs/demo/dpo/adapter --port 8000"),
+    "export": ("align.export.merge", "Merges an adapter into its base, or exports a reward model for transformers.",
+               "align export --adapter runs/dpo/adapter --merge exported/"),
 }
+
+
+def describe(sentence: str, example: str) -> str:
+    """A command's help head: what it does (a sentence), then an example to copy."""
+    return f"{textwrap.fill(sentence, 100)}\n\nexample:\n  {example}"
+
+
+def _overview() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {sentence}" for name, (_, sentence, _) in COMMANDS.items()]
+    return "commands:\n" + "\n".join(lines) + "\n\nRun `align COMMAND --help` for a command's flags and an example."
+
+
+def one_spelling(parser: argparse.ArgumentParser) -> None:
+    """Show each long flag in TRL's underscore spelling; every other spelling it was given still parses.
+
+    `--max-length` and `--max_length` (and an old name such as `--model` listed after the canonical
+    one) reach the same action, hidden from the help. argparse has no public way to alias an existing
+    action, hence its option table. Abbreviations are off: beside the aliases they would be ambiguous.
+    """
+    parser.allow_abbrev = False
+    table = parser._option_string_actions
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                one_spelling(sub)
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs:
+            continue
+        canonical = "--" + longs[0][2:].replace("-", "_")
+        for spelling in {canonical, *longs, *("--" + o[2:].replace("_", "-") for o in longs)}:
+            table.setdefault(spelling, action)
+        action.option_strings = [o for o in action.option_strings if not o.startswith("--")] + [canonical]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with `only`, just that command's module is imported (fast start)."""
-    parser = argparse.ArgumentParser(prog="align", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="align", description=ABOUT, epilog=_overview(), formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands below")
+    for name, (module, sentence, example) in COMMANDS.items():
+        p = sub.add_parser(name, description=describe(sentence, example), formatter_class=raw)
         p.set_defaults(_module=module)
         if only is None or only == name:
             importlib.import_module(module).add_arguments(p)
+    one_spelling(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    # Without a known command only the overview (or an error) is printed: no command's module is needed.
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     from align.core.distributed import leave_launched_process
     from align.core.errors import UserError
 

@@ -68,7 +68,7 @@ def test_dpo_advice_counts_pairs_and_tokens(tiny_llama):
     from align.core.loading import load_tokenizer
     from align.data.preference import load_preferences, tokenize_preferences
 
-    done = advise_cli(str(DATA), "--model", str(tiny_llama), "--recipe", "dpo", "--lora_r", "4", "--json",
+    done = advise_cli(str(DATA), "--model_name_or_path", str(tiny_llama), "--recipe", "dpo", "--lora_r", "4", "--json",
                       "--max_length", "96")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -97,7 +97,7 @@ def test_sft_advice_past_capacity_and_large_batch(tiny_llama, tmp_path):
     tokens = 40 * (len(tok(answer, add_special_tokens=False)["input_ids"]) + 1)
     tokens += len(tok("good", add_special_tokens=False)["input_ids"]) + 1
     assert tokens > 2 * 4 * TINY_LLAMA_PER_RANK  # past capacity at rank 4, by construction
-    done = advise_cli(str(path), "--model", str(tiny_llama), "--recipe", "sft", "--lora_r", "4", "--json",
+    done = advise_cli(str(path), "--model_name_or_path", str(tiny_llama), "--recipe", "sft", "--lora_r", "4", "--json",
                       "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "8")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -110,12 +110,12 @@ def test_sft_advice_past_capacity_and_large_batch(tiny_llama, tmp_path):
     assert report["data_to_capacity"] == pytest.approx(tokens / (2 * 4 * TINY_LLAMA_PER_RANK))
     assert report["large_batch"] and report["effective_batch"] == 512
     assert report["recommended_learning_rate"] == pytest.approx(2e-4)
-    text = advise_cli(str(path), "--model", str(tiny_llama), "--recipe", "sft", "--lora_r", "4")
+    text = advise_cli(str(path), "--model_name_or_path", str(tiny_llama), "--recipe", "sft", "--lora_r", "4")
     assert text.returncode == 0
     assert f"recommend lora_r={rank}" in text.stdout and "outgrows the adapter" in text.stdout
 
 
 def test_bad_data_is_one_line(tmp_path, tiny_llama):
-    done = advise_cli(str(tmp_path / "missing.jsonl"), "--model", str(tiny_llama))
+    done = advise_cli(str(tmp_path / "missing.jsonl"), "--model_name_or_path", str(tiny_llama))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.jsonl'}: file not found"

@@ -1,8 +1,10 @@
-"""Every YAML file under configs/ loads into its config dataclass (unknown keys would be errors)."""
+"""Every YAML file under configs/ loads into its config dataclass (unknown keys would be errors) and passes
+`align <recipe> --check_config` as it is shipped."""
 
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from align.train.config_parser import load_config
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(ROOT.glob("*.yaml"))  # recipe configs; configs/accelerate/ holds launcher configs
 
-# File-name prefix -> config dataclass that the file mirrors.
+# File-name prefix -> config dataclass that the file mirrors, and the command that runs it.
 KINDS = {
     "dpo": "align.recipes.dpo:DPOConfig",
     "ppo": "align.recipes.ppo.config:PPOConfig",
@@ -20,6 +22,7 @@ KINDS = {
     "reward": "reward.train:RewardConfig",
     "sft": "align.recipes.sft:SFTConfig",
 }
+COMMAND = {"grpo": "ppo"}  # the others are run by the command of their prefix
 
 
 def config_class(path: Path):
@@ -30,7 +33,9 @@ def config_class(path: Path):
 
 
 def test_configs_found():
-    assert len(CONFIGS) >= 2, "configs/ should hold the shipped configs"
+    """Every file of configs/ is among those checked below (a .yml or a typo'd name would slip by)."""
+    listed = sorted(ROOT / name for name in os.listdir(ROOT) if (ROOT / name).is_file())
+    assert CONFIGS and CONFIGS == listed, f"checked {[p.name for p in CONFIGS]}, configs/ holds {listed}"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -40,6 +45,18 @@ def test_config_loads(path):
     head = path.read_text().splitlines()[:4]
     assert any("align " in line or "scripts/" in line for line in head), f"{path.name}: no run command on top"
     assert type(config) is config_class(path)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_check_config_passes(path, tmp_path, capsys):
+    """`align <recipe> --config FILE --check_config` as a user runs it; only output_dir is moved to a fresh
+    folder, so a run left in the file's own output_dir (a finished one refuses a restart) cannot decide it."""
+    from align.cli import main
+
+    prefix = path.stem.split("_")[0]
+    argv = [COMMAND.get(prefix, prefix), "--config", str(path), "--output_dir", str(tmp_path / "run"), "--check_config"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f"# config OK: {config_class(path).__name__}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml"])

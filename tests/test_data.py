@@ -106,7 +106,7 @@ def test_prompt_without_room_under_max_length(tmp_path, tiny_llama, capsys):
     rows = load_preferences(path).rows
     with pytest.raises(DataError, match=rf"{path}:2: field 'prompt': \d+ tokens leave no room"):
         tokenize_preferences(rows, tok, max_length=64)
-    assert align_main(["data", "check", str(path), "--model", str(tiny_llama), "--max-length", "64"]) == 1
+    assert align_main(["data", "check", str(path), "--model_name_or_path", str(tiny_llama), "--max_length", "64"]) == 1
     assert f"{path}:2: field 'prompt'" in capsys.readouterr().out
 
 

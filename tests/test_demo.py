@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 def test_demo_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    res = subprocess.run([sys.executable, "-m", "align.cli", "demo", "--quick", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "align.cli", "demo", "--quick", "--output_dir", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])

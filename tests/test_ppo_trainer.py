@@ -232,7 +232,7 @@ def test_align_ppo_command_runs_and_plots(tiny_llama, tmp_path):
     assert (out / "policy" / "adapter_model.safetensors").is_file()
     assert (out / "config.yaml").is_file()
     assert main(args) == 2  # a second run into the same folder refuses to overwrite it
-    assert main(args + ["--eval-only"]) == 0  # scores the latest checkpoint and logs it at its step
+    assert main(args + ["--eval_only"]) == 0  # scores the latest checkpoint and logs it at its step
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and rows[-1]["eval/reward"] == rows[1]["eval/reward"]
     assert main(["plot", str(out)]) == 0 and (out / "metrics.png").stat().st_size > 0

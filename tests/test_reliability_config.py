@@ -1,5 +1,5 @@
 """Every bad configuration is one line naming the field (and file:line when it came from a YAML file),
-given before any model loads, for every recipe; `--check-config` runs the same checks and exits non-zero.
+given before any model loads, for every recipe; `--check_config` runs the same checks and exits non-zero.
 
 Each case is a real `python -m align <recipe>` process; "before any model loads" is checked by the
 run folder never being created (a run creates it right after the checks, before loading the base).
@@ -101,7 +101,7 @@ def test_a_bad_value_in_a_file_names_its_line(recipe, tiny_llama, tmp_path):
     out = tmp_path / "run"
     cmd = command(recipe, tiny_llama, out)
     cmd[cmd.index("--config") + 1] = str(path)
-    done = run(cmd + ["--check-config"])
+    done = run(cmd + ["--check_config"])
     assert_one_line(done, f"{path}:{line}: learning_rate: expected a positive number, got -0.0003")
     assert not out.exists()
 
@@ -110,7 +110,7 @@ def test_output_dir_that_is_a_file_or_under_one(tiny_llama, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line(run(command("dpo", tiny_llama, blocker)), f"output_dir: {blocker} is a file")
-    assert_one_line(run(command("reward", tiny_llama, blocker / "run", "--check-config")),
+    assert_one_line(run(command("reward", tiny_llama, blocker / "run", "--check_config")),
                     f"output_dir: {blocker / 'run'} is inside {blocker}, which is a file")
 
 
@@ -119,15 +119,15 @@ def test_check_config_refuses_a_finished_run_without_resume(recipe, tiny_llama, 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    done = run(command(recipe, tiny_llama, out, "--check-config"))
+    done = run(command(recipe, tiny_llama, out, "--check_config"))
     assert_one_line(done, f"output_dir: {out} already holds a run")
-    overwrite = run(command(recipe, tiny_llama, out, "--check-config", "--overwrite"))
+    overwrite = run(command(recipe, tiny_llama, out, "--check_config", "--overwrite"))
     assert overwrite.returncode == 0 and "# config OK" in overwrite.stdout
     assert (out / "metrics.jsonl").exists()  # a check deletes nothing
 
 
 def test_check_config_passes_a_good_config(tiny_llama, tmp_path):
-    done = run(command("dpo", tiny_llama, tmp_path / "run", "--check-config"))
+    done = run(command("dpo", tiny_llama, tmp_path / "run", "--check_config"))
     assert done.returncode == 0, done.stderr
     assert "# config OK: DPOConfig" in done.stdout and not (tmp_path / "run").exists()
 

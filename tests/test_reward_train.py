@@ -56,7 +56,7 @@ def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path, cap
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "What is 2+3?", "completion": "5"}) + "\n"
                     + json.dumps({"prompt": "What is 2+3?", "chosen": "5", "rejected": "6"}) + "\n")
-    assert main(["reward", "score", "--model", str(path), "--pairs", str(rows)]) == 0
+    assert main(["reward", "score", str(rows), "--model_name_or_path", str(path)]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     expected = fresh.score(["What is 2+3?"] * 3, ["5", "5", "6"]).tolist()
     assert [p["where"] for p in printed] == [f"{rows}:1:completion", f"{rows}:2:chosen", f"{rows}:2:rejected"]

@@ -37,7 +37,7 @@ def test_every_field_has_help_and_the_help_lists_it(recipe, capsys):
 
 def test_flags_and_set_override_the_file_in_order(capsys):
     args = ["dpo", "--config", "configs/dpo_tiny.yaml", "--learning_rate", "3e-4", "--lora_r", "4",
-            "--report_to", "none", "--beta", "0.3", "--set", "beta=0.5", "--check-config"]
+            "--report_to", "none", "--beta", "0.3", "--set", "beta=0.5", "--check_config"]
     assert main(args) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["learning_rate"] == 3e-4 and shown["lora_r"] == 4 and shown["report_to"] == ["none"]

@@ -67,8 +67,8 @@ def offline_answers(base_path, adapters: dict) -> dict:
 
 
 class Server:
-    def __init__(self, proc, url):
-        self.proc, self.url = proc, url
+    def __init__(self, proc, url, printed=()):
+        self.proc, self.url, self.printed = proc, url, list(printed)  # printed: stdout from "ready at" on
 
     def family(self):
         return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
@@ -82,20 +82,24 @@ def start_server(args, log_path) -> subprocess.Popen:
 
 def wait_ready(proc, log_path, timeout=240) -> Server:
     found: list[str] = []
+    printed: list[str] = []
 
     def read():
         for line in proc.stdout:
             if "ready at " in line:
                 found.append(line.split("ready at ")[1].strip())
-                return
+            if found:
+                printed.append(line.rstrip("\n"))
+                if line.startswith("print(client"):  # the last line of the client examples
+                    return
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(timeout)
-    if not found:
+    if not printed or not printed[-1].startswith("print(client"):
         proc.kill()
         raise RuntimeError(f"align serve did not become ready; log: {log_path}\n{open(log_path).read()[-3000:]}")
-    return Server(proc, found[0])
+    return Server(proc, found[0], printed)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,7 @@ def setup(tiny_llama, tmp_path_factory):
     print(f"adapters built in {time.monotonic() - t:.1f} s")
 
     proc = start_server(["--base", str(tiny_llama), "--name", "tiny", "--adapter", f"red={adapters['red']}",
-                         "--adapter", f"blue={adapters['blue']}", "--adapter-dir", str(allowed), "--port", "0",
+                         "--adapter", f"blue={adapters['blue']}", "--adapter_dir", str(allowed), "--port", "0",
                          "--dtype", "float32", "--", "--enforce-eager"], root / "server.log")
     try:
         # Computed while the server starts: the two engines' start-ups overlap.
@@ -199,6 +203,22 @@ def test_adapter_checks(tiny_llama, tmp_path):
 # -- a real server -------------------------------------------------------------------------------
 def test_models_listed_without_the_hidden_zero_adapter(setup):
     assert sorted(m.id for m in client(setup).models.list().data) == ["blue", "red", "tiny"]
+
+
+def test_printed_curl_and_openai_calls_work(setup):
+    """The lines printed once ready, pasted as they are into a shell and into Python, get an answer."""
+    printed = setup["server"].printed
+    print("\n".join(printed))
+    url = setup["server"].url
+    assert printed[1] == "align serve: models: tiny, red, blue"
+    curl = next(line for line in printed if line.startswith("curl "))
+    code = "\n".join(printed[printed.index("import os; from openai import OpenAI"):])
+    assert f"{url}/completions" in curl and f'base_url="{url}"' in code and '"red"' in curl and '"red"' in code
+    env = dict(os.environ, ALIGN_API_KEY=API_KEY)
+    done = subprocess.run(["bash", "-c", curl], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["model"] == "red", done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_each_model_answers_like_offline_vllm(setup):

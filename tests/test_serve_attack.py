@@ -62,7 +62,7 @@ def attack(tiny_llama, tmp_path_factory):
     adapters = build_allowed(tiny_llama, root)
     common = ["--base", str(tiny_llama), "--name", "tiny", "--port", "0", "--dtype", "float32"]
     # 1. A server killed outright: its private folder (vLLM's socket and temp files) is left behind.
-    first = start_server([*common, "--no-zero-adapter", "--", "--enforce-eager"], root / "first.log")
+    first = start_server([*common, "--no_zero_adapter", "--", "--enforce-eager"], root / "first.log")
     wait_ready(first, root / "first.log")
     stale = private_folder(root / "first.log")
     child = psutil.Process(first.pid).children()[0]
@@ -74,7 +74,7 @@ def attack(tiny_llama, tmp_path_factory):
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     assert stale.is_dir(), "a SIGKILLed server cannot clean up; the next start must"
     # 2. The server under attack; its start-up must sweep the dead server's folder.
-    proc = start_server([*common, "--adapter", f"red={adapters['red']}", "--adapter-dir", str(root / "allowed"),
+    proc = start_server([*common, "--adapter", f"red={adapters['red']}", "--adapter_dir", str(root / "allowed"),
                          "--", "--enforce-eager"], root / "server.log")
     try:
         server = wait_ready(proc, root / "server.log")

@@ -4,8 +4,8 @@ SOURCE is anything the trainers take: a .jsonl/.json/.parquet/.csv file, a save_
 folder, or a dataset name for `datasets.load_dataset` (`--dataset_config`, `--dataset_split`).
 
 Lists every bad row (file:line, field, what was expected) and exits non-zero if
-there is any. With `--model`, rows are also tokenized to check that each prompt
-leaves room for an answer under `--max-length`.
+there is any. With `--model_name_or_path`, rows are also tokenized to check that each prompt
+leaves room for an answer under `--max_length`.
 """
 
 from __future__ import annotations
@@ -14,16 +14,23 @@ import sys
 
 
 def add_arguments(p) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    c = sub.add_parser("check", help="validate a dataset and list every bad row")
+    import argparse
+
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="check (the only action)")
+    c = sub.add_parser("check", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Checks a preference dataset without training and lists every bad row (file:line, "
+                                   "field, what was expected);\nit exits non-zero if there is any.\n\nexample:\n"
+                                   "  align data check my_pairs.jsonl --model_name_or_path smollm2 --max_length 256")
     c.add_argument("file", metavar="SOURCE", help=".jsonl/.json/.parquet/.csv file, save_to_disk folder or dataset "
                                                  "name")
     c.add_argument("--dataset_config", default=None, help="a dataset name's configuration")
     c.add_argument("--dataset_split", default="train", help="the split, for a dataset name or a DatasetDict")
     c.add_argument("--format", default="auto", choices=["auto", "standard", "conversational"])
-    c.add_argument("--model", help="tokenizer (model folder or name) to check lengths with")
-    c.add_argument("--max-length", type=int, default=512, help="token budget for prompt + answer")
-    c.add_argument("--no-chat-template", action="store_true", help="do not apply the tokenizer's chat template")
+    # `--model` was this flag's name before it took the recipes' name: kept as a hidden alias.
+    c.add_argument("--model_name_or_path", "--model", dest="model", metavar="MODEL",
+                   help="tokenizer (model folder, 'smollm2' or hub id) to check lengths with")
+    c.add_argument("--max_length", type=int, default=512, help="token budget for prompt + answer")
+    c.add_argument("--no_chat_template", action="store_true", help="do not apply the tokenizer's chat template")
 
 
 def run(args) -> int:

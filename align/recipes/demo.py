@@ -148,9 +148,13 @@ def run_demo(s: DemoSettings) -> dict:
 
 def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="tiny random model, few prompts (a smoke run)")
-    p.add_argument("--out", default=None, help="run folder (default runs/demo)")
-    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
-    p.add_argument("--model", default=None, help="another model instead of SmolLM2-135M-Instruct")
+    # `--out` and `--model` were these flags' names before they took the recipes' names: kept as hidden aliases.
+    p.add_argument("--output_dir", "--out", dest="out", default=None, metavar="DIR",
+                   help="run folder (default runs/demo)")
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"],
+                   help="what samples the answers: vLLM if installed (auto), vllm or hf")
+    p.add_argument("--model_name_or_path", "--model", dest="model", default=None, metavar="MODEL",
+                   help="another model (folder or hub id) instead of SmolLM2-135M-Instruct")
 
 
 def run(args) -> int:

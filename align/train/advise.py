@@ -1,6 +1,6 @@
 """`align advise DATA`: how much the data asks of a LoRA adapter, and a rank and learning rate for it.
 
-    align advise data.jsonl --model smollm2 --recipe dpo [--lora_r 8] [--json]
+    align advise data.jsonl --model_name_or_path smollm2 --recipe dpo [--lora_r 8] [--json]
 
 It counts the training tokens (SFT: completion tokens; DPO: pairs and chosen/rejected tokens),
 counts the adapter's parameters from the model's config alone (no weights are loaded: LoRA on
@@ -180,11 +180,13 @@ def render(report: dict) -> str:
 # -- CLI ----------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
     p.add_argument("data", help="the training data: a file, a save_to_disk folder or a dataset name")
-    p.add_argument("--model", default="smollm2", help="model folder or name whose config and tokenizer to use")
+    # `--model` was this flag's name before it took the recipes' name: kept as a hidden alias.
+    p.add_argument("--model_name_or_path", "--model", dest="model", default="smollm2", metavar="MODEL",
+                   help="model folder, 'smollm2' or hub id whose config and tokenizer to use")
     p.add_argument("--recipe", default="dpo", choices=RECIPES, help="what the data trains")
     p.add_argument("--lora_r", type=int, default=8, help="the rank to judge")
-    p.add_argument("--per_device_train_batch_size", type=int, default=8)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--per_device_train_batch_size", type=int, default=8, help="examples per optimizer micro-step")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--max_length", type=int, default=1024, help="DPO: token budget for prompt + answer")
     p.add_argument("--dataset_config", default=None, help="a dataset name's configuration")
     p.add_argument("--dataset_split", default="train", help="the split, for a dataset name or a DatasetDict")

@@ -4,7 +4,9 @@
     align dpo --config ... --resume                 # continue from the latest checkpoint
     align dpo --config ... --resume step-000020     # or from a named one
     align dpo --config ... --overwrite              # delete the run in output_dir and start over
-    align dpo --config ... --check-config           # validate and print the resolved config, load nothing
+    align dpo --config ... --check_config           # validate and print the resolved config, load nothing
+
+Flags use TRL's underscore names; `align` also accepts the dashed spelling of each (`--check-config`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ def add_recipe_arguments(p: argparse.ArgumentParser, cls: type) -> None:
                         "step-000010 or a checkpoint folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="output_dir holds a run: delete it and start over")
-    p.add_argument("--check-config", action="store_true",
+    p.add_argument("--check_config", action="store_true",
                    help="validate the config, print it resolved (defaults included) and exit")
 
 
 def config_or_check(cls: type, args: argparse.Namespace):
-    """The config the arguments describe; with --check-config, check it fully, print it and return None."""
+    """The config the arguments describe; with --check_config, check it fully, print it and return None."""
     config = config_from_args(cls, args)
     if args.check_config:
         preflight(config, getattr(args, "resume", None), getattr(args, "overwrite", False))
@@ -56,7 +58,7 @@ def preflight(config, resume=None, overwrite: bool = False) -> None:
 
 
 def train_from_args(config_cls: type, trainer_cls: type, args: argparse.Namespace):
-    """Build the config, then train it to the end; returns (trainer, what it saved), or None for --check-config."""
+    """Build the config, then train it to the end; returns (trainer, what it saved), or None for --check_config."""
     config = config_or_check(config_cls, args)
     if config is None:
         return None

@@ -192,18 +192,34 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 
 # -- command line ----------------------------------------------------------------------------------
+# The `--set` example shown in a recipe's help: the first of these fields the recipe's config has.
+SET_EXAMPLES = {"beta": "0.2", "kl_coef": "0.1", "center_rewards_coefficient": "0.01", "packing": "true",
+                "learning_rate": "1e-4"}
+
+
+def set_example(cls: type) -> str:
+    """`key=value` for `--set`, with a field `cls` has (a DPO example is no help for PPO)."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    key = next((k for k in SET_EXAMPLES if k in names), None)
+    return f"{key}={SET_EXAMPLES[key]}" if key else f"{names[0]}=VALUE"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """`--config FILE`, `--set key=value`, and one `--<field> VALUE` flag per field of `cls`, with its help."""
+    example = set_example(cls)
+    key, value = example.split("=", 1)
     parser.add_argument("--config", help=f"YAML file mirroring {cls.__name__} (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field, e.g. --set beta=0.2 (repeatable; same as --beta 0.2)")
+                        help=f"override a field, e.g. --set {example} (repeatable; same as --{key} {value})")
     group = parser.add_argument_group(f"{cls.__name__} fields (YAML keys; values are read as YAML)")
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
-        group.add_argument(f"--{f.name}", dest=f"field__{f.name}", default=argparse.SUPPRESS,
+        # `--model` is the name data check, advise and demo used: kept as a hidden alias.
+        old = ["--model"] if f.name == "model_name_or_path" else []
+        group.add_argument(f"--{f.name}", *old, dest=f"field__{f.name}", default=argparse.SUPPRESS,
                            metavar="VALUE", help=f"{help_text} (default: {default!r})".replace("%", "%%"))
 
 

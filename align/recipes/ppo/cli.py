@@ -8,7 +8,7 @@ def add_arguments(p) -> None:
     from align.train.cli import add_recipe_arguments
 
     add_recipe_arguments(p, PPOConfig)
-    p.add_argument("--eval-only", action="store_true",
+    p.add_argument("--eval_only", action="store_true",
                    help="score the held-out prompts greedily with the latest checkpoint (or the base) and stop")
 
 
