@@ -96,6 +96,24 @@ def test_only_what_report_to_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+def test_mlflow_gets_the_names_unchanged_at_our_steps(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from align.train.metrics import MetricsLogger
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 refuses its file store without it
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    logger = MetricsLogger(tmp_path / "my-run", ["mlflow"], config={"learning_rate": 1e-4, "report_to": ["mlflow"]})
+    logger.log(3, {"loss": 0.5, "rewards/margins": 0.25})
+    logger.log(4, {"loss": 0.375, "eval/loss": 0.5})
+    logger.close()
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.run_name == "my-run" and run.data.params["learning_rate"] == "0.0001"
+    client = mlflow.MlflowClient()
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
+    assert history == {"loss": [(3, 0.5), (4, 0.375)], "rewards/margins": [(3, 0.25)], "eval/loss": [(4, 0.5)]}
+
+
 def test_every_accelerate_backend_is_a_report_to_name_with_an_extra():
     assert set(EXTRAS) == {t.value for t in LoggerType} - {"all"}
     tomllib = pytest.importorskip("tomllib")
