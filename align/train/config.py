@@ -154,8 +154,9 @@ class TrainConfig(ModelConfig):
     eval_steps: int = arg(0, "Evaluate every N steps (0: only at the end).")
     save_steps: int = arg(50, "Checkpoint every N steps (0: only at the end).")
     save_total_limit: int = arg(2, "Checkpoints kept; older ones are deleted once a newer one is complete.")
-    report_to: list[str] = arg(["tensorboard"], "Where metrics go besides metrics.jsonl: a list of tensorboard, "
-                                                "wandb, trackio, mlflow, or [none]. wandb/trackio/mlflow need "
+    report_to: list[str] = arg(["tensorboard"], "Where metrics go besides metrics.jsonl: a list of accelerate's "
+                                                "trackers (tensorboard, wandb, trackio, mlflow, comet_ml, aim, "
+                                                "clearml, dvclive, swanlab) or [none]. All but tensorboard need "
                                                 "their extra: pip install 'align-lora[trackio]'.")
     bf16: bool | None = arg(None, "true: base weights stored in bfloat16 (dtype: bfloat16); false: float32 where "
                                   "dtype is auto; null: as dtype says. Adapters, heads and optimizer state stay "

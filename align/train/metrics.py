@@ -1,4 +1,5 @@
-"""Training metrics a person can plot: one JSON line per step, mirrored to the `report_to` trackers.
+"""Training metrics a person can plot: one JSON line per step, mirrored to the `report_to` trackers
+(accelerate's, through align.train.trackers).
 
 `plot_metrics` draws the curves of a run folder to a PNG (the `align plot` command).
 """
@@ -15,7 +16,7 @@ class MetricsLogger:
     """Appends `{"step": N, **metrics}` to `<run>/metrics.jsonl` and logs it to align.train.trackers' backends."""
 
     def __init__(self, run_dir: str | os.PathLike, report_to: bool | list[str] = True, config: dict | None = None):
-        """`report_to`: backends of align.train.trackers (True/False: the old TensorBoard switch)."""
+        """`report_to`: accelerate tracker names (align.train.trackers); True/False: the old TensorBoard switch."""
         from align.train.trackers import open_trackers
 
         self.run_dir = Path(run_dir)
