@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
+from servers import stop
 from test_serve import API_KEY, make_adapters, start_server, wait_ready
 
 pytestmark = pytest.mark.vllm
@@ -81,10 +82,7 @@ def attack(tiny_llama, tmp_path_factory):
         yield {"url": server.url, "proc": proc, "log": root / "server.log", "stale": stale,
                "child_env": child_env, "tmp_inside": tmp_inside, "allowed": root / "allowed", "root": root}
     finally:
-        if proc.poll() is None:
-            from align.serve.process import stop_tree
-
-            stop_tree(proc)
+        stop(proc)
 
 
 def request(attack, method, path, body=None, headers=None, key=API_KEY, timeout=60):
