@@ -27,9 +27,11 @@ def start_align_serve(args: list[str], log: Path, api_key: str | None = None, ap
                                 text=True, env=env, cwd=ROOT)
 
 
-def wait_ready(proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> str:
-    """The server's URL once it prints its ready line; if it exits or never gets there, kill it and raise."""
-    url = wait_for_line(proc, timeout_s=timeout_s)
+def wait_ready(proc: subprocess.Popen, log: Path, timeout_s: float = 300, lines: list[str] | None = None,
+               until: str | None = None) -> str:
+    """The server's URL once it prints its ready line (and a later line holding `until`, if given; `lines`
+    gets what it printed from the ready line on); if it exits or never gets there, kill it and raise."""
+    url = wait_for_line(proc, timeout_s=timeout_s, lines=lines, until=until)
     if url is None:
         kill_tree(proc)
         raise RuntimeError(f"align serve did not become ready (exit code {proc.returncode}); log {log}:\n"

@@ -30,6 +30,19 @@ def test_ready_line_found_and_output_after_it_drained():
     assert proc.wait(timeout=120) == 0
 
 
+def test_lines_after_the_ready_line_kept_until_the_last_expected_one():
+    proc = python("print('loading')\nprint('align serve: " + READY_MARKER + "http://h:1/v1')\n"
+                  "print('models: a, b'); print('curl x')\n"
+                  "print('end', flush=True)")
+    lines: list[str] = []
+    assert wait_for_line(proc, timeout_s=120, lines=lines, until="curl") == "http://h:1/v1"
+    assert lines == ["align serve: ready at http://h:1/v1", "models: a, b", "curl x"]
+    assert proc.wait(timeout=120) == 0
+    # A process that ends before the awaited line: no URL, however far it got.
+    early = python("print('align serve: " + READY_MARKER + "http://h:1/v1')")
+    assert wait_for_line(early, timeout_s=120, until="curl") is None
+
+
 def test_no_ready_line_is_none_whether_it_exits_or_hangs():
     exits = python("print('starting'); raise SystemExit(3)")
     assert wait_for_line(exits, timeout_s=120) is None

@@ -141,25 +141,34 @@ def kill_tree(proc: subprocess.Popen, wait_s: float = 30.0) -> None:
         pass
 
 
-def wait_for_line(proc: subprocess.Popen, marker: str = READY_MARKER, timeout_s: float = 600.0) -> str | None:
+def wait_for_line(proc: subprocess.Popen, marker: str = READY_MARKER, timeout_s: float = 600.0,
+                  lines: list[str] | None = None, until: str | None = None) -> str | None:
     """Read `proc`'s text stdout until a line holds `marker`; the rest of that line, stripped.
 
-    None if the process closed its stdout (exited) or `timeout_s` passed first. A daemon thread reads,
-    and goes on draining stdout after the line, so a chatty process never blocks on a full pipe.
+    `lines`, when given, receives that line and every later one (newline removed); `until`: return only
+    once a line holding it has also been read (text printed just after the ready line). None if the
+    process closed its stdout (exited) or `timeout_s` passed first. A daemon thread reads, and goes on
+    draining stdout afterwards, so a chatty process never blocks on a full pipe.
     """
     found: list[str] = []
-    seen = threading.Event()
+    kept = lines if lines is not None else []
+    done = threading.Event()
 
     def read():
         for line in proc.stdout:
             if not found and marker in line:
                 found.append(line.split(marker, 1)[1].strip())
-                seen.set()
-        seen.set()  # end of output: the process is gone
+            if found and not done.is_set():
+                kept.append(line.rstrip("\n"))
+                if until is None or until in line:
+                    done.set()
+        done.set()  # end of output: the process is gone
 
     threading.Thread(target=read, name="wait-for-line", daemon=True).start()
-    seen.wait(timeout_s)
-    return found[0] if found else None
+    done.wait(timeout_s)
+    if not found or (until is not None and not any(until in line for line in kept)):
+        return None
+    return found[0]
 
 
 def wait_healthy(proc: subprocess.Popen, uds: Path, timeout_s: float) -> None:
