@@ -222,20 +222,39 @@ def test_a_copy_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001", "step-000002"]
 
 
-def test_kill_then_start_leaves_no_temporaries(tiny_llama, tmp_path):
-    """A real training run SIGKILLed while it checkpoints every step, then resumed."""
-    out = tmp_path / "run"
+def kill_mid_checkpoint(cmd: list[str], out: Path) -> list[str]:
+    """Run `cmd`; once one checkpoint is complete, SIGKILL it the moment the next one's temporary folder
+    appears. Returns the temporary folders the kill left behind: the run's own evidence that the kill
+    landed mid-write (none when that write finished first, or the run ended before one began)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(dpo(tiny_llama, out, "--max_steps", "8"), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "LATEST").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = run(dpo(tiny_llama, out, "--max_steps", "8", "--resume"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ck = out / "checkpoints"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "the run made no progress"
+        if (ck / "LATEST").exists() and next(ck.glob(".step-*.tmp-*"), None) is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return sorted(p.name for p in ck.glob(".step-*.tmp-*"))
+        time.sleep(0.002)  # a tiny model's checkpoint takes ~100 ms to write
+    return []
+
+
+def test_kill_during_a_checkpoint_write_then_resume_leaves_no_temporaries(tiny_llama, tmp_path):
+    """A real training run SIGKILLed while it writes a checkpoint (checked, not hoped for), then resumed."""
+    out = tmp_path / "run"
+    cmd = dpo(tiny_llama, out, "--max_steps", "8")
+    tries = []
+    for attempt in range(4):  # a kill that came just after the write finished is tried again, resumed
+        tries.append(kill_mid_checkpoint(cmd + (["--resume"] if attempt else []), out))
+        print(f"kill {attempt + 1}: left {tries[-1] or 'no temporary folder (the write had finished)'}")
+        if tries[-1]:
+            break
+    assert tries[-1], f"no kill landed in the middle of a checkpoint write: {tries}"
+    leftover = tries[-1][0]
+    done = run(cmd + ["--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"removed {leftover}" in done.stdout, done.stdout[-3000:]
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert steps_logged(out) == list(range(1, 9))

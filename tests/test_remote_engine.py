@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from servers import kill_tree, start_align_serve, wait_ready
 
 from align.recipes.ppo.config import PPOConfig
 from align.recipes.ppo.trainer import PPOTrainer
@@ -46,36 +43,17 @@ class Server:
 
     def start(self) -> None:
         self.starts += 1
-        env = dict(os.environ, ALIGN_API_KEY=KEY)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "align.serve", "--base", str(self.base), "--adapter-dir", str(self.adapter_dir),
-             "--port", str(self.port), "--dtype", "float32", "--", "--enforce-eager"],
-            stdout=subprocess.PIPE, stderr=open(self.log, "a"), text=True, env=env)
+        self.proc = start_align_serve(["--base", str(self.base), "--adapter-dir", str(self.adapter_dir), "--port",
+                                       str(self.port), "--dtype", "float32", "--", "--enforce-eager"],
+                                      self.log, api_key=KEY, append=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                if "ready at " in line:
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(timeout):
-            self.kill()
-            raise RuntimeError(f"align serve did not become ready:\n{self.log.read_text()[-3000:]}")
+        wait_ready(self.proc, self.log, timeout)
 
     def kill(self) -> None:
         """SIGKILL the server and its vLLM child: no clean shutdown, as in a crash."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=30)
+        if self.proc is not None:
+            kill_tree(self.proc)
 
 
 @pytest.fixture(scope="module")

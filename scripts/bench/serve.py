@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -80,21 +79,13 @@ def start_server(base: Path, adapters: dict[str, Path], zero_adapter: bool, log:
     env.pop("ALIGN_API_KEY", None)
     # cwd too: `python -m` puts the working folder first on sys.path, ahead of PYTHONPATH.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env, cwd=code)
-    found: list[str] = []
+    from align.serve.process import kill_tree, wait_for_line
 
-    def read():
-        for line in proc.stdout:
-            if "ready at " in line:
-                found.append(line.split("ready at ")[1].strip())
-                return
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    t.join(600)
-    if not found:
-        proc.kill()
+    url = wait_for_line(proc, timeout_s=600)
+    if url is None:
+        kill_tree(proc)
         raise SystemExit(f"server did not start; see {log}")
-    return proc, found[0]
+    return proc, url
 
 
 async def complete(session, url: str, model: str, prompt: str, max_tokens: int):
