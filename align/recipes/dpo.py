@@ -45,7 +45,8 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     per_device_train_batch_size: int = arg(4, "Preference pairs per forward pass.")
     per_device_eval_batch_size: int = arg(4, "Preference pairs per forward pass in evaluation.")
     adapter_name: str = arg("policy", "Name of the trained adapter.")
-    loss_type: str = arg("sigmoid", f"One of {LOSS_TYPES}.")
+    loss_type: str | list[str] = arg("sigmoid", f"One of {LOSS_TYPES}; TRL's list form ([sigmoid]) takes one "
+                                                "loss.")
     beta: float = arg(0.1, "Strength of the KL anchor to the reference.")
     label_smoothing: float = arg(0.0, "Assumed label noise (sigmoid, robust).")
     rpo_alpha: float | None = arg(None, "Weight of the chosen completions' per-token NLL added to the loss (RPO, "
@@ -63,6 +64,7 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.loss_type = single_loss(self.loss_type)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.beta <= 0:
@@ -77,6 +79,16 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
             raise ValueError("precompute_ref_log_probs and ref_model_copy: choose one")
         check_init_fields(self)
         self.check_batch()
+
+
+def single_loss(loss_type: str | list[str]) -> str:
+    """TRL's `loss_type: [sigmoid]` is sigmoid; several losses (TRL sums them with loss_weights) are refused."""
+    if not isinstance(loss_type, list):
+        return loss_type
+    if len(loss_type) == 1:
+        return loss_type[0]
+    hint = " (for sigmoid + sft: loss_type: sigmoid with rpo_alpha: <the sft weight>)" if "sft" in loss_type else ""
+    raise ValueError(f"loss_type: {loss_type}: combining several losses is not supported yet; give one{hint}")
 
 
 def sequence_logprobs(base: SharedBase, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
