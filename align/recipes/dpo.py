@@ -28,7 +28,7 @@ from align.core.fsdp import full_tensor
 from align.core.logprobs import completion_logprobs
 from align.core.policy_init import attach_policy, check_init_fields, reference_context
 from align.data.preference import TokenizedPair, collate_pairs
-from align.recipes.dpo_losses import LOSS_TYPES, chosen_nll, dpo_loss
+from align.recipes.dpo_losses import LOSS_TYPES, chosen_nll, dpo_loss, single_loss
 from align.train.cli import adapter_recipe
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
@@ -79,16 +79,6 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
             raise ValueError("precompute_ref_log_probs and ref_model_copy: choose one")
         check_init_fields(self)
         self.check_batch()
-
-
-def single_loss(loss_type: str | list[str]) -> str:
-    """TRL's `loss_type: [sigmoid]` is sigmoid; several losses (TRL sums them with loss_weights) are refused."""
-    if not isinstance(loss_type, list):
-        return loss_type
-    if len(loss_type) == 1:
-        return loss_type[0]
-    hint = " (for sigmoid + sft: loss_type: sigmoid with rpo_alpha: <the sft weight>)" if "sft" in loss_type else ""
-    raise ValueError(f"loss_type: {loss_type}: combining several losses is not supported yet; give one{hint}")
 
 
 def sequence_logprobs(base: SharedBase, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
