@@ -136,7 +136,7 @@ def test_a_mapped_key_with_a_bad_value_is_named_at_its_line(tmp_path):
     cfg.write_text("train_file: x.jsonl\nsave_strategy: best\n")
     with pytest.raises(ConfigError, match=rf"^{cfg}:2: save_strategy: best: expected steps or no"):
         load_config(DPOConfig, cfg)
-    cfg.write_text("train_file: x.jsonl\nuse_cpu: true\nsave_strategy: 'no'\n")
+    cfg.write_text("train_file: x.jsonl\nuse_cpu: true\nsave_strategy: no\n")  # a bare `no` is YAML's false
     config = load_config(DPOConfig, cfg)
     assert (config.device, config.save_steps) == ("cpu", 0)
 
@@ -163,8 +163,14 @@ def test_a_dataset_where_a_path_is_expected_names_the_argument(cls, argument):
     with pytest.raises(ValueError) as caught:
         cls(train_file=rows)
     message = str(caught.value)
-    assert "\n" not in message and message.startswith("train_file: got a datasets.Dataset where a path")
+    assert "\n" not in message and message.startswith("train_file: expected text (a path or name), got "
+                                                      "datasets.Dataset; ")
     assert argument in message
+
+
+def test_a_number_in_a_text_field_is_named_without_a_data_hint():
+    with pytest.raises(ValueError, match=r"^dtype: expected text \(a path or name\), got int$"):
+        DPOConfig(train_file="x.jsonl", dtype=16)
 
 
 def test_a_path_object_becomes_text_and_the_config_is_written(tmp_path):

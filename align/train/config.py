@@ -71,9 +71,9 @@ def _finite(config) -> None:
 
 
 def _plain_paths(config) -> None:
-    """A config built in Python: a Path becomes its text; any other object in a text field is one line that
-    names the argument taking it (e.g. a datasets.Dataset as train_file: train_dataset=), before it could
-    reach yaml (config.yaml) as a RepresenterError."""
+    """A config built in Python: a Path becomes its text; any other object in a text field is one line, and
+    rows where a data path is expected name the argument that takes them (train_file: train_dataset=),
+    instead of failing later as yaml's RepresenterError when config.yaml is written."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -89,9 +89,13 @@ def _plain_paths(config) -> None:
         module = type(value).__module__.split(".")[0]
         kind = type(value).__name__ if module == "builtins" else f"{module}.{type(value).__name__}"
         instead = getattr(config, "PYTHON_DATA", {}).get(f.name)
-        how = f"pass the rows to the trainer as {instead}= instead" if instead else \
-            "save the rows to a file (e.g. Dataset.to_json('rows.jsonl')) and give its path"
-        raise ValueError(f"{f.name}: got a {kind} where a path or name is expected; {how}")
+        if instead:
+            how = f"; pass the rows to the trainer as {instead}= instead"
+        elif f.name.endswith("_file") or f.name == "prompts":
+            how = "; save the rows to a file (e.g. Dataset.to_json('rows.jsonl')) and give its path"
+        else:
+            how = ""
+        raise ValueError(f"{f.name}: expected text (a path or name), got {kind}{how}")
 
 
 # Float fields of TrainConfig for which infinity is no setting (a recipe's own fields may use it, e.g. max_kl).

@@ -35,7 +35,7 @@ def _eval_strategy(value, data: dict):
         # TRL: eval_steps defaults to logging_steps (TRL's default: 10).
         every = data.get("eval_steps", data.get("logging_steps", 10))
         return {"eval_steps": every}, f"read as eval_steps: {every}"
-    if value == "no":
+    if value in ("no", False):  # YAML 1.1 reads a bare `no` as false
         return {"eval_steps": 0}, "read as eval_steps: 0 (held-out rows, if any, are evaluated once, at the end)"
     raise ValueError("expected steps or no (align evaluates every eval_steps optimizer steps; no per-epoch "
                      "schedule): use eval_strategy: steps with eval_steps")
@@ -44,7 +44,7 @@ def _eval_strategy(value, data: dict):
 def _save_strategy(value, data: dict):
     if value == "steps":
         return {}, "checkpoints every save_steps steps, as align does"
-    if value == "no":
+    if value in ("no", False):  # YAML 1.1 reads a bare `no` as false
         return {"save_steps": 0}, "read as save_steps: 0 (no checkpoints on the way; the final adapter is saved)"
     raise ValueError("expected steps or no (align keeps the last save_total_limit checkpoints and the final "
                      "adapter; no per-epoch or best-metric schedule): use save_strategy: steps with save_steps")
