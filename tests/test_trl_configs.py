@@ -116,7 +116,7 @@ def test_every_bad_key_is_listed_with_its_line_in_one_message(tmp_path):
         [f"{cfg}:7", "eval_strategy"], [f"{cfg}:8", "frobnicate"], [f"{cfg}:9", "per_device_train_batch_size"]]
     assert "lr: renamed; use learning_rate" in lines[1]
     assert "betta: unknown key (did you mean beta?)" in lines[2]
-    assert "accelerate launch --num_processes N" in lines[3]
+    assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N" in lines[3]
     assert "fp16: true is not supported here (only false)" in lines[4]
     assert "expected int, got 'two'" in lines[7]
     assert lines[8].strip().startswith("expected one of [") and "'learning_rate'" in lines[8]

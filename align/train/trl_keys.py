@@ -72,8 +72,9 @@ def _rename(field: str):
     return carry
 
 
-_LAUNCH = ("align starts no processes itself: launch N with `accelerate launch --num_processes N -m align "
-           "<recipe> --config ...` (docs/scaling.md), and drop this key")
+_LAUNCH = ("align starts no processes itself: launch N with `accelerate launch --config_file "
+           "configs/accelerate/ddp.yaml --num_processes N -m align <recipe> --config ...` (docs/scaling.md), "
+           "and drop this key")
 _OWN_LOOP = "align's own training loop has no such setting"
 
 TRL_KEYS: dict[str, Key] = {
@@ -108,7 +109,8 @@ TRL_KEYS: dict[str, Key] = {
     "eval_strategy": Key(_eval_strategy, "align evaluates every eval_steps steps"),
     "save_strategy": Key(_save_strategy, "align checkpoints every save_steps steps"),
     "logging_strategy": Key(_logging_strategy, "align logs every logging_steps steps"),
-    "logging_first_step": Key("note", "metrics are written from the first step on (logging_steps)"),
+    "logging_first_step": Key("note", "metrics are written every logging_steps steps and at the last "
+                                      "(logging_steps: 1 includes the first)"),
     "eval_on_start": Key("note", "evaluation runs every eval_steps steps and at the end", ok=(False,)),
     "eval_delay": Key("note", "evaluation runs every eval_steps steps and at the end", ok=(0, 0.0)),
     "load_best_model_at_end": Key("note", "the final adapter is the last step's; checkpoints/ keeps the last "
@@ -146,7 +148,7 @@ TRL_KEYS: dict[str, Key] = {
     "activation_offloading": Key("note", "use gradient_checkpointing to save activation memory", ok=(False,)),
     "torch_empty_cache_steps": Key("note", _OWN_LOOP),
     "data_seed": Key("note", "one seed (seed) orders the data", ok=(None,)),
-    "full_determinism": Key("note", "a resumed run replays the same batches by seed already"),
+    "full_determinism": Key("note", "seed fixes adapters and data order; deterministic kernels are not forced"),
     # -- TrainingArguments: data loading, logging, hub, distributed --------------------------------
     "remove_unused_columns": Key("note", "rows are read by their fields (prompt, chosen, rejected, ...); other "
                                          "columns never reach the model"),
