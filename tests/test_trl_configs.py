@@ -141,6 +141,17 @@ def test_a_mapped_key_with_a_bad_value_is_named_at_its_line(tmp_path):
     assert (config.device, config.save_steps) == ("cpu", 0)
 
 
+def test_a_split_key_sft_has_no_field_for_is_noted_when_it_is_what_sft_does(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset_name: {SFT_ROWS}\ndataset_train_split: train\n")
+    assert load_config(SFTConfig, cfg).train_file == str(SFT_ROWS)
+    cfg.write_text(f"dataset_name: {SFT_ROWS}\ndataset_train_split: validation\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}:2: dataset_train_split: not supported by this recipe"):
+        load_config(SFTConfig, cfg)
+    cfg.write_text(f"dataset_name: {PREFS}\ndataset_train_split: validation\n")
+    assert load_config(DPOConfig, cfg).dataset_split == "validation"
+
+
 @pytest.mark.parametrize("loss_type,expected", [(["sigmoid"], "sigmoid"), (["ipo"], "ipo"), ("hinge", "hinge")])
 def test_loss_type_takes_trls_one_element_list(loss_type, expected):
     assert DPOConfig(train_file="x.jsonl", loss_type=loss_type).loss_type == expected

@@ -10,7 +10,8 @@ TRL's CLI takes that this project has decided on is in `TRL_KEYS`, with one of t
                any other value is refused with the same reason.
     "refuse"   an error giving the reason (and what to write instead).
     a function (value, data) -> (updates, note): MAPPED onto align fields; the note says what
-               it became. It raises ValueError (the reason) for a value it cannot map.
+               it became. It raises ValueError (the reason) for a value it cannot map. A recipe
+               without the field refuses the key, unless the value is in `ok` (noted).
 
 A key in neither the recipe's fields nor this table is an unknown key.
 """
@@ -82,7 +83,8 @@ TRL_KEYS: dict[str, Key] = {
     "env": Key("note", "environment variables must be set before the process starts: `VAR=value align ...`"),
     "num_processes": Key("refuse", _LAUNCH),
     "accelerate_config": Key("refuse", _LAUNCH),
-    "dataset_train_split": Key(_rename("dataset_split"), "align's name for the training split"),
+    "dataset_train_split": Key(_rename("dataset_split"), "a recipe without dataset_split (SFT) reads 'train'",
+                               ok=("train",)),
     "dataset_test_split": Key("note", "held-out rows of a dataset name come from its 'test' split", ok=("test",)),
     "dataset_streaming": Key("note", "rows are read and tokenised once, before training", ok=(False,)),
     "ignore_bias_buffers": Key("note", "no DDP wrapper: processes share gradients by align's own all-reduce"),
@@ -279,6 +281,9 @@ def carry_over(data: dict, fields: set[str], where, lines: dict) -> tuple[dict, 
                 problems.append((key, f"{where(key)}: {_text(value)}: {e}"))
                 continue
             missing = sorted(set(updates) - fields)
+            if missing and ok is not ANY and _same_as_any(value, ok):  # what this recipe does anyway
+                notes.append(f"{where(key)}: no effect here: {reason}")
+                continue
             if missing:
                 problems.append((key, f"{where(key)}: not supported by this recipe (it has no {', '.join(missing)})"))
                 continue
