@@ -152,6 +152,17 @@ def test_a_split_key_sft_has_no_field_for_is_noted_when_it_is_what_sft_does(tmp_
     assert load_config(DPOConfig, cfg).dataset_split == "validation"
 
 
+def test_a_key_align_cannot_honour_is_accepted_only_at_what_align_does(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train_file: x.jsonl\noptim: adamw_torch\nadam_beta1: 0.9\nadam_epsilon: 1e-8\n")  # 1e-8: a str
+    load_config(DPOConfig, cfg)
+    said = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1] for line in said] == ["optim", "adam_beta1", "adam_epsilon"]
+    cfg.write_text("train_file: x.jsonl\nadam_beta1: 0.8\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}:2: adam_beta1: 0.8 is not supported here \(only 0.9\)"):
+        load_config(DPOConfig, cfg)
+
+
 @pytest.mark.parametrize("loss_type,expected", [(["sigmoid"], "sigmoid"), (["ipo"], "ipo"), ("hinge", "hinge")])
 def test_loss_type_takes_trls_one_element_list(loss_type, expected):
     assert DPOConfig(train_file="x.jsonl", loss_type=loss_type).loss_type == expected

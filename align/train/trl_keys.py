@@ -60,7 +60,7 @@ def _logging_strategy(value, data: dict):
 def _use_cpu(value, data: dict):
     if value is True:
         return {"device": "cpu"}, "read as device: cpu"
-    return {}, "false: the device is chosen by device (auto: this process's GPU if any)"
+    return {}, "the device field decides (auto: this process's GPU if any)"
 
 
 def _rename(field: str):
@@ -97,7 +97,7 @@ TRL_KEYS: dict[str, Key] = {
     "model_revision": Key("note", "the model loads as named; for another revision give its local folder",
                           ok=("main",)),
     "attn_implementation": Key("note", "the base loads with transformers' default attention (sdpa where the "
-                                       "model supports it); the implementation changes speed, not results"),
+                                       "model supports it)"),
     "lora_task_type": Key("note", "adapters attach to the decoder; the reward recipe adds its own scalar head"),
     "lora_target_parameters": Key("note", "LoRA targets modules only (lora_target_modules)", ok=(None, [])),
     "lora_modules_to_save": Key("note", "only adapters (and a reward head) train; the base stays frozen",
@@ -296,6 +296,11 @@ def carry_over(data: dict, fields: set[str], where, lines: dict) -> tuple[dict, 
 
 
 def _same_as_any(value, allowed: tuple) -> bool:
+    if isinstance(value, str):
+        try:  # PyYAML reads 1e-8 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     # True == 1 in Python; a bool stands only for a bool.
     return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in allowed)
 
