@@ -28,7 +28,7 @@ from align.core.fsdp import full_tensor
 from align.core.logprobs import completion_logprobs
 from align.core.policy_init import attach_policy, check_init_fields, reference_context
 from align.data.preference import TokenizedPair, collate_pairs
-from align.recipes.dpo_losses import LOSS_TYPES, chosen_nll, dpo_loss
+from align.recipes.dpo_losses import LOSS_TYPES, chosen_nll, dpo_loss, single_loss
 from align.train.cli import adapter_recipe
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
@@ -45,7 +45,8 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     per_device_train_batch_size: int = arg(4, "Preference pairs per forward pass.")
     per_device_eval_batch_size: int = arg(4, "Preference pairs per forward pass in evaluation.")
     adapter_name: str = arg("policy", "Name of the trained adapter.")
-    loss_type: str = arg("sigmoid", f"One of {LOSS_TYPES}.")
+    loss_type: str | list[str] = arg("sigmoid", f"One of {LOSS_TYPES}; TRL's list form ([sigmoid]) takes one "
+                                                "loss.")
     beta: float = arg(0.1, "Strength of the KL anchor to the reference.")
     label_smoothing: float = arg(0.0, "Assumed label noise (sigmoid, robust).")
     rpo_alpha: float | None = arg(None, "Weight of the chosen completions' per-token NLL added to the loss (RPO, "
@@ -63,6 +64,7 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.loss_type = single_loss(self.loss_type)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.beta <= 0:

@@ -11,6 +11,7 @@ h = (pi_c - pi_r) - (ref_c - ref_r), the implicit reward margin:
 
 The implicit rewards are β·(π - ref) of the SUMMED log-probs for every loss type, as TRL logs
 them; IPO alone averages over tokens inside its loss, so it takes the completion lengths.
+`single_loss` reads TRL's list form of loss_type (one loss; TRL's weighted sums are not supported).
 """
 
 from __future__ import annotations
@@ -54,3 +55,15 @@ def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> tor
     """RPO's extra term (Pang et al. 2024; TRL's rpo_alpha): the chosen completions' negative
     log-likelihood per token, over the batch's chosen tokens. `policy_chosen` are summed log-probs."""
     return -policy_chosen.sum() / chosen_lengths.to(policy_chosen).sum().clamp(min=1)
+
+
+def single_loss(loss_type: str | list[str]) -> str:
+    """TRL's `loss_type: [sigmoid]` is sigmoid; several losses (TRL sums them with loss_weights) are refused."""
+    if not isinstance(loss_type, list):
+        return loss_type
+    if len(loss_type) == 1:
+        return loss_type[0]
+    if not loss_type:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got []")
+    hint = " (for sigmoid + sft: loss_type: sigmoid with rpo_alpha: <the sft weight>)" if "sft" in loss_type else ""
+    raise ValueError(f"loss_type: {loss_type}: combining several losses is not supported yet; give one{hint}")

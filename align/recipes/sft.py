@@ -52,7 +52,8 @@ class SFTConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.train_file:
-            raise ValueError("train_file: expected an SFT data file or dataset name")
+            raise ValueError("train_file: expected an SFT data file or dataset name (TRL's dataset_name is read "
+                             "as train_file)")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: expected in [0, 1), got {self.eval_fraction}")
         if self.on_bad_rows not in ("error", "skip"):

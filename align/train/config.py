@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 
@@ -67,6 +70,34 @@ def _finite(config) -> None:
             raise ValueError(f"{f.name}: expected a finite number, got {value}")
 
 
+def _plain_paths(config) -> None:
+    """A config built in Python: a Path becomes its text; any other object in a text field is one line, and
+    rows where a data path is expected name the argument that takes them (train_file: train_dataset=),
+    instead of failing later as yaml's RepresenterError when config.yaml is written."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, os.PathLike):
+            setattr(config, f.name, os.fspath(value))
+            continue
+        tp = hints[f.name]
+        arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if str not in arms or isinstance(value, str) or value is None:
+            continue
+        if isinstance(value, list) and list in (typing.get_origin(a) for a in arms):
+            continue  # e.g. lora_target_modules: a list of module names
+        module = type(value).__module__.split(".")[0]
+        kind = type(value).__name__ if module == "builtins" else f"{module}.{type(value).__name__}"
+        instead = getattr(config, "PYTHON_DATA", {}).get(f.name)
+        if instead:
+            how = f"; pass the rows to the trainer as {instead}= instead"
+        elif f.name.endswith("_file") or f.name == "prompts":
+            how = "; save the rows to a file (e.g. Dataset.to_json('rows.jsonl')) and give its path"
+        else:
+            how = ""
+        raise ValueError(f"{f.name}: expected text (a path or name), got {kind}{how}")
+
+
 # Float fields of TrainConfig for which infinity is no setting (a recipe's own fields may use it, e.g. max_kl).
 FINITE = ("weight_decay", "max_grad_norm", "warmup_ratio", "lora_dropout")
 
@@ -106,6 +137,7 @@ class ModelConfig:
                                                   "AVX-512 BF16/AMX; float32 there).")
 
     def __post_init__(self):
+        _plain_paths(self)
         _at_least_zero(self, "checkpoint_keep_last", "num_threads")
         _ = self.four_bit  # a bad bnb_4bit_* field fails at load, named
         if self.checkpoint_keep_last and not self.gradient_checkpointing:
@@ -126,7 +158,10 @@ class ModelConfig:
 
     @property
     def lora(self) -> LoraSettings:
-        targets = "all" if self.lora_target_modules in ("all", "all-linear") else self.lora_target_modules
+        targets = self.lora_target_modules
+        if targets in (["all"], ["all-linear"]):  # TRL's ModelConfig reads [all-linear] as all-linear
+            targets = targets[0]
+        targets = "all" if targets in ("all", "all-linear") else targets
         try:
             return LoraSettings(rank=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
         except ValueError as e:
@@ -207,6 +242,9 @@ class PreferenceDataConfig:
     on_bad_rows: str = arg("error", "error (abort, listing every bad row) | skip (drop and count them).")
     chat_template: bool = arg(True, "Apply the tokenizer's chat template to string rows.")
     max_length: int = arg(256, "Token budget for prompt + answer; answers are truncated to fit.")
+
+    # Config fields for data, and the argument that takes the rows themselves in Python (TRL's names).
+    PYTHON_DATA = {"train_file": "train_dataset", "eval_file": "eval_dataset", "dataset_name": "train_dataset"}
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)

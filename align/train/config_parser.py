@@ -3,14 +3,18 @@
 An unknown key, a wrong type or a failed cross-field check is an error that
 names the file, the line and the key. Overrides (`--learning_rate 1e-5` or
 `--set learning_rate=1e-5`) go through the same checks. A key that was renamed
-(a config class's `RENAMED`) is an error that names its new spelling.
+(a config class's `RENAMED`) is an error that names its new spelling. A key of TRL's CLI that
+is not a field is mapped, noted in one printed line, or refused (align/train/trl_keys.py). All
+the unknown, renamed and refused keys and wrong types of one config are reported in one message.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -106,26 +110,64 @@ def _coerce(value, tp, where: str):
 
 
 def _build(cls: type[T], data: dict, source: str, lines: dict[str, int], prefix: str = "") -> T:
+    """Build `cls`; every unknown, renamed or refused key and every wrong type is reported at once."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    order = {key: i for i, key in enumerate(data)}  # problems are listed in the order the file sets the keys
+    problems: list[tuple[str, str]] = []
+    if not prefix:  # a YAML written for TRL's CLI: its keys are mapped, noted or refused (align/train/trl_keys.py)
+        from align.train.trl_keys import carry_over
+
+        data, notes, problems = carry_over(data, set(fields), lambda k: f"{_place(source, lines, k)}: {k}", lines)
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         where = f"{_place(source, lines, dotted)}: {dotted}"
         if key not in fields:
-            renamed = getattr(cls, "RENAMED", {}).get(key)
-            if renamed:
-                raise ConfigError(f"{where}: renamed; use {renamed}")
-            raise ConfigError(f"{where}: unknown key; expected one of {sorted(fields)}")
+            problems.append((key, f"{where}: {_unknown(cls, key, fields)}"))
+            continue
         tp = hints[key]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            kwargs[key] = _build(tp, value, source, lines, dotted + ".")
-        else:
-            kwargs[key] = _coerce(value, tp, where)
+        try:
+            if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+                kwargs[key] = _build(tp, value, source, lines, dotted + ".")
+            else:
+                kwargs[key] = _coerce(value, tp, where)
+        except ConfigError as e:
+            problems.append((key, str(e)))
+    if problems:
+        problems.sort(key=lambda p: order.get(p[0], len(order)))
+        raise ConfigError(_all_problems([text for _, text in problems], source, cls, fields))
     try:
-        return cls(**kwargs)
+        config = cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(_where_check_failed(str(e), source, lines, prefix, cls)) from None
+    if not prefix:
+        _print_notes(notes)  # only for a config that loads: with errors, those come first
+    return config
+
+
+def _all_problems(problems: list[str], source: str, cls: type, fields: dict) -> str:
+    """One message: one problem on its line, or a count and one line per problem; the valid keys once."""
+    keys = f"expected one of {sorted(fields)}" if any(": unknown key" in p for p in problems) else ""
+    if len(problems) == 1:
+        return "; ".join(filter(None, [problems[0], keys]))
+    return "\n  ".join([f"{source}: {len(problems)} problems:", *problems, *([keys] if keys else [])])
+
+
+def _unknown(cls: type, key: str, fields: dict) -> str:
+    """A renamed key names its new spelling; another unknown key the nearest field, if one is close."""
+    renamed = getattr(cls, "RENAMED", {}).get(key)
+    if renamed:
+        return f"renamed; use {renamed}"
+    near = difflib.get_close_matches(key, fields, n=1)
+    return f"unknown key (did you mean {near[0]}?)" if near else "unknown key"
+
+
+def _print_notes(notes: list[str]) -> None:
+    """TRL keys that have no effect here, one line each, said once (by the first of N launched processes)."""
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"[align] {note}", file=sys.stderr)
 
 
 def _where_check_failed(message: str, source: str, lines: dict[str, int], prefix: str, cls: type) -> str:
