@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    leave_launched_process(code)  # one of N launched processes ends here (align/distributed.py says why)
+    leave_launched_process(code)  # one of N launched processes ends here (align/core/distributed.py says why)
     return code
 
 

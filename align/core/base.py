@@ -40,7 +40,7 @@ class SharedBase:
         self.load_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.trainable: set[str] = set()
         self.settings: dict[str, LoraSettings] = {}
-        self.sharded = False  # FSDP (align/fsdp.py): this process holds slices of the base and adapters
+        self.sharded = False  # FSDP (align/core/fsdp.py): this process holds slices of the base and adapters
         self.gathered: dict[str, dict] = {}  # FSDP: full copies of adapters, gathered for saving
         self.fingerprint_cache: dict | None = None
         # Taken from the plain model: once PEFT has injected layers, lora_A/lora_B are Linear too.

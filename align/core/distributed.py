@@ -6,7 +6,7 @@ base and the same adapters; each takes its shard of every global batch, and afte
 micro-batch of a step the gradients of the *trained* tensors only (adapters and heads: a few MB)
 are averaged in one all-reduce of a flat buffer. The frozen base is never communicated
 (docs/scaling.md, "How a step is shared"). Under an FSDP launch the base is sharded instead
-(align/fsdp.py) and FSDP reduces the adapters' gradients; the all-reduce here keeps the rest.
+(align/core/fsdp.py) and FSDP reduces the adapters' gradients; the all-reduce here keeps the rest.
 
 Why not DDP around the model: the recipes call parts of the base (the decoder, the LM head,
 several adapters in one step) rather than one forward of a wrapped module, and DDP's reducer
@@ -75,7 +75,7 @@ class Processes:
             self.rank = state.process_index
             self.local_rank = state.local_process_index
         self.device = resolve_device(device, self.local_rank, self.world)
-        # FSDP launch (configs/accelerate/fsdp.yaml): the Trainer shards the base (align/fsdp.py).
+        # FSDP launch (configs/accelerate/fsdp.yaml): the Trainer shards the base (align/core/fsdp.py).
         self.fsdp = self.world > 1 and fsdp_launched()
         if self.fsdp:
             # Every process reads the checkpoint itself (safetensors are memory-mapped: one copy in the page

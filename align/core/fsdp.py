@@ -7,7 +7,7 @@ and FSDP reduce-scatters (averages) their gradients itself; tensors outside the 
 stay whole on every process and are averaged by `Processes.average_gradients`, as under DDP.
 
 Why these units and not the root model: the recipes call the decoder and read the LM head's weight
-themselves (align/logprobs.py, align/sft.py), never the model's own forward. So the decoder is the
+themselves (align/core/logprobs.py, align/recipes/sft.py), never the model's own forward. So the decoder is the
 root FSDP sees, and the LM head, whose forward never runs, is gathered where its weight is read
 (`full_tensor`). Every process must therefore run the same forwards: evaluation too runs everywhere.
 

@@ -4,13 +4,13 @@ Formats (one JSON object per row):
   standard:        {"prompt": str, "chosen": str, "rejected": str}
   conversational:  {"prompt": [{"role", "content"}, ...], "chosen": [...], "rejected": [...]}
 Rows without a prompt of their own (implicit-prompt conversations, Anthropic HH strings, the H4
-UltraFeedback layout) have it split out as TRL does: align/prompt_extraction.py.
-Sources (files, save_to_disk folders, dataset names, Dataset objects, lists): align/data_sources.py.
+UltraFeedback layout) have it split out as TRL does: align/data/prompt_extraction.py.
+Sources (files, save_to_disk folders, dataset names, Dataset objects, lists): align/data/sources.py.
 
 Every problem is reported with its place (`file:line` for JSONL, `SOURCE: row N`
 otherwise), the field and what was expected. `on_bad_rows="error"` (default) raises
 one DataError listing every bad row; "skip" drops them and counts them. Tokenisation is cached
-on disk (align/data_tokenize.py), so a resumed run does not redo it.
+on disk (align/data/token_cache.py), so a resumed run does not redo it.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def tokenize_preferences(rows: list[PreferenceRow], tokenizer, max_length: int, 
                          on_bad_rows: str = "error") -> list[TokenizedPair]:
     """Tokenize rows; answers are truncated to fit `max_length`, a prompt that leaves no room is an error.
 
-    Cached on disk (align/data_tokenize.py): the same rows, tokenizer and settings
+    Cached on disk (align/data/token_cache.py): the same rows, tokenizer and settings
     are tokenised once and read back from the cache afterwards.
     """
     from align.data.token_cache import cache_key, cached_map

@@ -179,7 +179,7 @@ def pack_examples(examples: list[SFTExample], max_length: int) -> list[PackedRow
 
     No example is split. Each example's first token stays unmasked-out of the loss (mask 0), so no
     token is ever predicted from the end of the previous example; attention is kept inside each
-    example by the restarting position ids (see align/sft.py).
+    example by the restarting position ids (see align/recipes/sft.py).
     """
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
     bins: list[list[int]] = []

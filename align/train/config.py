@@ -124,7 +124,7 @@ class ModelConfig:
                                        "activations instead of recomputing them (SmolLM2-135M, 4 pairs x 128 "
                                        "tokens: 8 layers cost ~45 MB and made DPO steps ~9% faster).")
     heap_mmap_threshold_mb: float | None = arg(None, "CPU, glibc: allocations of at least this many MB get their "
-                                                     "own mapping, returned on free (align/heap.py): less peak "
+                                                     "own mapping, returned on free (align/core/heap.py): less peak "
                                                      "memory, slower steps. null: glibc's default.")
     num_threads: int = arg(0, "CPU threads for torch (0: torch's default). On a CPU shared with other jobs, 1 "
                               "avoids oversubscription.")
