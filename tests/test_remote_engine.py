@@ -43,7 +43,7 @@ class Server:
 
     def start(self) -> None:
         self.starts += 1
-        self.proc = start_align_serve(["--base", str(self.base), "--adapter-dir", str(self.adapter_dir), "--port",
+        self.proc = start_align_serve(["--base", str(self.base), "--adapter_dir", str(self.adapter_dir), "--port",
                                        str(self.port), "--dtype", "float32", "--", "--enforce-eager"],
                                       self.log, api_key=KEY, append=True)
 

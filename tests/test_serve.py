@@ -168,7 +168,7 @@ def test_adapter_checks(tiny_llama, tmp_path):
     base = BaseInfo.read(tiny_llama)
     path = make_adapters(tiny_llama, tmp_path, ["blue"])["blue"]  # rank 8
     check_adapter(read_adapter(path), base, max_rank=8)
-    with pytest.raises(AdapterRefused, match="exceeds this server's --max-lora-rank 1") as e:
+    with pytest.raises(AdapterRefused, match="exceeds this server's --max_lora_rank 1") as e:
         check_adapter(read_adapter(path), base, max_rank=1)
     assert e.value.status == 422
     with pytest.raises(AdapterRefused, match="no adapter folder") as e:

@@ -37,7 +37,7 @@ def private_folder(log: Path) -> Path:
 
 
 def build_allowed(tiny_llama, root: Path) -> dict:
-    """--adapter-dir with good adapters and one bad folder of each kind the start-up scan must skip."""
+    """--adapter_dir with good adapters and one bad folder of each kind the start-up scan must skip."""
     from align.core.tiny import build_tiny_model
 
     allowed = root / "allowed"
@@ -137,7 +137,7 @@ def test_restart_swept_the_killed_servers_folder(attack):
 
 
 def test_bad_adapter_dir_folders_skipped_one_line_each(attack):
-    lines = [ln for ln in attack["log"].read_text().splitlines() if "--adapter-dir: skipped" in ln]
+    lines = [ln for ln in attack["log"].read_text().splitlines() if "--adapter_dir: skipped" in ln]
     reasons = {"spoiled-json": "not valid JSON", "fifo": "a FIFO", "escape": "outside the allowed folder",
                "wide": "vLLM serves ranks up to 512", "foreign": "trained on another base"}
     for folder, why in reasons.items():

@@ -159,7 +159,7 @@ def test_good_adapter_copy_is_what_vllm_gets(good, tiny_llama, tmp_path):
     assert info.rank == 8 and info.snapshot == tmp_path / "copy"
     copied = tmp_path / "copy" / "adapter_model.safetensors"
     assert not copied.is_symlink() and copied.read_bytes() == (root / "weights.safetensors").read_bytes()
-    with pytest.raises(AdapterRefused, match="--max-adapter-mib") as e:
+    with pytest.raises(AdapterRefused, match="--max_adapter_mib") as e:
         snapshot_adapter(folder, root.resolve(), tmp_path / "copy2", 100)
     assert e.value.status == 413
 
@@ -303,7 +303,7 @@ def test_kv_cache_sized_from_model_length_and_sequences(tiny_llama, tmp_path):
     assert kv_settings(base, "bfloat16", 512, 400, None)["kv_cache_memory_bytes"] == \
         big["kv_cache_memory_bytes"] // 2
     assert kv_settings(base, "float32", None, 16, 0.5)["kv_cache_memory_bytes"] == 512 * MIB
-    with pytest.raises(UserError, match="--kv-cache-gib"):
+    with pytest.raises(UserError, match="--kv_cache_gib"):
         kv_settings(base, "float32", None, 16, -1)
     broken = BaseInfo(base.path, {"max_position_embeddings": 64}, base.shapes, base.digest)
     with pytest.raises(UserError, match="cannot size the KV cache"):

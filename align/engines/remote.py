@@ -49,7 +49,7 @@ class RemoteEngine(VerifiedSyncEngine):
     served by an all-zero adapter once any adapter is loaded: other clients' adapter requests may be
     batched with them, and vLLM gets no-adapter requests wrong in such batches.
 
-    With `align serve`, start it with `--adapter-dir D` and give the same `adapter_dir=D` here.
+    With `align serve`, start it with `--adapter_dir D` and give the same `adapter_dir=D` here.
     `api_key` is sent as a bearer token. `reconnect_timeout`: how long a request waits for a
     restarted server before the run fails.
     """
@@ -104,7 +104,7 @@ class RemoteEngine(VerifiedSyncEngine):
             if e.code == 404 and path in ("/v1/completions", "/v1/chat/completions"):
                 raise UnknownModel(f"{method} {self.url}{path}: HTTP 404: {detail}") from None
             hint = (" (is the server running with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or "
-                    "`align serve --adapter-dir` holding adapter_dir?)" if "lora" in path else "")
+                    "`align serve --adapter_dir` holding adapter_dir?)" if "lora" in path else "")
             raise RuntimeError(f"{method} {self.url}{path}: HTTP {e.code}: {detail}{hint}") from None
         except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as e:
             reason = getattr(e, "reason", None) or e

@@ -115,7 +115,7 @@ def _folder(path: Path, root: Path | None) -> Path:
     except (OSError, ValueError) as e:
         raise AdapterRefused(400, f"adapter folder {path}: cannot be read ({e})") from None
     if root is not None and not inside(real, root):
-        raise AdapterRefused(403, f"adapter path {path} is outside the allowed folder {root} (--adapter-dir)")
+        raise AdapterRefused(403, f"adapter path {path} is outside the allowed folder {root} (--adapter_dir)")
     if not is_dir:
         raise AdapterRefused(404, f"no adapter folder at {path}")
     return real
@@ -188,7 +188,7 @@ def snapshot_adapter(src: Path, root: Path | None, dest: Path, limit: int) -> Ad
                 raise AdapterRefused(404, f"{folder}: " + (f"not a PEFT adapter (no {CONFIG})" if name == CONFIG
                                      else f"no {WEIGHTS} (only safetensors adapters are served)")) from None
             if e.status == 413 and name == WEIGHTS:
-                raise AdapterRefused(413, f"{e.message} (--max-adapter-mib)") from None
+                raise AdapterRefused(413, f"{e.message} (--max_adapter_mib)") from None
             raise
     info = read_adapter(dest, dest)
     info.path = folder  # messages name the client's folder
@@ -208,9 +208,9 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, max_rank: int) -> None:
     """
     where = adapter.path
     if adapter.rank > max_rank:
-        hint = f"restart with --max-lora-rank {vllm_max_lora_rank([adapter.rank])}" \
+        hint = f"restart with --max_lora_rank {vllm_max_lora_rank([adapter.rank])}" \
             if adapter.rank <= 512 else "vLLM serves ranks up to 512"
-        raise AdapterRefused(422, f"{where}: rank {adapter.rank} exceeds this server's --max-lora-rank {max_rank}; "
+        raise AdapterRefused(422, f"{where}: rank {adapter.rank} exceeds this server's --max_lora_rank {max_rank}; "
                                   f"{hint}")
     fp = (adapter.meta or {}).get("base_fingerprint") or {}
     if not isinstance(fp, dict):
@@ -268,5 +268,5 @@ def resolve_in_folder(requested: str, folder: Path) -> Path:
         raise AdapterRefused(400, f"adapter path {short(requested)}: cannot be resolved ({e})") from None
     if not inside(real, root):
         raise AdapterRefused(403, f"adapter path {short(requested)} is outside the allowed folder {root} "
-                                  f"(--adapter-dir)")
+                                  f"(--adapter_dir)")
     return real

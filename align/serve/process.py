@@ -195,4 +195,4 @@ def wait_healthy(proc: subprocess.Popen, uds: Path, timeout_s: float) -> None:
             except OSError:
                 pass
         time.sleep(0.3)
-    raise RuntimeError(f"vLLM did not become healthy within {timeout_s:.0f} s (--start-timeout)")
+    raise RuntimeError(f"vLLM did not become healthy within {timeout_s:.0f} s (--start_timeout)")

@@ -180,7 +180,7 @@ class Proxy:
     def adapter_name(self, body: dict) -> str:
         """The request's 'lora_name', once runtime loading is known to be on."""
         if self.state.adapter_dir is None:
-            raise AdapterRefused(403, "runtime adapter loading is off; start `align serve` with --adapter-dir")
+            raise AdapterRefused(403, "runtime adapter loading is off; start `align serve` with --adapter_dir")
         return check_name(body.get("lora_name"), "lora_name")
 
     def checked_request(self, body: dict) -> tuple[str, str, bool]:

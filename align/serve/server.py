@@ -47,12 +47,12 @@ MIB = 1 << 20
 
 
 def _dir_adapters(allowed: Path, guard: FsGuard, base_info: BaseInfo) -> list[int]:
-    """Ranks of the usable adapters in --adapter-dir's sub-folders; each bad one is logged (one line) and skipped."""
+    """Ranks of the usable adapters in --adapter_dir's sub-folders; each bad one is logged (one line) and skipped."""
     ranks = []
     try:
         entries = sorted(os.scandir(allowed), key=lambda e: e.name)
     except OSError as e:
-        raise UserError(f"--adapter-dir {allowed}: cannot be listed ({e.strerror})") from None
+        raise UserError(f"--adapter_dir {allowed}: cannot be listed ({e.strerror})") from None
     for entry in entries:
         folder = Path(entry.path)
         if not os.path.lexists(folder / "adapter_config.json"):
@@ -62,14 +62,14 @@ def _dir_adapters(allowed: Path, guard: FsGuard, base_info: BaseInfo) -> list[in
             guard.run(str(folder), check_adapter, info, base_info, max(VLLM_LORA_RANKS))
             ranks.append(info.rank)
         except AdapterRefused as e:
-            _log(f"--adapter-dir: skipped {short(entry.name)}: {e.message}")
+            _log(f"--adapter_dir: skipped {short(entry.name)}: {e.message}")
     return ranks
 
 
 def _startup_adapters(adapters: dict[str, str], allowed: Path | None, base_info: BaseInfo,
                       max_lora_rank: int | None, copies: Path, guard: FsGuard,
                       limit: int) -> tuple[dict[str, AdapterInfo], int]:
-    """Copy and check the adapters given at startup; max_lora_rank defaults to what holds them and --adapter-dir's."""
+    """Copy and check the adapters given at startup; max_lora_rank defaults to what holds them and --adapter_dir's."""
     infos = {}
     copies.mkdir(mode=0o700)
     for adapter_name, path in adapters.items():
@@ -107,12 +107,12 @@ def kv_settings(base_info: BaseInfo, dtype: str, max_model_len: int | None, max_
         max_model_len = text.get("max_position_embeddings") or cfg.get("max_position_embeddings")
         if not isinstance(max_model_len, int) or max_model_len < 1:
             raise UserError(f"--base {base_info.path}: config.json has no max_position_embeddings; "
-                            "give --max-model-len")
+                            "give --max_model_len")
     if max_num_seqs < 1 or max_model_len < 1:
-        raise UserError(f"--max-num-seqs and --max-model-len must be >= 1, got {max_num_seqs} and {max_model_len}")
+        raise UserError(f"--max_num_seqs and --max_model_len must be >= 1, got {max_num_seqs} and {max_model_len}")
     if kv_cache_gib is not None:
         if kv_cache_gib <= 0:
-            raise UserError(f"--kv-cache-gib: expected a positive size, got {kv_cache_gib}")
+            raise UserError(f"--kv_cache_gib: expected a positive size, got {kv_cache_gib}")
         size = int(kv_cache_gib * (1 << 30))
     else:
         # "auto" keeps the checkpoint's dtype (or downcasts it): its width is an upper bound.
@@ -123,7 +123,7 @@ def kv_settings(base_info: BaseInfo, dtype: str, max_model_len: int | None, max_
             size = kv_cache_bytes(config, kind if kind in DTYPE_BYTES else "float32", max_model_len, max_num_seqs)
         except (AttributeError, TypeError, ZeroDivisionError):
             raise UserError(f"--base {base_info.path}: cannot size the KV cache from config.json "
-                            "(layers, heads, hidden size); give --kv-cache-gib") from None
+                            "(layers, heads, hidden size); give --kv_cache_gib") from None
     return {"max_model_len": max_model_len, "max_num_seqs": max_num_seqs, "kv_cache_memory_bytes": size}
 
 
@@ -156,7 +156,7 @@ def serve(base: str, adapters: dict[str, str], adapter_dir: str | None = None, n
     name = name or base_info.path.name
     allowed = Path(adapter_dir).resolve() if adapter_dir else None
     if allowed is not None and not allowed.is_dir():
-        raise UserError(f"--adapter-dir {adapter_dir}: not a folder")
+        raise UserError(f"--adapter_dir {adapter_dir}: not a folder")
     if name in adapters or name == ZERO_ADAPTER_NAME:
         raise UserError(f"--adapter: the name {name!r} is the base model's name (--name)")
     try:
@@ -186,7 +186,7 @@ def _serve_in(private, base_info, adapters, allowed, name, host, port, api_key, 
                                              guard, adapter_limit)
     if api_key is None and not host.startswith(("127.", "::1", "localhost")):
         _log(f"WARNING: binding {host} without an API key: anyone who can reach it can use the model "
-             f"(set ALIGN_API_KEY or --api-key)")
+             f"(set ALIGN_API_KEY or --api_key)")
     uds = private / "vllm.sock"
     served = {n: str(i.snapshot) for n, i in infos.items()}
     if zero_adapter:
@@ -194,7 +194,7 @@ def _serve_in(private, base_info, adapters, allowed, name, host, port, api_key, 
             zero = ZeroAdapter(base_info.shapes, str(base_info.path))
             served[ZERO_ADAPTER_NAME] = str(zero.write(private / "zero-adapter"))
         except ValueError as e:
-            raise UserError(f"{e} (pass --no-zero-adapter)") from None
+            raise UserError(f"{e} (pass --no_zero_adapter)") from None
     if max_loras is None:
         max_loras = max(1, len(served) + (2 if allowed is not None else 0))
     cmd = vllm_command(str(base_info.path), name, served, uds, max_lora_rank, max_loras, dtype, vllm_args, memory)

@@ -57,11 +57,11 @@ class PPOConfig(TrainConfig):
         "the sync probe holds it to the trainer within 1e-4. logprob/mismatch and policy/entropy then come "
         "from the first update's forward.")
     engine_url: str | None = arg(None, "engine: remote: the server's base URL, e.g. http://127.0.0.1:8000 (start it "
-                                       "with `align serve --base BASE --adapter-dir DIR`).")
+                                       "with `align serve --base BASE --adapter_dir DIR`).")
     engine_api_key_env: str = arg("ALIGN_API_KEY", "engine: remote: environment variable holding the server's API "
                                                    "key (a key in a config file would be copied into the run folder).")
     engine_adapter_dir: str | None = arg(None, "engine: remote: folder the server loads adapters from (inside its "
-                                               "--adapter-dir); null: /dev/shm, i.e. a server on this machine.")
+                                               "--adapter_dir); null: /dev/shm, i.e. a server on this machine.")
     vllm_gpu_memory_utilization: float = arg(0.3, "engine: vllm on CUDA: fraction of the GPU's memory vLLM may take "
                                                   "(weights + KV cache); the rest is the trainer's. Ignored on CPU.")
     vllm_enable_sleep_mode: bool = arg(False, "engine: vllm on CUDA: after each rollout vLLM sleeps (weights to CPU, "
