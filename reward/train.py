@@ -174,7 +174,7 @@ class RewardTrainer(PreferenceTrainer):
     def scores(self, pairs: list[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) rewards, each (B,), from one forward pass over the 2B sequences."""
         batch = collate_pairs(pairs, self.base.tokenizer.pad_token_id)
-        dev = self.config.device
+        dev = self.device
         r = self.rm.score_ids(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
         return r[:len(pairs)], r[len(pairs):]
 

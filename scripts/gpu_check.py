@@ -102,9 +102,9 @@ def run_recipe(config_cls: str, yaml: str, sets: list[str], trainer_cls: str, cu
     on_cuda = any(p.is_cuda for p in trainer.base.model.parameters())
     if cuda and not on_cuda:
         raise RuntimeError("the base model is not on the GPU")
-    if cuda and torch.cuda.is_bf16_supported() and trainer.config.dtype != "bfloat16":
-        raise RuntimeError(f"dtype: auto gave {trainer.config.dtype} on a GPU with bfloat16")
-    return {"ok": True, "dtype": trainer.config.dtype, "steps": len(step_s), "step_s": step_s,
+    if cuda and torch.cuda.is_bf16_supported() and trainer.dtype != "bfloat16":
+        raise RuntimeError(f"dtype: auto gave {trainer.dtype} on a GPU with bfloat16")
+    return {"ok": True, "dtype": trainer.dtype, "steps": len(step_s), "step_s": step_s,
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None}
 
 

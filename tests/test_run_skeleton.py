@@ -147,6 +147,37 @@ def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tin
                          base=base)
     trainer.train()
     trainer.close()
-    assert trainer.config.dtype == "bfloat16"  # what the precompute cache and engines are keyed on
+    assert trainer.dtype == "bfloat16" and trainer.config.dtype == "auto"  # the cache and engines read trainer.dtype
     logged = [line for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert logged and all(torch.isfinite(torch.tensor(yaml.safe_load(line)["loss"])) for line in logged)
+
+
+TRAINERS = {"dpo": ("align.recipes.dpo", "DPOConfig", "DPOTrainer", "configs/dpo_tiny.yaml", DATA),
+            "reward": ("reward.train", "RewardConfig", "RewardTrainer", "configs/reward_tiny.yaml", DATA),
+            "sft": ("align.recipes.sft", "SFTConfig", "SFTTrainer", "configs/sft_tiny.yaml",
+                    ROOT / "tests" / "data" / "sft_tiny.jsonl"),
+            "ppo": ("align.recipes.ppo", "PPOConfig", "PPOTrainer", "configs/ppo_tiny.yaml", None)}
+
+
+@pytest.mark.parametrize("recipe", sorted(TRAINERS))
+def test_a_run_and_its_resume_leave_the_config_as_given(recipe, tiny_llama, tmp_path):
+    """device and dtype auto resolve beside the config (trainer.device, trainer.dtype); the config object
+    itself is the same after a run, and after a resumed one, as before it."""
+    import copy
+    import importlib
+
+    module, config_name, trainer_name, yaml_file, data = TRAINERS[recipe]
+    mod = importlib.import_module(module)
+    sets = [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "save_steps=1",
+            "report_to=[none]", "device=auto", "dtype=auto"] + ([f"train_file={data}"] if data else [])
+    config = load_config(getattr(mod, config_name), ROOT / yaml_file, sets)
+    given = copy.deepcopy(config)
+    for resume in (None, True):
+        trainer = getattr(mod, trainer_name)(config, resume=resume)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        assert dataclasses.asdict(config) == dataclasses.asdict(given)
+    assert (trainer.device, trainer.dtype) == ("cpu", "float32") or trainer.device.startswith("cuda")
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["device"] == "auto"

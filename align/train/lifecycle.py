@@ -2,19 +2,29 @@
 
 A recipe (DPO, reward model, PPO, ...) is a subclass that fills in a few hooks:
 
-    build()            adapters, heads and data on the loaded base; returns the optimizer's param groups
-    num_steps()        how many steps the run has
-    optimizer_steps()  how many optimizer steps those take (the learning-rate schedule's length)
-    training_step()    one step; returns its metrics (usually through `optimizer_step`)
-    evaluate()         held-out metrics, {} if there is nothing to evaluate
-    save_final(final)  write what the run delivers; returns its path
+    build()               adapters, heads and data on the loaded base; returns the optimizer's param groups
+    num_steps()           how many steps the run has
+    optimizer_steps()     how many optimizer steps those take (the learning-rate schedule's length)
+    micro_batches(step)   this process's micro-batches of step `step` (a StepBatches)
+    loss(micro_batch)     (loss, statistics) of one micro-batch
+    evaluate()            held-out metrics, {} if there is nothing to evaluate
+    save_final(final)     write what the run delivers; returns its path
+
+and, where the defaults do not fit: trained_adapters, heads, state_extra / load_extra (checkpointed
+recipe state), start, before_train, after_step, progress, summary_extra, final_path, close.
+
+A step is the lifecycle's: `training_step` sends each micro-batch through `loss` and takes one
+optimizer step over them (align.train.gradient_step: accumulate, clip, update, check, schedule).
+A recipe that takes several optimizer steps per training step (PPO) overrides `training_step`
+instead and calls `self.gradient_step` itself for each of its updates.
 
 Everything else is here, once: the output-folder policy, seeding, the base, AdamW, the
 transformers learning-rate schedule, the train state (checkpoint and exact resume),
-metrics without duplicate steps after a resume, and the progress bar.
+metrics without duplicate steps after a resume, and the progress bar. The config stays as the
+user gave it; the device and dtype it resolves to are `self.device` and `self.dtype`.
 
 On N processes (`accelerate launch`, docs/scaling.md) the same hooks run on every process:
-`self.processes` says which one this is; `optimizer_step` averages the trained tensors'
+`self.processes` says which one this is; the gradient step averages the trained tensors'
 gradients over the processes; only the main process evaluates and writes (config, metrics,
 checkpoints, final files). A recipe shards its data with `self.processes.shard`. Under FSDP
 (align/fsdp.py) the base is sharded after `build`, and every process evaluates and gathers what is saved.
@@ -26,22 +36,31 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from align.core.distributed import Processes
-from align.core.errors import TrainingDiverged, UserError
-from align.core.fsdp import clip_grad_norm, gathered_adapters, local, refuse_unsupported, shard_base
+from align.core.errors import UserError
+from align.core.fsdp import gathered_adapters, refuse_unsupported, shard_base
 from align.data.preference import global_step_batches
-from align.train.run_folder import check_model_available, prepare_output_dir
-from align.train.state import (
-    CheckpointError,
-    TrainState,
-    latest_checkpoint,
-    optimizer_tensors,
-    sweep_run_temps,
-)
+from align.train.gradient_step import GradientStep
+from align.train.optim import adamw
+from align.train.placement import apply_cpu_settings, check_precision, resolve_placement
+from align.train.run_folder import check_model_available, last_good, prepare_output_dir
+from align.train.state import TrainState, optimizer_tensors, sweep_run_temps
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """What one training step trains on: this process's micro-batches (each given to `loss`), how many
+    micro-batches every process's share of the step holds together, and counts of the whole step's
+    data (`pairs`, `tokens`: logged as rates)."""
+
+    local: list
+    global_count: int
+    counts: dict = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +99,7 @@ class Trainer:
         self.resume = resume
         self.overwrite = overwrite
         self.base = base
+        self.device = self.dtype = None  # resolved in setup; the config keeps what the user wrote
         self.step = 0
         self.train_seconds = 0.0  # this process's time in training steps (for throughput summaries)
         self.pairs_seen = 0
@@ -95,8 +115,15 @@ class Trainer:
     def optimizer_steps(self) -> int:
         return self.num_steps()
 
-    def training_step(self) -> dict:
+    def micro_batches(self, step: int) -> StepBatches:
         raise NotImplementedError
+
+    def loss(self, micro_batch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_step(self, stats: dict) -> dict:
+        """Metrics a recipe adds once the step's update is done (e.g. SFT's running token count)."""
+        return {}
 
     def evaluate(self) -> dict:
         return {}
@@ -125,30 +152,43 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        from dataclasses import asdict
-
-        from align.core.base import SharedBase
-        from align.core.hardware import default_dtype
-        from align.core.heap import limit_heap_fragmentation
+        """Resolve where the run lives and claim its folder, then build in order: the base, the recipe's
+        tensors on it (build), the optimizer over exactly those, the restored state, metrics, engines (start)."""
         from align.core.loading import resolve_model
-        from align.train.config_parser import dump_config
-        from align.train.metrics import MetricsLogger
-        from align.train.optim import adamw
 
         c = self.config
-        self.requested_device = c.device
         self.processes = Processes(c.device)
         if self.processes.fsdp:
             refuse_unsupported(c, self.name, self.fsdp_ready)
-        c.device = self.processes.device  # recipes read config.device: from here on it is this process's device
-        if self.base is not None:  # a base already in memory stays where it is
-            c.device = str(next(self.base.model.parameters()).device)
-        self.requested_dtype = c.dtype
-        if c.dtype == "auto":  # from here on recipes read the dtype the base is in
-            c.dtype = self.base.load_dtype if self.base is not None else default_dtype(c.device)
+        self.device, self.dtype = resolve_placement(c, self.processes.device, self.base)
         main = self.processes.is_main
         self.model_path = resolve_model(c.model_name_or_path)  # a wrong path fails before anything is touched
         check_model_available(c.model_name_or_path, self.model_path)
+        checkpoint = self.claim_output_dir()
+        apply_cpu_settings(c, self.device, main)
+        check_precision(self.device, self.dtype, c.dtype, main)
+        seed_everything(c.seed)
+        groups = self.build_on_base()
+        self.optimizer = adamw(groups, weight_decay=c.weight_decay)
+        self.total_steps = self.num_steps()
+        self.scheduler = self.learning_rate_schedule(self.optimizer_steps())
+        self.gradient_step = GradientStep(self.optimizer, self.scheduler, self.processes, self.base,
+                                          c.max_grad_norm, self.out)
+        self.state = TrainState(self.base, self.trained_adapters(), self.optimizer, self.scheduler, self.heads())
+        if checkpoint is not None:
+            self.step, extra = self.state.load(checkpoint)
+            self.load_extra(extra)
+            if main:
+                print(f"[align] resumed from {checkpoint} at step {self.step}")
+        self.logger = self.open_metrics()
+        # A killed attempt may have logged past its last checkpoint; with none, everything it logged is redone.
+        self.logger.truncate_after(self.step if checkpoint is not None else -1)
+        self.start()
+        self._setup_done = True
+
+    def claim_output_dir(self) -> Path | None:
+        """Apply the output-folder policy on every process; returns the checkpoint to resume from, if any."""
+        main = self.processes.is_main
         if main:
             # Swept first: a checkpoint moved aside by a killed replace is put back before resume looks.
             for name in sweep_run_temps(self.out):
@@ -156,141 +196,60 @@ class Trainer:
         self.processes.barrier()
         checkpoint = prepare_output_dir(self.out, self.resume, self.overwrite, main)
         self.processes.barrier()  # the main process's --overwrite deletion is done before anyone goes on
-        if c.num_threads:
-            torch.set_num_threads(c.num_threads)
-        if c.heap_mmap_threshold_mb is not None:
-            self.cpu_only("heap_mmap_threshold_mb", lambda: limit_heap_fragmentation(c.heap_mmap_threshold_mb))
-        self.check_precision()
-        seed_everything(c.seed)
+        return checkpoint
+
+    def build_on_base(self) -> list[dict]:
+        """Load the base (unless one was handed in), let the recipe build on it; returns the param groups."""
+        from align.core.base import SharedBase
+
+        c = self.config
         if self.base is None:
-            # Build order matters: the base, then adapters and heads on it (build), then the optimizer
-            # over exactly the trained tensors, then the restored state, then engines (start).
             # FSDP: loaded whole on the CPU, then each process moves only its slices to its device.
-            self.base = SharedBase.load(self.model_path, c.dtype, "cpu" if self.processes.fsdp else c.device,
-                                        c.trust_remote_code,
-                                        c.gradient_checkpointing, c.checkpoint_keep_last,
+            self.base = SharedBase.load(self.model_path, self.dtype, "cpu" if self.processes.fsdp else self.device,
+                                        c.trust_remote_code, c.gradient_checkpointing, c.checkpoint_keep_last,
                                         load_in_4bit=getattr(c, "four_bit", None))
         groups = self.build()
         if self.processes.fsdp:
             groups = shard_base(self.base, self.processes, groups, self.heads())
         # Same seed, same adapters everywhere already; the broadcast makes it so whatever the device's kernels do.
         self.processes.broadcast_parameters([p for g in groups for p in g["params"]])
-        self.optimizer = adamw(groups, weight_decay=c.weight_decay)
-        self.total_steps = self.num_steps()
-        total_updates = self.optimizer_steps()
+        return groups
+
+    def learning_rate_schedule(self, total_updates: int):
         # Imported here, not above: transformers' scheduler module imports peft (seconds), which a bad
         # model path or folder should not wait for.
         from transformers import get_scheduler
 
-        self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=c.warmup_for(total_updates),
-                                       num_training_steps=total_updates)
-        self.state = TrainState(self.base, self.trained_adapters(), self.optimizer, self.scheduler, self.heads())
-        if checkpoint is not None:
-            self.step, extra = self.state.load(checkpoint)
-            self.load_extra(extra)
-            if main:
-                print(f"[align] resumed from {checkpoint} at step {self.step}")
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(self.config_as_given(), self.out / "config.yaml")
-            self.logger = MetricsLogger(self.out, c.report_to, config=asdict(self.config_as_given()))
-        else:
-            self.logger = NullLogger()
-        # A killed attempt may have logged past its last checkpoint; with none, everything it logged is redone.
-        self.logger.truncate_after(self.step if checkpoint is not None else -1)
-        self.start()
-        self._setup_done = True
-
-    # -- one optimizer step ----------------------------------------------------------------------
-    def optimizer_step(self, micro_batches: list, loss_fn, global_micro_batches: int | None = None) -> dict:
-        """Accumulate gradients over `micro_batches` (loss_fn(mb) -> (loss, stats)), clip, update, schedule.
-
-        Returns the micro-batch mean of the loss and of each statistic, plus grad_norm and the
-        learning rate the update used. A non-finite loss or gradient stops the run before the update.
-        On N processes `micro_batches` is this process's share of the step's `global_micro_batches`
-        (default: N x as many); every micro-batch weighs 1/global in the loss, as on one process, and
-        the trained tensors' gradients (and the statistics) are averaged over the processes.
-        """
         c = self.config
-        world = self.processes.world
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.zero_grad(set_to_none=True)
-        agg: dict[str, float] = {}
-        weight = world / (global_micro_batches or len(micro_batches) * world)
-        bad_loss = None
-        for mb in micro_batches:
-            loss, stats = loss_fn(mb)
-            if not torch.isfinite(loss):
-                if world == 1:
-                    raise TrainingDiverged(self.bad_loss_message(loss.item()))
-                bad_loss = loss.item()  # raised below on every process at once, or the others would wait forever
-                continue
-            (loss * weight).backward()
-            for k, v in {"loss": loss.item(), **stats}.items():
-                agg[k] = agg.get(k, 0.0) + v * weight
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        keys = sorted(agg)
-        extra = torch.tensor([agg[k] for k in keys] + [float(bad_loss is not None)], dtype=torch.float64)
-        reduced = self.processes.average_gradients(params, extra).tolist()
-        if reduced[-1] > 0:
-            raise TrainingDiverged(self.bad_loss_message(bad_loss if bad_loss is not None else "not finite "
-                                                         "on another process"))
-        agg = dict(zip(keys, reduced[:-1]))
-        if self.processes.distributed:
-            agg["allreduce_bytes"] = self.processes.allreduce_bytes
-        if self.base.sharded:  # this process's slices of the base, and the whole base (bytes)
-            agg["fsdp_base_bytes_local"], agg["fsdp_base_bytes_full"] = self.base.shard_bytes
-            grad_norm = clip_grad_norm(params, c.max_grad_norm, self.processes._comm_device())
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(f"step {self.step + 1}: the gradient norm is {grad_norm.item()}; stopped "
-                                   f"before updating. {self.last_good()}")
-        self.optimizer.step()
-        self.check_finite(lr)
-        self.scheduler.step()
-        return {**agg, "grad_norm": grad_norm.item(), "learning_rate": lr}
+        return get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=c.warmup_for(total_updates),
+                             num_training_steps=total_updates)
 
-    def bad_loss_message(self, loss) -> str:
-        return f"step {self.step + 1}: the loss is {loss}; stopped before updating. {self.last_good()}"
+    def open_metrics(self):
+        """The main process writes config.yaml (as given) and metrics; the others log nothing."""
+        from dataclasses import asdict
 
-    @torch.no_grad()
-    def check_finite(self, lr: float) -> None:
-        """Stop the run if the update left a trained tensor or the optimizer state non-finite.
+        from align.train.config_parser import dump_config
+        from align.train.metrics import MetricsLogger
 
-        Checked after every update, so a bad step stops the run before it can reach a checkpoint
-        (docs/design.md, "The run skeleton"). One fused max-norm per group of tensors keeps it cheap;
-        a NaN or infinity anywhere makes it non-finite.
-        """
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        moments = [t for st in self.optimizer.state.values() for t in st.values()
-                   if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
-        for kind, tensors in (("optimizer state", moments), ("trained tensors", params)):
-            if not tensors:
-                continue
-            norms = torch._foreach_norm([local(t) for t in tensors], float("inf"))  # max |x|: finite for any finite
-            finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())  # tensor, unlike L2
-            if self.base.sharded:  # each process checked its slices: all stop, or none
-                finite = self.processes.all_agree(finite)
-            if not finite:
-                from align.train.state import inconsistent_moments
+        if not self.processes.is_main:
+            return NullLogger()
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_config(self.config, self.out / "config.yaml")
+        return MetricsLogger(self.out, self.config.report_to, config=asdict(self.config))
 
-                corrupt = inconsistent_moments(self.optimizer.state, self.optimizer.param_groups)
-                cause = ("a corrupted optimizer state (e.g. from a damaged checkpoint)"
-                         if kind == "optimizer state" or corrupt
-                         else f"the learning rate ({lr:g}) is too high for this model")
-                raise TrainingDiverged(f"step {self.step + 1}: the {kind} turned NaN or infinite after the update; "
-                                       f"likely cause: {cause}. Stopped before saving anything. {self.last_good()}")
+    # -- one training step -------------------------------------------------------------------------
+    def training_step(self) -> dict:
+        """Step `self.step` (0-based) for a recipe with one optimizer step per training step: its
+        micro-batches, each through its loss, accumulated into one clipped update (GradientStep)."""
+        self.base.model.train()  # gradient checkpointing (and adapter dropout) act only in train mode
+        batches = self.micro_batches(self.step)
+        stats = self.gradient_step(batches.local, self.loss, self.step + 1, batches.global_count)
+        stats.update(batches.counts)
+        return {**stats, **self.after_step(stats)}
 
     def last_good(self) -> str:
         """What a diverged run can continue from, claiming intact only what was verified just now."""
-        try:
-            path = latest_checkpoint(self.out, say=lambda _: None)
-        except CheckpointError as e:
-            return f"No checkpoint is intact: {e}"
-        return (f"The newest checkpoint, {path}, verified intact (continue with --resume, perhaps with a lower "
-                f"learning_rate)." if path else "No checkpoint was written yet.")
+        return last_good(self.out)
 
     # -- the run ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -380,36 +339,6 @@ class Trainer:
         return self.out
 
     # -- where the run is ----------------------------------------------------------------------------
-    def config_as_given(self):
-        """The config as the user wrote it (device and dtype auto, not what they resolved to here), for config.yaml."""
-        import copy
-
-        given = copy.copy(self.config)
-        given.device, given.dtype = self.requested_device, self.requested_dtype
-        return given
-
-    def cpu_only(self, field: str, apply) -> None:
-        """Apply a CPU-process setting (glibc heap, CPU threads) only where the base lives on the CPU."""
-        if self.config.device == "cpu":
-            apply()
-        elif self.processes.is_main:
-            print(f"[align] {field} applies to CPU runs; ignored on {self.config.device}")
-
-    def check_precision(self) -> None:
-        """Warn about bfloat16 where it is emulated; point out bfloat16 where auto chose float32 but it is native."""
-        import warnings
-
-        from align.core.hardware import fast_bfloat16
-
-        c = self.config
-        native = fast_bfloat16(c.device)  # reads /proc/cpuinfo on a CPU: once
-        if c.dtype == "bfloat16" and not native:
-            warnings.warn(f"dtype bfloat16 on {c.device}: this machine emulates bfloat16 matrix "
-                          "work (several times slower than float32); use float32 here", stacklevel=2)
-        elif native and self.requested_dtype == "auto" and c.dtype == "float32" and self.processes.is_main:
-            print(f"[align] dtype auto: float32 on {c.device}, which computes bfloat16 natively: "
-                  "--bf16 true halves the base and ran DPO ~2x faster (docs/scaling.md, \"Precision\")")
-
     def data_parallel_steps(self, n_items: int, noun: str) -> int:
         """Total optimizer steps over `n_items` at a global batch of per-device x accumulation x processes."""
         c = self.config

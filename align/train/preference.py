@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from align.core.errors import UserError
 from align.data.preference import TokenizedPair, load_preferences, split_held_out, tokenize_preferences
-from align.train.lifecycle import Trainer
+from align.train.lifecycle import StepBatches, Trainer
 
 
 class PreferenceTrainer(Trainer):
-    """A Trainer whose data are preference pairs; subclasses give `pair_loss` and `evaluate`."""
+    """A Trainer whose data are preference pairs; subclasses give `pair_loss` and `evaluate`.
+
+    A step's micro-batches are lists of indices into self.pairs; `loss` is `pair_loss` of one.
+    """
 
     fsdp_ready = True
 
@@ -78,16 +81,15 @@ class PreferenceTrainer(Trainer):
             yield self.eval_pairs[start:start + size]
 
     # -- one step ------------------------------------------------------------------------------
-    def training_step(self) -> dict:
-        self.base.model.train()  # gradient checkpointing (and adapter dropout) act only in train mode
-        every = self.global_batches_for_step(len(self.pairs), self.step)
-        micro = self.processes.shard(every)
-        stats = self.optimizer_step(micro, lambda idx: self.pair_loss([self.pairs[i] for i in idx], idx, True),
-                                    global_micro_batches=len(every))
-        chosen = [self.pairs[i] for idx in every for i in idx]  # counts of the global batch
-        stats["pairs"] = len(chosen)
-        stats["tokens"] = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chosen)
-        return stats
+    def micro_batches(self, step: int) -> StepBatches:
+        """This process's share of step `step`'s micro-batches (pair indices), and the global batch's counts."""
+        every = self.global_batches_for_step(len(self.pairs), step)
+        chosen = [self.pairs[i] for idx in every for i in idx]
+        tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chosen)
+        return StepBatches(self.processes.shard(every), len(every), {"pairs": len(chosen), "tokens": tokens})
+
+    def loss(self, micro_batch: list[int]):
+        return self.pair_loss([self.pairs[i] for i in micro_batch], micro_batch, True)
 
     def summary_extra(self) -> dict:
         return {"skipped_rows": self.skipped_rows, "train_pairs": len(self.pairs)}

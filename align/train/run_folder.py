@@ -1,7 +1,8 @@
 """The output-folder policy every recipe shares, checked before any model loads.
 
 A folder that already holds a run is refused unless the user says `--resume` or `--overwrite`;
-a model name that cannot be found offline is an error now, not after minutes of loading.
+a model name that cannot be found offline is an error now, not after minutes of loading; a run
+that diverges names the checkpoint it can continue from.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from align.core.errors import UserError
-from align.train.state import CHECKPOINTS, find_checkpoint
+from align.train.state import CHECKPOINTS, CheckpointError, find_checkpoint, latest_checkpoint
 
 # Files whose presence means a folder already holds a run.
 RUN_MARKERS = ("config.yaml", CHECKPOINTS, "metrics.jsonl")
@@ -60,3 +61,13 @@ def check_model_available(name: str, resolved: str) -> None:
     if not isinstance(try_to_load_from_cache(resolved, "config.json"), str):
         raise UserError(f"model_name_or_path: {name!r} is not a local folder, and the hub is offline "
                         f"(HF_HUB_OFFLINE) with no cached copy of it")
+
+
+def last_good(out: Path) -> str:
+    """What a diverged run in `out` can continue from, claiming intact only what was verified just now."""
+    try:
+        path = latest_checkpoint(out, say=lambda _: None)
+    except CheckpointError as e:
+        return f"No checkpoint is intact: {e}"
+    return (f"The newest checkpoint, {path}, verified intact (continue with --resume, perhaps with a lower "
+            f"learning_rate)." if path else "No checkpoint was written yet.")

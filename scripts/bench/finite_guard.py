@@ -56,7 +56,7 @@ def main() -> None:
     guard_s = []
     for _ in range(args.calls):
         t0 = time.perf_counter()
-        trainer.check_finite(trainer.optimizer.param_groups[0]["lr"])
+        trainer.gradient_step.check_finite(trainer.optimizer.param_groups[0]["lr"], trainer.step)
         guard_s.append(time.perf_counter() - t0)
     n_tensors = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
     trainer.close()

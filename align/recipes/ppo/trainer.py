@@ -8,7 +8,9 @@
     sampler    = an align.engines engine; vLLM keeps its own copy and receives only the policy adapter
 
 The lifecycle (setup, checkpoints, resume, metrics) is align.train.lifecycle's. `PPOTrainer.ppo_step`
-is the algorithm and reads top to bottom; the equations are in align/ppo/algorithms.py.
+is the algorithm and reads top to bottom, one small method per phase; it takes several optimizer
+steps per rollout, each through the lifecycle's GradientStep (align/train/gradient_step.py). The
+equations are in align/recipes/ppo/algorithms.py; what a step logs is align/recipes/ppo/metrics.py.
 
 On N processes each takes prompts_per_step / N of a step's prompts (all their generations, so
 GRPO/RLOO groups stay whole) and samples them with its own engine; advantages are whitened per
@@ -19,7 +21,6 @@ process decides the same (docs/scaling.md).
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from align.recipes.ppo import algorithms as A
 from align.recipes.ppo.batch import Rollout, load_rows, pack, prompt_indices
 from align.recipes.ppo.config import PPOConfig
 from align.recipes.ppo.heads import ValueHead
+from align.recipes.ppo.metrics import Laps, step_metrics
 from align.train.lifecycle import Trainer
 
 
@@ -56,7 +58,7 @@ class PPOTrainer(Trainer):
         self.critic = c.algorithm == "ppo"
         if self.critic:
             self.base.add_adapter("critic", c.lora)
-            self.value_head = ValueHead(self.base.hidden_size, seed=c.seed).to(c.device)
+            self.value_head = ValueHead(self.base.hidden_size, seed=c.seed).to(self.device)
         specs = list(c.reward_functions.items())
         self.task_scorer = CombinedReward(specs) if specs else None  # held-out evaluation: functions only
         self.reward_model = None
@@ -121,7 +123,7 @@ class PPOTrainer(Trainer):
         if self.engine is None:
             from align.engines import make_engine
 
-            self.engine = make_engine(c.rollout_engine, self.model_path, self.base, dtype=c.rollout_dtype or c.dtype,
+            self.engine = make_engine(c.rollout_engine, self.model_path, self.base, dtype=c.rollout_dtype or self.dtype,
                                       **self.engine_options())
         self.last_sync = self.engine.sync(self.base, adapter="policy")
 
@@ -139,84 +141,103 @@ class PPOTrainer(Trainer):
         return options
 
     # -- the algorithm ---------------------------------------------------------------------------
+    def training_step(self) -> dict:
+        return self.ppo_step(self.step + 1)
+
     def ppo_step(self, step: int) -> dict:
         """One PPO step (1-based): rollout, score, forward passes, advantages, update, sync."""
-        c, base = self.config, self.base
-        times = {}
-        t = time.perf_counter()
-
+        c, laps = self.config, Laps()
         # 1. Rollout: sample G completions for each of this step's prompts with the current policy.
+        batch = self.rollout(step)
+        laps.lap("rollout")
+        # 2. Score: programmatic rewards and/or the reward model, per sequence.
+        scores, parts = self.score(self.scorer, batch.rows, batch.texts)
+        laps.lap("score")
+        # 3. Without gradients: pi_old's log-probs, the reference's (adapters off), the critic's values.
+        old_logp, entropy = self.old_logprobs(batch)
+        laps.lap("old_logprobs")
+        ref_logp = self.reference_logprobs(batch)
+        laps.lap("ref_logprobs")
+        old_values = self.old_values(batch)
+        laps.lap("values")
+        # 4. KL to the reference, per token; a run whose mean per-sequence KL passes max_kl stops.
+        kl, kl_mean = self.reference_kl(step, old_logp, ref_logp, batch.mask)
+        # 5. Rewards and advantages: GAE with the critic (PPO), or against the prompt's group (GRPO, RLOO).
+        advantages, returns = self.advantages(scores, kl, old_values, batch.mask)
+        # 6. Several epochs of minibatch updates with the clipped surrogate (and clipped value loss).
+        updates, first = self.update(step, batch, old_logp, ref_logp, advantages, old_values, returns)
+        laps.lap("update")
+        # 7. Send the new policy adapter to the sampler (verified by probe log-probs).
+        self.last_sync = self.engine.sync(self.base, adapter="policy")
+        laps.lap("sync")
+        # 8. Adaptive KL coefficient (Ziegler et al.), driven by the per-sequence KL of the global batch.
+        if c.kl_target is not None:
+            self.kl_coef = A.adaptive_kl_coef(self.kl_coef, kl_mean, c.kl_target, c.kl_horizon,
+                                              batch.mask.shape[0] * self.processes.world)
+        # The trainer's own pi_old log-probs and entropy: the forward above, or the first update's (before any step).
+        trainer_view = (torch.arange(batch.mask.shape[0]), old_logp, entropy) if entropy is not None else first
+        return step_metrics(batch, scores, parts, kl if ref_logp is not None else None, kl_mean, trainer_view,
+                            advantages, updates, laps.times, old_values, returns, self.kl_coef, self.last_sync)
+
+    def rollout(self, step: int) -> Rollout:
+        """G completions for each of this process's share of step `step`'s prompts, packed."""
+        c = self.config
         idx = self.processes.shard(prompt_indices(len(self.train_rows), c.prompts_per_step, c.seed, step))
-        rows = [self.train_rows[i] for i in idx]
         samples = self.engine.generate([self.train_ids[i] for i in idx], n=c.num_generations,
                                        max_new_tokens=c.max_completion_length, temperature=c.temperature,
                                        top_p=c.top_p, seed=self._seed(step) + self.processes.rank, adapter="policy")
-        batch = pack(samples, rows, base.tokenizer.pad_token_id)
-        mask = batch.mask
-        t = _lap(times, "rollout", t)
+        return pack(samples, [self.train_rows[i] for i in idx], self.base.tokenizer.pad_token_id)
 
-        # 2. Score: programmatic rewards and/or the reward model, per sequence.
-        scores, parts = self.score(self.scorer, batch.rows, batch.texts)
-        t = _lap(times, "score", t)
+    @torch.no_grad()
+    def old_logprobs(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) pi_old log-probs and entropy: the trainer's forward, or the sampler's log-probs (no entropy)."""
+        if self.old_from_sampler():  # proven equal to the trainer's by the last sync's probe
+            return batch.sampler_logprobs * batch.mask, None
+        return self._logprobs(batch, "policy", with_entropy=True)
 
-        # 3. Training-side log-probs (policy), reference log-probs (adapters off), values (critic).
-        #    No reference forward when nothing uses it (docs/design.md, "What a PPO step spends").
-        with torch.no_grad():
-            if self.old_from_sampler():  # the sampler's, proven equal to the trainer's by the last sync's probe
-                old_logp, entropy = batch.sampler_logprobs * mask, None
-            else:
-                old_logp, entropy = self._logprobs(batch, "policy", with_entropy=True)
-            t = _lap(times, "old_logprobs", t)
-            ref_logp = self._logprobs(batch, None) if self.needs_reference() else None
-            t = _lap(times, "ref_logprobs", t)
-            old_values = self._values(batch) if self.critic else None
-        t = _lap(times, "values", t)
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Rollout) -> torch.Tensor | None:
+        """(B, T) reference log-probs; None when nothing uses them (docs/design.md, "What a PPO step spends")."""
+        return self._logprobs(batch, None) if self.needs_reference() else None
 
-        # 4. Rewards and advantages (the KL is 0 when there is no reference: its coefficient is 0).
+    @torch.no_grad()
+    def old_values(self, batch: Rollout) -> torch.Tensor | None:
+        """(B, T) the critic's values before the update; None without a critic (GRPO, RLOO)."""
+        return self._values(batch) if self.critic else None
+
+    def reference_kl(self, step: int, old_logp, ref_logp, mask) -> tuple[torch.Tensor, float]:
+        """(B, T) per-token KL to the reference (0 without a reference: its coefficient is 0), and the
+        per-sequence KL's mean over every process's sequences."""
+        c = self.config
         kl = (A.kl_penalty(old_logp, ref_logp, c.kl_estimator) * mask if ref_logp is not None
-              else torch.zeros_like(mask))                                       # (B, T)
-        kl_seq = kl.sum(1)                                                       # (B,)
-        kl_mean = self.processes.mean({"kl": kl_seq.mean().item()})["kl"]        # every process's
+              else torch.zeros_like(mask))
+        kl_mean = self.processes.mean({"kl": kl.sum(1).mean().item()})["kl"]
         if ref_logp is not None:
             self._check_kl(step, kl_mean)
+        return kl, kl_mean
+
+    def advantages(self, scores, kl, old_values, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) advantages and, with a critic, (B, T) returns; the KL is a reward term if kl_in_reward."""
+        c = self.config
         kl_coef_in_reward = self.kl_coef if c.kl_in_reward else 0.0
         returns = None
         if self.critic:
             rewards = A.token_rewards(scores, kl, mask, kl_coef_in_reward)
             advantages, returns = A.gae_advantages(rewards, old_values, mask, c.gamma, c.lam)
         else:
-            seq_rewards = scores - kl_coef_in_reward * kl_seq
-            if c.algorithm == "grpo":
-                seq_adv = A.grpo_advantages(seq_rewards, c.num_generations)
-            else:
-                seq_adv = A.rloo_advantages(seq_rewards, c.num_generations)
-            advantages = seq_adv.unsqueeze(1) * mask
+            seq_rewards = scores - kl_coef_in_reward * kl.sum(1)
+            group_baseline = A.grpo_advantages if c.algorithm == "grpo" else A.rloo_advantages
+            advantages = group_baseline(seq_rewards, c.num_generations).unsqueeze(1) * mask
         if c.whiten_advantages:
             advantages = A.masked_whiten(advantages, mask)
+        return advantages, returns
 
-        # 5. Several epochs of minibatch updates with the clipped surrogate (and clipped value loss).
-        updates, first = self._update(step, batch, old_logp, ref_logp, advantages, old_values, returns)
-        t = _lap(times, "update", t)
-        # The trainer's own pi_old log-probs and entropy: the forward above, or the first update's (before any step).
-        trainer_view = (torch.arange(mask.shape[0]), old_logp, entropy) if entropy is not None else first
-
-        # 6. Send the new policy adapter to the sampler (verified by probe log-probs).
-        self.last_sync = self.engine.sync(base, adapter="policy")
-        t = _lap(times, "sync", t)
-
-        # 7. Adaptive KL coefficient (Ziegler et al.), driven by the per-sequence KL of the global batch.
-        if c.kl_target is not None:
-            self.kl_coef = A.adaptive_kl_coef(self.kl_coef, kl_mean, c.kl_target, c.kl_horizon,
-                                              mask.shape[0] * self.processes.world)
-
-        return self._step_metrics(batch, scores, parts, kl if ref_logp is not None else None, kl_mean, trainer_view,
-                                  advantages, updates, times, old_values, returns)
-
-    def _update(self, step, batch: Rollout, old_logp, ref_logp, advantages, old_values, returns) -> list[dict]:
+    def update(self, step, batch: Rollout, old_logp, ref_logp, advantages, old_values, returns) -> tuple:
+        """num_ppo_epochs passes over shuffled minibatches, one gradient step each. Returns their statistics
+        and (rows, log-probs, entropy) of the first step's forwards, where the policy still was pi_old."""
         c = self.config
         g = torch.Generator().manual_seed(self._seed(step))
         per_update = c.per_device_train_batch_size * c.gradient_accumulation_steps
-
         first = {"rows": [], "logp": [], "entropy": [], "open": self.old_from_sampler()}
 
         def loss_fn(mb: torch.Tensor):
@@ -247,7 +268,7 @@ class PPOTrainer(Trainer):
         stats = []
         for _ in range(c.num_ppo_epochs):
             for mb in torch.randperm(batch.mask.shape[0], generator=g).split(per_update):
-                stats.append(self.optimizer_step(list(mb.split(c.per_device_train_batch_size)), loss_fn))
+                stats.append(self.gradient_step(list(mb.split(c.per_device_train_batch_size)), loss_fn, step))
                 first["open"] = False
         view = (torch.cat(first["rows"]), torch.cat(first["logp"]), torch.cat(first["entropy"])) if first["rows"] \
             else None
@@ -262,48 +283,7 @@ class PPOTrainer(Trainer):
         c = self.config
         if c.sampler_logprobs_as_old is not None:
             return c.sampler_logprobs_as_old
-        return not self.needs_reference() and c.rollout_engine != "remote" and (c.rollout_dtype or c.dtype) == c.dtype
-
-    def _step_metrics(self, batch, scores, parts, kl, kl_mean, trainer_view, advantages, updates, times,
-                      old_values, returns) -> dict:
-        mask = batch.mask
-        rows, trainer_logp, entropy = trainer_view  # the trainer's pi_old log-probs of these rows
-        seen = mask[rows]
-        # No reference forward ran: there is no KL to log (TRL logs none at beta 0 either).
-        logged_kl = {} if kl is None else {"kl/ref": kl_mean, "kl/ref_per_token": A.masked_mean(kl, mask).item()}
-        times = {**times, "forward": times["old_logprobs"] + times["ref_logprobs"] + times["values"]}
-        mean = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-        mismatch = (trainer_logp - batch.sampler_logprobs[rows]).abs() * seen
-        n_tokens = mask.sum().item()
-        out = {
-            "reward/mean": scores.mean().item(),
-            **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
-            **logged_kl,
-            "kl/coef": self.kl_coef,
-            "policy/entropy": A.masked_mean(entropy, seen).item(),
-            "policy/clipfrac": mean["policy/clipfrac"],
-            "policy/approx_kl": mean["policy/approx_kl"],
-            "policy/advantage_std": advantages[mask.bool()].std().item() if n_tokens > 1 else 0.0,
-            "loss": mean["loss"],
-            "loss/policy": mean["loss/policy"],
-            "grad_norm": mean["grad_norm"],
-            "learning_rate": updates[-1]["learning_rate"],
-            "logprob/mismatch_mean": (mismatch.sum() / max(seen.sum().item(), 1)).item(),
-            "logprob/mismatch_max": mismatch.max().item(),
-            "response/length": mask.sum(1).mean().item(),
-            "response/stopped": batch.stopped.mean().item(),
-            "sync/bytes": self.last_sync.bytes,
-            **({"allreduce_bytes": mean["allreduce_bytes"]} if "allreduce_bytes" in mean else {}),
-            "sync/max_abs_diff": self.last_sync.max_abs_diff if self.last_sync.max_abs_diff is not None else math.nan,
-            **{f"time/{k}": v for k, v in times.items()},
-            "tokens_per_s/rollout": n_tokens / max(times["rollout"], 1e-9),
-            "tokens_per_s/step": n_tokens / max(sum(v for k, v in times.items() if k != "forward"), 1e-9),
-        }
-        if self.critic:
-            out.update({"loss/value": mean["loss/value"], "value/clipfrac": mean["value/clipfrac"],
-                        "value/explained_variance": A.explained_variance(old_values, returns, mask),
-                        "value/mean": A.masked_mean(old_values, mask).item()})
-        return out
+        return not self.needs_reference() and c.rollout_engine != "remote" and (c.rollout_dtype or self.dtype) == self.dtype
 
     # -- forward passes and rewards ----------------------------------------------------------------
     def score(self, scorer, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
@@ -318,7 +298,7 @@ class PPOTrainer(Trainer):
         cmask = torch.zeros_like(batch.input_ids)
         cmask[:, P:] = batch.mask.long()
         ctx = reference_context(self.base, self.ref_adapter) if adapter is None else self.base.adapter(adapter)
-        dev = self.config.device
+        dev = self.device
         with ctx:
             out = completion_logprobs(self.base, batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                       cmask.to(dev), with_entropy)
@@ -329,15 +309,12 @@ class PPOTrainer(Trainer):
     def _values(self, batch: Rollout) -> torch.Tensor:
         """(B, T) V(s_t): the critic's value of the state in which completion token t is chosen."""
         P, T = batch.prompt_width, batch.mask.shape[1]
-        dev = self.config.device
+        dev = self.device
         with self.base.adapter("critic"):
             hidden = self.base.hidden(batch.input_ids.to(dev), batch.attention_mask.to(dev))[:, P - 1:P - 1 + T]
         return self.value_head(hidden).cpu() * batch.mask
 
     # -- the lifecycle's hooks -------------------------------------------------------------------
-    def training_step(self) -> dict:
-        return self.ppo_step(self.step + 1)
-
     def before_train(self) -> None:
         # The main process alone: the others would score the same prompts again (PPO never runs under FSDP).
         if self.step == 0 and self.eval_rows and self.processes.is_main:
@@ -401,8 +378,3 @@ class PPOTrainer(Trainer):
             raise TrainingDiverged(f"step {step}: KL to the reference is {kl:.4g} nats per sequence "
                                    f"(max_kl={self.config.max_kl}); stopping. {self.last_good()}")
 
-
-def _lap(times: dict, key: str, start: float) -> float:
-    now = time.perf_counter()
-    times[key] = now - start
-    return now
