@@ -15,7 +15,7 @@ from align.train.advise import lora_parameters, lora_shapes, recommend_rank
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "prefs_tiny.jsonl"
 
-# The tiny Llama (align/tiny.py): hidden 64, 2 heads of 32, 1 KV head, MLP 128, 2 layers.
+# The tiny Llama (align/core/tiny.py): hidden 64, 2 heads of 32, 1 KV head, MLP 128, 2 layers.
 # Per layer, r * (in + out) for each linear:
 #   q 64->64: 128   k 64->32: 96   v 64->32: 96   o 64->64: 128
 #   gate 64->128: 192   up 64->128: 192   down 128->64: 192        sum 1024 per unit of rank

@@ -1,7 +1,7 @@
 """DPO where only a LoRA adapter learns; the reference is the same base with the adapter off.
 
 With `init_adapter` (e.g. an SFT run's adapter/) the trained adapter starts from it and, by
-default, the reference is that starting adapter, frozen, on the same base (align/policy_init.py).
+default, the reference is that starting adapter, frozen, on the same base (align/core/policy_init.py).
 
     align dpo --config configs/dpo_tiny.yaml [--resume] [--beta 0.2] [--set learning_rate=1e-4]
 

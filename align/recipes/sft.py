@@ -3,7 +3,7 @@
     align sft --config configs/sft_tiny.yaml [--resume] [--packing true] [--set learning_rate=1e-4]
 
 The lifecycle (setup, steps, checkpoints, resume, metrics, folder policy) is align.train.lifecycle's;
-this file is the SFT part: the data (align/sft_data.py), the token-level cross-entropy and its
+this file is the SFT part: the data (align/data/sft.py), the token-level cross-entropy and its
 statistics under TRL's SFT names (loss, mean_token_accuracy, num_tokens). The saved `adapter/`
 is a PEFT folder that DPO and PPO accept as `init_adapter`.
 """
@@ -100,7 +100,7 @@ def sft_forward(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     targets = batch["loss_mask"][:, 1:].bool()
     if getattr(base.lm_head, "bias", None) is not None:
         raise NotImplementedError("lm_head with a bias is not supported")
-    weight = full_tensor(base.lm_head.weight)  # sharded under FSDP (align/fsdp.py)
+    weight = full_tensor(base.lm_head.weight)  # sharded under FSDP (align/core/fsdp.py)
     return token_nll(hidden[:, :-1][targets], weight, batch["input_ids"][:, 1:][targets])
 
 

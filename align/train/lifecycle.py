@@ -27,7 +27,7 @@ On N processes (`accelerate launch`, docs/scaling.md) the same hooks run on ever
 `self.processes` says which one this is; the gradient step averages the trained tensors'
 gradients over the processes; only the main process evaluates and writes (config, metrics,
 checkpoints, final files). A recipe shards its data with `self.processes.shard`. Under FSDP
-(align/fsdp.py) the base is sharded after `build`, and every process evaluates and gathers what is saved.
+(align/core/fsdp.py) the base is sharded after `build`, and every process evaluates and gathers what is saved.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Trainer:
     """The shared lifecycle; see the module docstring for the hooks a recipe fills in."""
 
     name = "train"
-    fsdp_ready = False  # whether the recipe runs on a base sharded by FSDP (align/fsdp.py)
+    fsdp_ready = False  # whether the recipe runs on a base sharded by FSDP (align/core/fsdp.py)
 
     def __init__(self, config, resume: bool | str | None = None, overwrite: bool = False, base=None):
         """`base`: train on a SharedBase already in memory (e.g. the demo's) instead of loading one."""

@@ -2,7 +2,7 @@
 
     policy     = base + adapter "policy"                 (trained)
     reference  = base with adapters off                  (SharedBase.reference())
-                 or, with init_adapter, a frozen copy of it (adapter "reference"; align/policy_init.py)
+                 or, with init_adapter, a frozen copy of it (adapter "reference"; align/core/policy_init.py)
     critic     = base + adapter "critic" + ValueHead     (trained; PPO only)
     reward     = base + adapter "reward" + score head    (frozen; optional) and/or reward functions
     sampler    = an align.engines engine; vLLM keeps its own copy and receives only the policy adapter
