@@ -62,6 +62,17 @@ def test_every_path_and_module_the_docs_name_exists(doc):
     assert not gone, f"{doc.relative_to(ROOT)} names what is not in the tree: {gone}"
 
 
+# Comments and help texts in the code, and the configs, are docs too: a moved file must not leave them behind.
+CODE = sorted(p for folder in ("align", "reward", "scripts", "configs") for p in (ROOT / folder).rglob("*")
+              if p.suffix in (".py", ".yaml", ".sh"))
+
+
+@pytest.mark.parametrize("source", CODE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_path_the_code_names_exists(source):
+    gone = [g for g in missing(source.read_text(encoding="utf-8")) if ":" not in g]  # paths; dotted names are imports
+    assert not gone, f"{source.relative_to(ROOT)} names files that are not in the tree: {gone}"
+
+
 def test_the_check_catches_a_planted_bad_path():
     text = ("See `align/checkpoint.py`, `align/train/trackers.py`, scripts/train_nothing.py, reward/model.py,\n"
             "`align.train.trackers.open_trackers`, `align.checkpoint`, `align.train.trackers.no_such_name`,\n"
