@@ -6,12 +6,13 @@ import os
 
 import pytest
 
-# vLLM on CPU: in-process engine (2 s start instead of 14 s), small KV cache, caches inside the tree.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: set before align is
+
+from align.engines.vllm_compat import cpu_environment  # noqa: E402
+
+# vLLM on CPU: in-process engine (2 s start instead of 14 s), small KV cache, no reserved core.
+cpu_environment(os.environ)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The suite runs on two workers (scripts/test.sh): one compute thread each, and in the processes

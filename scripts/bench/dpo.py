@@ -20,30 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-
-def make_data(path: Path, n: int) -> None:
-    """Conversational rows, so that TRL applies the chat template too: both see the same tokens."""
-    from align.tasks.arithmetic import preference_pairs
-
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in preference_pairs(n, seed=0)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from measure import ROOT, bench_environment, peak_rss_mb, run_child, write_pairs
 
 
 def worker_ours(args) -> dict:
@@ -77,7 +60,7 @@ def worker_ours(args) -> dict:
     for _ in range(args.steps):
         one_step()
         marks.append(time.perf_counter())
-    return {**step_rates(marks), "peak_mb": peak_mb(), "precompute_s": precompute_s,
+    return {**step_rates(marks), "peak_mb": peak_rss_mb(), "precompute_s": precompute_s,
             "base_mb": trainer.base.base_bytes() / 2**20}
 
 
@@ -115,21 +98,14 @@ def worker_trl(args) -> dict:
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
                          callbacks=[Clock()])
     trainer.train()
-    return {**step_rates(times), "peak_mb": peak_mb()}
+    return {**step_rates(times), "peak_mb": peak_rss_mb()}
 
 
 def run_worker(mode: str, args, data: Path, model: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--worker", mode, "--model", model, "--data", str(data), "--out", out,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
-               "--keep-last", str(args.keep_last)]
-        if not args.grad_ckpt:
-            cmd.append("--no-grad-ckpt")
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            raise RuntimeError(f"worker {mode} failed:\n{res.stderr[-3000:]}")
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        flags = ["--worker", mode, "--model", model, "--data", str(data), "--out", out, "--steps", str(args.steps),
+                 "--batch", str(args.batch), "--max-length", str(args.max_length), "--keep-last", str(args.keep_last)]
+        return run_child(__file__, *flags, *([] if args.grad_ckpt else ["--no-grad-ckpt"]))
 
 
 def main() -> None:
@@ -158,6 +134,7 @@ def main() -> None:
         return
 
     args.steps = args.steps or 10
+    bench_environment()
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             from align.core.tiny import build_tiny_model
@@ -168,7 +145,7 @@ def main() -> None:
 
             model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
         data = Path(tmp) / "pairs.jsonl"
-        make_data(data, args.rows)
+        write_pairs(data, args.rows)
         modes = ["shared", "ref_copy", "precompute", "trl", "shared_bf16", "trl_bf16_autocast"] + (
             ["shared_lean_heap"] if args.lean_heap else [])
         runs: dict[str, list[dict]] = {m: [] for m in modes}

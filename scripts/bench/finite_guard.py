@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from measure import steady_median, write_pairs
 
 
 def main() -> None:
@@ -31,7 +29,6 @@ def main() -> None:
     import torch
 
     from align.recipes.dpo import DPOConfig, DPOTrainer
-    from align.tasks.arithmetic import preference_pairs
     from align.train.config_parser import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="finite-guard-"))
@@ -40,8 +37,7 @@ def main() -> None:
         from align.core.tiny import build_tiny_model
 
         model = str(build_tiny_model(tmp / "tiny", "llama"))
-    data = tmp / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(64, seed=0)))
+    data = write_pairs(tmp / "pairs.jsonl", 64, chat=False)
     config = load_config(DPOConfig, None, [f"model_name_or_path={model}", f"output_dir={tmp / 'run'}",
                                            f"train_file={data}", f"max_steps={args.steps}", "report_to=[none]",
                                            "per_device_train_batch_size=4", "max_length=128", "save_steps=0"])
@@ -60,9 +56,9 @@ def main() -> None:
         guard_s.append(time.perf_counter() - t0)
     n_tensors = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
     trainer.close()
-    step = statistics.median(step_s[1:] or step_s)
+    step = steady_median(step_s)
     guard = statistics.median(guard_s)
-    print(f"step {step * 1e3:.1f} ms (median of {len(step_s[1:] or step_s)}), guard {guard * 1e3:.2f} ms "
+    print(f"step {step * 1e3:.1f} ms (median of {len(step_s) - (len(step_s) > 2)}), guard {guard * 1e3:.2f} ms "
           f"(median of {len(guard_s)}) over {n_tensors} trained tensors + their Adam moments")
     print(json.dumps({"model": "tiny" if args.quick else "smollm2", "threads": torch.get_num_threads(),
                       "trained_tensors": n_tensors, "step_ms": round(step * 1e3, 2),

@@ -13,25 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-
-def make_data(path: Path, n: int) -> None:
-    from align.tasks.arithmetic import preference_pairs
-
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in preference_pairs(n, seed=0)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+from measure import ROOT, peak_rss_mb, run_child, write_pairs
 
 
 def make_adapter(model: str, out: Path) -> None:
@@ -62,19 +49,15 @@ def worker(args) -> dict:
     trainer.setup()
     t0 = time.perf_counter()
     trainer.train()
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"peak_rss_mb": peak_rss_mb(),
             "train_s": time.perf_counter() - t0, "reference": trainer.config.reference,
             "adapters": trainer.base.adapters}
 
 
 def run_worker(args, init: str | None, tmp: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--data", str(tmp / "pairs.jsonl"),
-           "--out", str(tmp / "run"), "--steps", str(args.steps), "--batch", str(args.batch),
-           "--max-length", str(args.max_length)] + (["--init", init] if init else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--worker", "--model", args.model, "--data", str(tmp / "pairs.jsonl"),
+                     "--out", str(tmp / "run"), "--steps", str(args.steps), "--batch", str(args.batch),
+                     "--max-length", str(args.max_length), *(["--init", init] if init else []))
 
 
 def main() -> None:
@@ -99,7 +82,7 @@ def main() -> None:
             from align.core.tiny import build_tiny_model
 
             args.model = str(build_tiny_model(tmp / "tiny"))
-        make_data(tmp / "pairs.jsonl", 64)
+        write_pairs(tmp / "pairs.jsonl", 64)
         make_adapter(args.model, tmp / "init")
         runs = {"reference_base": [], "reference_init": []}
         for _ in range(args.repeats):

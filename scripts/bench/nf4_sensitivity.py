@@ -25,10 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import measure  # noqa: F401 - first: the repository root on sys.path (see measure.py)
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 
 def load(model_path: str, four_bit: bool, skip_layers=()):

@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from measure import ROOT, bench_environment, peak_rss_mb, run_child
 
 
 # -- one PPO step in a child process -------------------------------------------------------------
@@ -136,14 +133,12 @@ class RssMeter:
             time.sleep(0.002)
 
     def stop(self) -> dict:
-        import resource
-
         seconds = time.perf_counter() - self.start
         self._stop.set()
         self._thread.join()
         self.samples.append(self.rss())
         return {"peak_mb": max(self.samples) / 2 ** 20, "rss_before_step_mb": self.before / 2 ** 20,
-                "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "step_s": seconds}
+                "ru_maxrss_mb": peak_rss_mb(), "step_s": seconds}
 
 
 def trainer_child(model: str, batch: int, completion_len: int) -> dict:
@@ -219,14 +214,6 @@ def copies_child(model: str, sync_mode: str, dtype: str, batch: int, completion_
     return {"sync_mode": sync_mode, "dtype": dtype, "rss_before_models_mb": before, "peak_step_mb": out["peak_mb"],
             "ru_maxrss_mb": out["ru_maxrss_mb"], "base_fp32_mb": fp32_mb, "linear_fp32_mb": linear_mb,
             "process_base_copies": (out["peak_mb"] - before) / fp32_mb}
-
-
-def run_child(args_list: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if out.returncode != 0:
-        raise RuntimeError(f"child {args_list} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # -- sync and rollout speed (one process, vLLM in-process) ----------------------------------------
@@ -325,10 +312,7 @@ def main() -> None:
         print(json.dumps(copies_child(model, sync, dtype, int(b), int(cl))))
         return
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bench_environment(vllm=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     if args.quick:
         from align.core.tiny import build_tiny_model
@@ -353,7 +337,7 @@ def main() -> None:
         rollout_shape = (64, 48)  # the workload: 64 prompts x 48 new tokens
 
     print(f"[bench] model {name}: base copies of a PPO step with its colocated vLLM engine", flush=True)
-    copies = {mode: run_child(["--copies-child", model, mode, args.copies_dtype, shape[0], shape[2]])
+    copies = {mode: run_child(__file__, "--copies-child", model, mode, args.copies_dtype, shape[0], shape[2])
               for mode in ("fold", "lora")}
     copy_figures = {f"process_base_copies_{m}": round(c["process_base_copies"], 3) for m, c in copies.items()}
     copy_figures.update({f"peak_step_mb_{m}": round(c["peak_step_mb"], 1) for m, c in copies.items()})
@@ -365,8 +349,8 @@ def main() -> None:
         print(json.dumps({"model": name, **copy_figures}))
         return
     print(f"[bench] model {name}: memory of one PPO step, each mode in its own process", flush=True)
-    shared = run_child(["--child", model, "shared", *shape])
-    four = run_child(["--child", model, "four", *shape])
+    shared = run_child(__file__, "--child", model, "shared", *shape)
+    four = run_child(__file__, "--child", model, "four", *shape)
     base_mb = shared["base_mb"]
     print(f"  shared base: peak {shared['peak_mb']:.0f} MB   four models: peak {four['peak_mb']:.0f} MB   "
           f"base {base_mb:.1f} MB", flush=True)

@@ -27,10 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import measure  # noqa: F401 - first: the repository root on sys.path (see measure.py)
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 
 def linear_bytes(base) -> int:

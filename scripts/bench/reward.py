@@ -12,15 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# This file is named reward.py: drop its folder from the path so `import reward` finds the package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parents[1]))
+import measure  # noqa: F401 - first: this file is named reward.py; measure.py lets `import reward` find the package
 
 
 def main() -> None:

@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from measure import ROOT, bench_environment, peak_rss_mb, run_child, steady_median
 
 PHASES = ("rollout", "score", "old_logprobs", "ref_logprobs", "values", "update", "sync")
 
@@ -73,12 +69,6 @@ def evaluate(model: str, adapter: str | None, eval_file: str, s: dict) -> dict:
 
 
 # -- the contenders -----------------------------------------------------------------------------------
-def peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_align(model: str, seed: int, train_file: str, out: str, s: dict, rollout_dtype: str) -> dict:
     from align.recipes.ppo import PPOConfig, PPOTrainer
     from align.train.config_parser import load_config
@@ -109,7 +99,7 @@ def run_align(model: str, seed: int, train_file: str, out: str, s: dict, rollout
         trainer.train()
     finally:
         trainer.close()
-    return {"step_s": step_s, "phases": phases, "adapter": str(Path(out) / "policy"), "peak_mb": peak_mb()}
+    return {"step_s": step_s, "phases": phases, "adapter": str(Path(out) / "policy"), "peak_mb": peak_rss_mb()}
 
 
 def run_trl(model: str, seed: int, train_file: str, out: str, s: dict, use_vllm: bool) -> dict:
@@ -161,21 +151,12 @@ def run_trl(model: str, seed: int, train_file: str, out: str, s: dict, use_vllm:
     trainer.train()
     step_s = [marks[i + per_step] - marks[i] for i in range(0, len(marks) - per_step, per_step)]
     trainer.model.save_pretrained(str(Path(out) / "policy"))
-    return {"step_s": step_s, "adapter": str(Path(out) / "policy"), "peak_mb": peak_mb()}
+    return {"step_s": step_s, "adapter": str(Path(out) / "policy"), "peak_mb": peak_rss_mb()}
 
 
 # -- the parent -------------------------------------------------------------------------------------
 def child(kind: str, *rest: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, *rest], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def steady(values: list[float]) -> float:
-    """Median without the warm-up step, when there are enough steps to drop it."""
-    return statistics.median(values[1:] if len(values) > 2 else values)
+    return run_child(__file__, "--child", kind, *rest)
 
 
 def main() -> None:
@@ -199,9 +180,7 @@ def main() -> None:
             print(json.dumps(run_trl(rest[0], int(rest[1]), rest[2], rest[3], s, rest[4] == "vllm")))
         return
 
-    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                       "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}.items():
-        os.environ.setdefault(key, value)
+    bench_environment(vllm=True)
     steps = args.steps or (2 if args.quick else 4)
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-rl-vs-trl-"))
@@ -233,7 +212,7 @@ def main() -> None:
         a = child("align", model, str(seed), str(train_file), str(tmp / f"align-{seed}"), args.rollout_dtype, sj)
         a["reward_after"] = child("eval", model, a["adapter"], str(eval_file), sj)["reward"]
         runs["align"].append(a)
-        print(f"  {steady(a['step_s']):.2f} s/step, peak {a['peak_mb']:.0f} MB, reward {a['reward_after']:.3f}",
+        print(f"  {steady_median(a['step_s']):.2f} s/step, peak {a['peak_mb']:.0f} MB, reward {a['reward_after']:.3f}",
               flush=True)
         print(f"[bench] seed {seed}: TRL ({trl_generation})", flush=True)
         out = str(tmp / f"trl-{seed}")
@@ -252,15 +231,15 @@ def main() -> None:
             t = child("trl", model, str(seed), str(train_file), out, "transformers", sj)
         t["reward_after"] = child("eval", model, t["adapter"], str(eval_file), sj)["reward"]
         runs["trl"].append(t)
-        print(f"  {steady(t['step_s']):.2f} s/step, peak {t['peak_mb']:.0f} MB, reward {t['reward_after']:.3f}",
+        print(f"  {steady_median(t['step_s']):.2f} s/step, peak {t['peak_mb']:.0f} MB, reward {t['reward_after']:.3f}",
               flush=True)
 
     def med(kind, key):
         return statistics.median(r[key] for r in runs[kind])
 
-    align_s = statistics.median(steady(r["step_s"]) for r in runs["align"])
-    trl_s = statistics.median(steady(r["step_s"]) for r in runs["trl"])
-    phases = {f"align_time_{k}": round(statistics.median(steady([ph.get(k, 0.0) for ph in r["phases"]])
+    align_s = statistics.median(steady_median(r["step_s"]) for r in runs["align"])
+    trl_s = statistics.median(steady_median(r["step_s"]) for r in runs["trl"])
+    phases = {f"align_time_{k}": round(statistics.median(steady_median([ph.get(k, 0.0) for ph in r["phases"]])
                                                          for r in runs["align"]), 3)
               for k in PHASES}
     result = {

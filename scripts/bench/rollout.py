@@ -13,27 +13,18 @@ printed next to them because the cores are shared. The last line printed is one 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-# Both cores for vLLM's OpenMP pool, none reserved; in-process engine with a small KV cache.
+from measure import bench_environment
+
+# Both cores for vLLM's OpenMP pool, also where ppo.py loads this file for `measure`.
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-# This file is named rollout.py: drop its folder from the path so it cannot shadow anything.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parents[1]))
 
 
 def load_avg() -> list[float]:
@@ -86,6 +77,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="warm repeats per engine (median reported)")
     ap.add_argument("--rank", type=int, default=8)
     args = ap.parse_args()
+    bench_environment(vllm=True)  # in-process engine, small KV cache, no core reserved
 
     import torch
 

@@ -20,22 +20,13 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-
-def make_data(path: Path, n: int) -> None:
-    from align.tasks.arithmetic import preference_pairs
-
-    path.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
-                            for r in preference_pairs(n, seed=0)))
+from measure import ROOT, child_env, steady_median, write_pairs
 
 
 def free_port() -> int:
@@ -58,14 +49,14 @@ def run(args, data: Path, out: Path, processes: int, threads: int) -> dict:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", str(processes),
                "--main_process_port", str(free_port()), *align]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    env = child_env(OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{processes} process(es) failed:\n{done.stderr[-4000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step_s"] for r in rows if "step_s" in r]
-    median = statistics.median(steps[1:] if len(steps) > 1 else steps)
+    median = steady_median(steps)
     return {"wall_s": time.perf_counter() - t0, "step_s_median": median, "steps_per_s": 1 / median,
             "step_s": steps, "loss": [r["loss"] for r in rows if "loss" in r],
             "allreduce_bytes_per_step": rows[-1].get("allreduce_bytes", 0)}
@@ -89,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "pairs.jsonl"
-        make_data(data, args.pairs)
+        write_pairs(data, args.pairs, chat=False)
         one = run(args, data, tmp / "one", processes=1, threads=2)
         two = run(args, data, tmp / "two", processes=2, threads=1)
         a = load_file(str(tmp / "one" / "adapter" / "adapter_model.safetensors"))

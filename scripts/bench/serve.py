@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from measure import ROOT, bench_environment
 
 PROMPTS = [
     "What is 12+7? Reply with the number only.",
@@ -147,11 +146,7 @@ def main() -> None:
     args = ap.parse_args()
     max_tokens = args.max_tokens or (4 if args.quick else 8)
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bench_environment(vllm=True)
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.quick:
