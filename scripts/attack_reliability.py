@@ -218,7 +218,7 @@ def bad_config(model: Path, tmp: Path) -> list[bool]:
            ("ppo", ["--model_name_or_path", "org/not-cached"], "model_name_or_path"),
            ("dpo", ["--output_dir", str(blocker)], "output_dir"),
            ("ppo", ["--output_dir", str(blocker / "run")], "output_dir"),
-           ("reward", ["--set", "learning_rate=[1,", "--check-config"], "not valid YAML")]
+           ("reward", ["--set", "learning_rate=[1,", "--check_config"], "not valid YAML")]
     for recipe, args, needle in cli:
         out = tmp / f"cfg-{recipe}"
         cmd = dpo(model, out)

@@ -43,7 +43,7 @@ def worker_ours(args) -> dict:
     if args.worker == "shared_bf16":
         sets.append("bf16=true")  # base weights in bfloat16, adapters and optimizer state float32
     if args.worker == "shared_lean_heap":
-        sets.append("heap_mmap_threshold_mb=1.0")  # align/heap.py: lower peak memory, slower steps
+        sets.append("heap_mmap_threshold_mb=1.0")  # align/core/heap.py: lower peak memory, slower steps
     trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs" / "dpo_tiny.yaml", sets), overwrite=True)
     trainer.setup()
     t0 = time.perf_counter()
@@ -187,7 +187,7 @@ def main() -> None:
         "bf16_memory_vs_trl_bf16_autocast": round(med("shared_bf16", "peak_mb") / med("trl_bf16_autocast", "peak_mb"), 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    if args.lean_heap:  # the same run with heap_mmap_threshold_mb=1 (align/heap.py): memory saved, speed lost
+    if args.lean_heap:  # the same run with heap_mmap_threshold_mb=1 (align/core/heap.py): memory saved, speed lost
         out.update({
             "peak_mb_shared_lean_heap": round(med("shared_lean_heap", "peak_mb"), 1),
             "steps_per_s_lean_heap": round(med("shared_lean_heap", "steps_per_s"), 4),

@@ -8,7 +8,7 @@ Figures (targets in brackets):
   counted with its quantisation state (per-block scales and their second-level scales);
 - base_mb_4bit / base_mb_bf16: every base weight (embeddings and norms stay bf16; SmolLM2's 28M-param
   tied embedding is a fifth of the model, hence ~0.4 rather than ~0.3);
-- gain_4bit [>= +0.10]: the `align demo` task (configs/dpo_smollm2.yaml, align/demo.py): held-out greedy
+- gain_4bit [>= +0.10]: the `align demo` task (configs/dpo_smollm2.yaml, align/recipes/demo.py): held-out greedy
   arithmetic reward after minus before DPO, both measured on the 4-bit base (before: adapter off);
 - steps_per_s_4bit / steps_per_s_bf16: DPO step speed (median step time), same pairs and batch.
 Pairs: --pairs FILE (e.g. runs/demo/pairs.jsonl from `align demo`), else sampled from the base as the
