@@ -163,12 +163,12 @@ def test_each_process_takes_a_disjoint_share_of_the_global_batch(tiny_llama, tmp
     shards = []
     for rank in range(2):
         tr.processes.world, tr.processes.rank = 2, rank
-        shards.append([tr.batches_for_step(s) for s in range(3)])
+        shards.append([tr.micro_batches(s).local for s in range(3)])
     tr.processes.world, tr.processes.rank = 1, 0
     # 24 pairs, global batch 8: steps 0-2 are one epoch; one process with 2x accumulation sees the same pairs
     tr.config.gradient_accumulation_steps = 2
     for s in range(3):
-        whole = sorted(i for mb in tr.batches_for_step(s) for i in mb)
+        whole = sorted(i for mb in tr.micro_batches(s).local for i in mb)
         a = [i for mb in shards[0][s] for i in mb]
         b = [i for mb in shards[1][s] for i in mb]
         assert not set(a) & set(b) and sorted(a + b) == whole and len(a) == len(b) == 4
@@ -179,7 +179,7 @@ def test_each_process_takes_a_disjoint_share_of_the_global_batch(tiny_llama, tmp
     parts = [None, None]
     for rank in range(2):
         tr.processes.rank = rank
-        parts[rank] = tr.batches_for_step(1)
+        parts[rank] = tr.micro_batches(1).local
     assert sorted(len(mb) for p in parts for mb in p) == [1, 1] and len(parts[0]) == len(parts[1])
     tr.processes.world, tr.processes.rank = 1, 0
     tr.close()

@@ -163,7 +163,7 @@ def test_rpo_alpha_adds_the_chosen_nll(tiny_llama, tmp_path):
     trainer = DPOTrainer(tiny_config(tiny_llama, tmp_path / "run", max_steps=1, save_steps=0, rpo_alpha=alpha,
                                      per_device_train_batch_size=4))
     trainer.setup()
-    idx = trainer.batches_for_step(0)[0]
+    idx = trainer.micro_batches(0).local[0]
     loss, stats = trainer.pair_loss([trainer.pairs[i] for i in idx], idx, train=False)
     tokens = sum(len(trainer.pairs[i].chosen_ids) for i in idx)
     assert stats["nll_loss"] == pytest.approx(-stats["logps/chosen"] * len(idx) / tokens, rel=1e-5)

@@ -71,10 +71,6 @@ class PreferenceTrainer(Trainer):
     def num_steps(self) -> int:
         return self.data_parallel_steps(len(self.pairs), "pairs")
 
-    def batches_for_step(self, step: int) -> list[list[int]]:
-        """Pair indices of each micro-batch this process trains on in optimizer step `step` (0-based)."""
-        return self.processes.shard(self.global_batches_for_step(len(self.pairs), step))
-
     def eval_chunks(self):
         size = self.config.per_device_eval_batch_size
         for start in range(0, len(self.eval_pairs), size):
