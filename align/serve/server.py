@@ -32,7 +32,7 @@ from align.serve.adapters import (
 )
 from align.serve.fs import FsGuard, short
 from align.serve.private import make_private, record_owner, sweep_stale
-from align.serve.process import OWN_VLLM_OPTIONS, tree_rss, vllm_env
+from align.serve.process import OWN_VLLM_OPTIONS, READY_MARKER, tree_rss, vllm_env
 
 
 class _Stop(Exception):
@@ -264,7 +264,7 @@ async def _run_proxy(state, host: str, port: int, proc) -> int:
             raise RuntimeError(f"cannot bind {host}:{port}: {e.strerror}") from None
         bound = site._server.sockets[0].getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        print(f"align serve: ready at http://{shown}:{bound}/v1", flush=True)
+        print(f"align serve: {READY_MARKER}http://{shown}:{bound}/v1", flush=True)
         print(f"align serve: models: {', '.join(state.models)}", flush=True)
         from align.serve.client_examples import client_examples
 
