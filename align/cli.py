@@ -23,8 +23,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "align sft --config configs/sft_smollm2.yaml --train_file my_rows.jsonl"),
     "reward": ("reward.cli", "Trains a reward model, or scores text with one (`align reward score`).",
                "align reward --config configs/reward_demo.yaml"),
-    "ppo": ("align.recipes.ppo.cli", "Trains a policy adapter with PPO, GRPO or RLOO on one frozen base.",
-            "align ppo --config configs/grpo_demo.yaml --max_steps 20"),
+    "grpo": ("align.recipes.ppo.cli", "Trains a policy adapter with GRPO (TRL's GRPOConfig names; a `trl grpo` "
+             "YAML runs as is).", "align grpo --config configs/grpo_demo.yaml --max_steps 20"),
+    "rloo": ("align.recipes.ppo.cli", "Trains a policy adapter with RLOO (leave-one-out baseline), as `align grpo`.",
+             "align rloo --config configs/grpo_demo.yaml --output_dir runs/rloo"),
+    "ppo": ("align.recipes.ppo.cli", "Trains a policy adapter with PPO (a critic adapter + value head) on one "
+            "frozen base.", "align ppo --config configs/ppo_demo.yaml --max_steps 20"),
     "data": ("align.data.cli", "Checks a preference dataset and lists every bad row.",
              "align data check my_pairs.jsonl --model_name_or_path smollm2 --max_length 256"),
     "advise": ("align.train.advise", "Weighs a dataset against an adapter's capacity and suggests a rank and lr.",

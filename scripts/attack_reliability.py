@@ -191,7 +191,7 @@ def bad_config(model: Path, tmp: Path) -> list[bool]:
     recipes = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
     extra = {"dpo": [f"train_file={DATA}"], "reward": [f"train_file={DATA}"], "ppo": []}
     specific = [("reward", "head_learning_rate=0"), ("reward", "head_learning_rate=.nan"),
-                ("ppo", "critic_learning_rate=-1"), ("ppo", "kl_coef=.nan"), ("dpo", "beta=.nan"),
+                ("ppo", "critic_learning_rate=-1"), ("ppo", "beta=.nan"), ("dpo", "beta=.nan"),
                 ("dpo", "beta=0"), ("ppo", "num_generations=0"), ("ppo", "temperature=0")]
     held = []
     for recipe, cls in recipes.items():

@@ -235,7 +235,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 # -- command line ----------------------------------------------------------------------------------
 # The `--set` example shown in a recipe's help: the first of these fields the recipe's config has.
-SET_EXAMPLES = {"beta": "0.2", "kl_coef": "0.1", "center_rewards_coefficient": "0.01", "packing": "true",
+SET_EXAMPLES = {"beta": "0.2", "center_rewards_coefficient": "0.01", "packing": "true",
                 "learning_rate": "1e-4"}
 
 

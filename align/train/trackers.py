@@ -138,6 +138,14 @@ class Tracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.backend.log({self.rename(k): v for k, v in metrics.items()}, step=step)
 
+    def log_table(self, step: int, name: str, rows: list[dict]) -> None:
+        """A table (e.g. log_completions'), to backends that take one (W&B); the others skip it."""
+        log_table = getattr(self.backend, "log_table", None)
+        if log_table is None or not rows:
+            return
+        columns = list(rows[0])
+        log_table(name, columns=columns, data=[[r.get(c) for c in columns] for r in rows], step=step)
+
     def close(self) -> None:
         self.backend.finish()
 

@@ -248,6 +248,37 @@ TRL_KEYS: dict[str, Key] = {
     "dataset_kwargs": Key("note", "rows are read as align.data.sources reads them", ok=(None, {})),
     # TRL's SFT loss_type (nll | dft); DPOConfig has its own loss_type field, so this is never read for DPO.
     "loss_type": Key("note", "SFT's loss is the token NLL", ok=("nll",)),
+    # -- GRPOConfig's (TRL 1.16) keys that are not PPOConfig fields ---------------------------------
+    "num_generations_eval": Key("note", "held-out prompts are scored greedily, one completion each", ok=(None,)),
+    "chat_template_kwargs": Key("note", "the tokenizer's chat template runs with its defaults", ok=(None, {})),
+    "cache_implementation": Key("note", "the rollout engine manages its own KV cache", ok=(None,)),
+    "vllm_model_impl": Key("note", "vLLM picks its own model implementation", ok=("vllm",)),
+    "vllm_structured_outputs_regex": Key("note", "no constrained decoding", ok=(None,)),
+    "vllm_server_host": Key("refuse", "give the servers' URLs as vllm_server_base_url (one or a list)"),
+    "vllm_server_port": Key("refuse", "give the servers' URLs as vllm_server_base_url (one or a list)"),
+    "vllm_server_timeout": Key("note", "a server is waited for with backoff (engine_options: {reconnect_timeout: S})"),
+    "vllm_group_port": Key("note", "adapters reach servers as files, not through a NCCL weight group"),
+    "vllm_max_model_length": Key("note", "the in-process engine's length is max_prompt_length + "
+                                         "max_completion_length", ok=(None,)),
+    "vllm_tensor_parallel_size": Key("note", "the in-process engine runs on this process's device; for tensor "
+                                             "parallel rollouts start `align serve` servers", ok=(1,)),
+    "vllm_importance_sampling_cap": Key(_rename("vllm_importance_sampling_clip_max"), "TRL's deprecated name"),
+    "delta": Key("note", "no two-sided clipping (TRL's delta)", ok=(None,)),
+    "multi_objective_aggregation": Key("note", "rewards are summed with reward_weights, then normalised "
+                                               "(TRL's default)", ok=("sum_then_normalize",)),
+    "top_entropy_quantile": Key("note", "every completion token is trained", ok=(1.0, 1)),
+    "use_adaptive_entropy": Key("note", "entropy_coef is fixed", ok=(False,)),
+    "max_tool_calling_iterations": Key("note", "no tool calling", ok=(None,)),
+    "off_policy_mask_threshold": Key("note", "no off-policy masking", ok=(None,)),
+    "use_bias_correction_kl": Key("note", "the KL term is not reweighted by the ratio", ok=(False,)),
+    "log_multimodal": Key("note", "text rollouts only"),
+    "log_unique_prompts": Key("note", "log_completions writes every completion with its prompt"),
+    "log_completions_hub_repo": Key("note", "nothing is uploaded", ok=(None,)),
+    "use_transformers_continuous_batching": Key("note", "use_vllm: false samples with transformers' generate",
+                                                ok=(False,)),
+    "transformers_continuous_batching_config": Key("note", "no continuous batching", ok=(None, {})),
+    "use_transformers_paged": Key("note", "use_vllm: false samples with transformers' generate", ok=(False,)),
+    "wandb_log_unique_prompts": Key("note", "log_completions writes every completion with its prompt"),
     # A recipe without dataset_name (SFT) reads the name or file as its train_file.
     "dataset_name": Key(_rename("train_file"), "a dataset name or file"),
 }

@@ -159,8 +159,8 @@ def trainer_child(model: str, batch: int, completion_len: int) -> dict:
     gc.collect()
     cfg = load_config(PPOConfig, ROOT / "configs" / "ppo_demo.yaml", [
         f"model_name_or_path={model}", f"output_dir={tmp / 'run'}", "engine=hf", "report_to=[none]",
-        f"reward_model={tmp / 'reward_model'}", "prompts_per_step=1", f"num_generations={batch}",
-        f"max_completion_length={completion_len}", f"per_device_train_batch_size={batch}", "num_ppo_epochs=1",
+        f"reward_model_name_or_path={tmp / 'reward_model'}", "prompts_per_step=1", f"num_generations={batch}",
+        f"max_completion_length={completion_len}", f"per_device_train_batch_size={batch}", "num_iterations=1",
         "num_train_prompts=8", "num_eval_prompts=1"])
     trainer = PPOTrainer(cfg)
     trainer.setup()
@@ -171,7 +171,7 @@ def trainer_child(model: str, batch: int, completion_len: int) -> dict:
     meter = RssMeter()
     metrics = trainer.ppo_step(1)
     out = meter.stop()
-    shape = [batch, max(len(ids) for ids in trainer.train_ids), round(metrics["response/length"], 1)]
+    shape = [batch, max(len(ids) for ids in trainer.train_ids), round(metrics["completions/mean_length"], 1)]
     trainer.close()
     return {**out, "base_mb": trainer.base.base_bytes() / 2 ** 20, "bases": 1, "batch_shape": shape,
             "adapters": trainer.base.adapters}
@@ -187,7 +187,7 @@ def copies_child(model: str, sync_mode: str, dtype: str, batch: int, completion_
     import torch
 
     from align.engines import vllm_compat
-    from align.recipes.ppo import PPOConfig, PPOTrainer
+    from align.recipes.ppo import GRPOConfig, PPOTrainer
     from align.train.config_parser import load_config
 
     vllm_compat.import_vllm()
@@ -197,11 +197,11 @@ def copies_child(model: str, sync_mode: str, dtype: str, batch: int, completion_
     torch.set_num_threads(max(1, torch.get_num_threads()))
     before = RssMeter().stop()["rss_before_step_mb"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-copies-"))
-    cfg = load_config(PPOConfig, ROOT / "configs" / "grpo_demo.yaml", [
+    cfg = load_config(GRPOConfig, ROOT / "configs" / "grpo_demo.yaml", [
         f"model_name_or_path={model}", f"output_dir={tmp / 'run'}", "engine=vllm", "report_to=[none]",
         f"rollout_dtype={dtype}", f"engine_options={{sync_mode: {sync_mode}}}", "prompts_per_step=1",
         f"num_generations={batch}", f"max_completion_length={completion_len}",
-        f"per_device_train_batch_size={batch}", "num_ppo_epochs=1", "num_train_prompts=8", "num_eval_prompts=1"])
+        f"per_device_train_batch_size={batch}", "num_iterations=1", "num_train_prompts=8", "num_eval_prompts=1"])
     trainer = PPOTrainer(cfg)
     trainer.setup()
     meter = RssMeter()
@@ -264,7 +264,7 @@ def sync_and_rollouts(model: str, n_prompts: int, max_new_tokens: int, repeats: 
 
 
 # -- learning --------------------------------------------------------------------------------------
-def digit_fraction(prompts, completions, answers=None):
+def digit_fraction(completions, **kwargs):
     """Quick-mode reward a tiny random model can learn in a few steps: share of digit characters."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
@@ -275,10 +275,10 @@ def learning(config: str, overrides: list[str], reuse_run: str | None) -> dict:
 
         evals = [r["eval/reward"] for r in read_metrics(reuse_run) if "eval/reward" in r]
         return {"reward_before": evals[0], "reward_after": evals[-1], "reward_source": reuse_run}
-    from align.recipes.ppo import PPOConfig, PPOTrainer
+    from align.recipes.ppo import GRPOConfig, PPOTrainer
     from align.train.config_parser import load_config
 
-    cfg = load_config(PPOConfig, config, overrides)
+    cfg = load_config(GRPOConfig, config, overrides)
     trainer = PPOTrainer(cfg)
     start = time.perf_counter()
     try:
@@ -322,7 +322,7 @@ def main() -> None:
         shape = ("16", "32", "16")
         config = str(ROOT / "configs" / "grpo_demo.yaml")
         overrides = [f"model_name_or_path={model}", f"output_dir={tmp / 'run'}",
-                     "max_steps=" + str(args.train_steps or 15), "reward_functions={__main__:digit_fraction: 1.0}",
+                     "max_steps=" + str(args.train_steps or 15), "reward_funcs=[__main__.digit_fraction]",
                      "system_prompt=null", "learning_rate=3.0e-3", "num_eval_prompts=16", "eval_steps=0",
                      "max_completion_length=8", "temperature=1.0", "engine=hf"]
         rollout_shape = (16, 16)

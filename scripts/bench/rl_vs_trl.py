@@ -39,11 +39,17 @@ def settings(quick: bool, steps: int) -> dict:
     return {
         "lora_r": 8, "lora_alpha": 32, "learning_rate": 3e-3 if quick else 1e-4,
         "prompts_per_step": 2, "num_generations": 4 if quick else 8, "per_device_train_batch_size": 4 if quick else 8,
-        "max_completion_length": 8 if quick else 16, "temperature": 0.8, "kl_coef": 0.0, "cliprange": 0.2,
+        "max_completion_length": 8 if quick else 16, "temperature": 0.8, "beta": 0.0, "epsilon": 0.2,
+        "loss_type": "dapo",  # TRL's default, on both sides
         "max_grad_norm": 1.0, "steps": steps,
         "system_prompt": None if quick else "You are a calculator. Reply with the result only, for example: 42",
         "num_train_prompts": 64 if quick else 1000, "num_eval_prompts": 8 if quick else 64,
     }
+
+
+def steps_per_generation(s: dict) -> int:
+    """TRL's steps_per_generation for prompts_per_step prompts x num_generations, per_device_train_batch_size each."""
+    return s["prompts_per_step"] * s["num_generations"] // s["per_device_train_batch_size"]
 
 
 # -- the shared held-out evaluation -----------------------------------------------------------------
@@ -70,20 +76,20 @@ def evaluate(model: str, adapter: str | None, eval_file: str, s: dict) -> dict:
 
 # -- the contenders -----------------------------------------------------------------------------------
 def run_align(model: str, seed: int, train_file: str, out: str, s: dict, rollout_dtype: str) -> dict:
-    from align.recipes.ppo import PPOConfig, PPOTrainer
+    from align.recipes.ppo import GRPOConfig, PPOTrainer
     from align.train.config_parser import load_config
 
     overrides = [
-        f"model_name_or_path={model}", f"output_dir={out}", f"seed={seed}", "algorithm=grpo", "engine=vllm",
-        f"rollout_dtype={rollout_dtype}", "engine_options={sync_mode: fold}", f"prompts={train_file}",
+        f"model_name_or_path={model}", f"output_dir={out}", f"seed={seed}", "engine=vllm",
+        f"rollout_dtype={rollout_dtype}", "engine_options={sync_mode: fold}", f"train_file={train_file}",
         f"num_train_prompts={s['num_train_prompts']}", f"lora_r={s['lora_r']}", f"lora_alpha={s['lora_alpha']}",
-        f"learning_rate={s['learning_rate']}", f"prompts_per_step={s['prompts_per_step']}",
+        f"learning_rate={s['learning_rate']}", f"steps_per_generation={steps_per_generation(s)}",
         f"num_generations={s['num_generations']}", f"max_completion_length={s['max_completion_length']}",
         f"per_device_train_batch_size={s['per_device_train_batch_size']}", f"temperature={s['temperature']}",
-        f"kl_coef={s['kl_coef']}", f"cliprange={s['cliprange']}", f"max_grad_norm={s['max_grad_norm']}",
-        f"max_steps={s['steps']}", "num_ppo_epochs=1", f"save_steps={s['steps']}", "eval_steps=0",
+        f"beta={s['beta']}", f"epsilon={s['epsilon']}", f"loss_type={s['loss_type']}",
+        f"max_grad_norm={s['max_grad_norm']}", f"max_steps={s['steps']}", "num_iterations=1", f"save_steps={s['steps']}", "eval_steps=0",
         "report_to=[none]", "system_prompt=" + ("null" if s["system_prompt"] is None else json.dumps(s["system_prompt"]))]
-    cfg = load_config(PPOConfig, ROOT / "configs" / "grpo_demo.yaml", overrides)
+    cfg = load_config(GRPOConfig, ROOT / "configs" / "grpo_demo.yaml", overrides)
     step_s, phases = [], []
 
     class Timed(PPOTrainer):
@@ -122,14 +128,14 @@ def run_trl(model: str, seed: int, train_file: str, out: str, s: dict, use_vllm:
     def arithmetic(completions, answer, **_):
         return [score(c[-1]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
 
-    batch = s["prompts_per_step"] * s["num_generations"]
-    per_step = batch // s["per_device_train_batch_size"]  # optimizer steps per rollout batch
+    per_step = steps_per_generation(s)  # optimizer steps per rollout batch
     args = GRPOConfig(
         output_dir=out, seed=seed, learning_rate=s["learning_rate"], lr_scheduler_type="constant",
         per_device_train_batch_size=s["per_device_train_batch_size"], gradient_accumulation_steps=1,
         steps_per_generation=per_step, num_generations=s["num_generations"],
         max_completion_length=s["max_completion_length"], temperature=s["temperature"], top_p=1.0,
-        beta=s["kl_coef"], num_iterations=1, epsilon=s["cliprange"], max_grad_norm=s["max_grad_norm"],
+        beta=s["beta"], num_iterations=1, epsilon=s["epsilon"], loss_type=s["loss_type"],
+        max_grad_norm=s["max_grad_norm"],
         max_steps=s["steps"] * per_step, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         bf16=False, disable_dropout=True, dataloader_num_workers=0, use_vllm=use_vllm,
         **({"vllm_mode": "colocate", "vllm_max_model_length": 128 + s["max_completion_length"]} if use_vllm else {}))

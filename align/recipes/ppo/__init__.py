@@ -1,10 +1,14 @@
 """PPO, GRPO and RLOO where only LoRA adapters (and a value head) learn; all roles share one base.
 
-    from align.recipes.ppo import PPOConfig, PPOTrainer
-    trainer = PPOTrainer(load_config(PPOConfig, "configs/ppo_demo.yaml")); trainer.train(); trainer.close()
+    from align.recipes.ppo import GRPOConfig, train_grpo
+    train_grpo(GRPOConfig(output_dir="runs/mine"), train_dataset=rows, reward_funcs=[my_reward])
 """
 
-from align.recipes.ppo.config import PPOConfig
+from align.recipes.ppo.api import train_grpo, train_ppo, train_rloo
+from align.recipes.ppo.config import GRPOConfig, PPOConfig, RLOOConfig
 from align.recipes.ppo.trainer import PPOTrainer
 
-__all__ = ["PPOConfig", "PPOTrainer"]
+GRPOTrainer = RLOOTrainer = PPOTrainer  # one trainer; the config's algorithm decides
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RLOOConfig", "RLOOTrainer", "train_grpo",
+           "train_ppo", "train_rloo"]

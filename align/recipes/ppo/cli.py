@@ -1,33 +1,42 @@
-"""`align ppo --config FILE`: PPO / GRPO / RLOO with every role on one frozen base."""
+"""`align ppo|grpo|rloo --config FILE`: one trainer, three algorithms (TRL's PPOConfig/GRPOConfig/RLOOConfig names).
+
+A `trl grpo --config x.yaml` file runs as `align grpo --config x.yaml` (docs/ppo.md, "From TRL").
+"""
 
 from __future__ import annotations
 
 
+def config_class(command: str):
+    from align.recipes.ppo.config import GRPOConfig, PPOConfig, RLOOConfig
+
+    return {"ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}[command]
+
+
 def add_arguments(p) -> None:
-    from align.recipes.ppo.config import PPOConfig
     from align.train.cli import add_recipe_arguments
 
-    add_recipe_arguments(p, PPOConfig)
+    add_recipe_arguments(p, config_class(p.prog.split()[-1]))
     p.add_argument("--eval_only", action="store_true",
                    help="score the held-out prompts greedily with the latest checkpoint (or the base) and stop")
 
 
 def run(args) -> int:
-    from align.recipes.ppo.config import PPOConfig
     from align.recipes.ppo.trainer import PPOTrainer
     from align.train.cli import config_or_check, train_from_args
 
+    cls = config_class(args.command)
     if args.eval_only:
-        config = config_or_check(PPOConfig, args)
+        config = config_or_check(cls, args)
         return 0 if config is None else evaluate_only(config)
-    done = train_from_args(PPOConfig, PPOTrainer, args)
+    done = train_from_args(cls, PPOTrainer, args)
     if done is None:
         return 0
     trainer, policy = done
-    for key in ("eval/reward_before", "eval/reward"):
-        if key in trainer.summary:
-            print(f"{key}: {trainer.summary[key]:.4f}")
-    print(f"policy adapter: {policy}   curves: align plot {trainer.out}")
+    if trainer.processes.is_main:
+        for key in ("eval/reward_before", "eval/reward"):
+            if key in trainer.summary:
+                print(f"{key}: {trainer.summary[key]:.4f}")
+        print(f"policy adapter: {policy}   curves: align plot {trainer.out}")
     return 0
 
 

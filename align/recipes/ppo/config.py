@@ -1,18 +1,23 @@
-"""PPOConfig: every knob of `align ppo`, one field each, mirrored exactly by the YAML files in configs/.
+"""PPOConfig, GRPOConfig, RLOOConfig: every knob of `align ppo|grpo|rloo`, one field each.
 
-Shared settings (model and LoRA, optimisation, run folder, logging) come from TrainConfig
-under TRL's names; the PPO-specific ones use TRL's PPO/GRPO names where TRL has one
-(num_generations, max_completion_length, num_ppo_epochs, cliprange, kl_coef, ...).
+Shared settings (model and LoRA, optimisation, run folder, logging) come from TrainConfig under
+TRL's names. The RL fields are TRL 1.16's GRPOConfig/ScriptArguments names and defaults wherever
+TRL has the idea (beta, epsilon, epsilon_high, num_iterations, loss_type, scale_rewards,
+reward_funcs, vllm_server_base_url, ...), so a `trl grpo` YAML runs unchanged; PPO's critic keeps
+TRL's PPOConfig names (cliprange_value, vf_coef, gamma, lam). Our own additions (prompts_per_step,
+engine, system_prompt, kl_target, ...) say so in their help. docs/ppo.md maps the batch sizes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from align.core.policy_init import check_init_fields
-from align.train.config import TrainConfig
+from align.recipes.ppo.config_checks import check_grpo_fields, check_ppo_fields, check_rollout_engine
+from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
@@ -21,153 +26,220 @@ ALGORITHMS = ("ppo", "grpo", "rloo")
 @dataclass
 class PPOConfig(TrainConfig):
     output_dir: str = arg("runs/ppo", "Run folder: metrics.jsonl, tb/, checkpoints/, final adapters.")
-    max_steps: int = arg(100, "PPO steps: rollout, scoring, update, adapter sync.")
-    learning_rate: float = arg(1e-4, "Policy adapter learning rate. LoRA rule of thumb: 10x the full-fine-tuning "
-                                     "lr (1e-5 full -> 1e-4 LoRA), nearly independent of rank at alpha 32.")
+    max_steps: int = arg(-1, "Rollout steps (-1: num_train_epochs passes over the prompts). With TRL's defaults "
+                             "(num_iterations 1, steps_per_generation = gradient_accumulation_steps) one rollout "
+                             "step is one optimizer step, as TRL counts max_steps.")
+    learning_rate: float = arg(1e-4, "Policy adapter learning rate (TRL's GRPO default, 1e-6, is for full "
+                                     "fine-tuning; LoRA's best is ~10x full fine-tuning's: docs/design.md).")
     lr_scheduler_type: str = arg("constant", "transformers.get_scheduler name, over optimizer steps.")
-    per_device_train_batch_size: int = arg(8, "Sequences per forward/backward pass in the update.")
+    per_device_train_batch_size: int = arg(8, "Completions per forward/backward pass in the update (TRL's meaning).")
     eval_steps: int = arg(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
     save_steps: int = arg(10, "Checkpoint every N steps and at the end (0: only at the end).")
 
-    # -- prompts -------------------------------------------------------------------------------
-    prompts: str = arg("arithmetic", "'arithmetic' (built-in demo task) or a JSONL file of {\"prompt\", \"answer\"} "
-                                     "rows.")
-    eval_prompts: str | None = arg(None, "JSONL of held-out rows; with prompts=arithmetic, a fresh disjoint set.")
-    num_train_prompts: int = arg(1000, "Training prompts drawn for the arithmetic task.")
-    num_eval_prompts: int = arg(100, "Held-out prompts scored greedily for `eval/reward`.")
-    system_prompt: str | None = arg(None, "System message put before every prompt (a format hint helps small models).")
-    max_prompt_length: int = arg(128, "Longer prompts are an error naming their row.")
+    # -- prompts: any source DPO reads, plus the built-in task -----------------------------------
+    train_file: str = arg("arithmetic", "Prompt rows: .jsonl/.json/.parquet/.csv, a save_to_disk folder, a folder "
+                                        "of data files, a dataset name, or 'arithmetic' (the built-in demo task). "
+                                        "Each row has a string or conversational 'prompt'; every other column is "
+                                        "passed to the reward functions by name.")
+    eval_file: str | None = arg(None, "Held-out prompt rows (any source train_file takes); with arithmetic, a fresh "
+                                      "disjoint set. Scored greedily with the reward functions (eval/reward).")
+    dataset_name: str = arg("", "Instead of train_file: a dataset name for datasets.load_dataset (TRL's name).")
+    dataset_config: str | None = arg(None, "The dataset's configuration (datasets.load_dataset's second argument).")
+    dataset_split: str = arg("train", "The split to train on, for a dataset name or a saved DatasetDict.")
+    num_train_prompts: int = arg(1000, "arithmetic: training prompts drawn for the task.")
+    num_eval_prompts: int = arg(100, "arithmetic: held-out prompts scored greedily for `eval/reward`.")
+    system_prompt: str | None = arg(None, "Ours: a system turn put before conversational (and arithmetic) prompts.")
+    max_prompt_length: int = arg(512, "Ours: a longer prompt is an error naming its row (TRL 1.16 has no limit).")
 
-    # -- rollout -------------------------------------------------------------------------------
-    algorithm: str = arg("ppo", "'ppo' (critic + GAE), 'grpo' (group-normalised) or 'rloo' (leave-one-out).")
-    prompts_per_step: int = arg(4, "Prompts sampled per step.")
-    num_generations: int = arg(4, "Completions per prompt (the group for GRPO/RLOO; >= 2 there).")
-    max_completion_length: int = arg(16, "Completion length limit in tokens.")
-    temperature: float = arg(0.8, "Sampling temperature for rollouts (0.7-1.0 explores without babbling).")
-    top_p: float = arg(1.0, "Nucleus sampling for rollouts; 1.0 keeps the log-probs of the full distribution.")
-    engine: str = arg("auto", "Rollout engine: 'vllm', 'hf' (transformers generate on the shared base), 'remote' "
-                              "(a running `align serve` or vLLM server at engine_url) or 'auto'.")
+    # -- rollout (TRL's names) -------------------------------------------------------------------
+    algorithm: str = arg("ppo", "'ppo' (critic + GAE), 'grpo' (group-normalised) or 'rloo' (leave-one-out); "
+                                "`align grpo` and `align rloo` set it.")
+    num_generations: int = arg(8, "Completions per prompt (the group for GRPO/RLOO; >= 2 there).")
+    steps_per_generation: int | None = arg(None, "Micro-batches of per_device_train_batch_size completions one "
+                                                 "rollout feeds (TRL's; null: gradient_accumulation_steps).")
+    generation_batch_size: int | None = arg(None, "Completions per rollout over all processes (TRL's; instead of "
+                                                  "steps_per_generation).")
+    prompts_per_step: int | None = arg(None, "Ours: prompts per rollout; null: TRL's generation batch / "
+                                             "num_generations.")
+    max_completion_length: int = arg(512, "Completion length limit in tokens.")
+    temperature: float = arg(1.0, "Sampling temperature for rollouts.")
+    top_p: float = arg(1.0, "Nucleus sampling for rollouts.")
+    top_k: int = arg(0, "Top-k sampling (0: off).")
+    min_p: float | None = arg(None, "Min-p sampling (null: off).")
+    repetition_penalty: float = arg(1.0, "Repetition penalty (1.0: off).")
+    generation_kwargs: dict[str, Any] | None = arg(None, "Further sampling parameters for the engine (vLLM "
+                                                         "SamplingParams / transformers GenerationConfig names).")
+    mask_truncated_completions: bool = arg(False, "Completions cut at max_completion_length take no part in the loss.")
+    use_vllm: bool | None = arg(None, "TRL's switch: true samples with vLLM (vllm_mode says where), false with "
+                                      "transformers on the shared base; null: engine decides.")
+    vllm_mode: str = arg("colocate", "With use_vllm: 'colocate' (vLLM in this process) or 'server' (the servers at "
+                                     "vllm_server_base_url).")
+    vllm_server_base_url: str | list[str] | None = arg(None, "Rollout servers (`align serve` or vLLM), one URL or a "
+                                                             "list: each rollout is sharded over them.")
+    engine: str = arg("auto", "Ours: 'vllm', 'hf' (transformers generate on the shared base), 'remote' (the servers "
+                              "at vllm_server_base_url) or 'auto' (vLLM when installed); use_vllm overrides it.")
     engine_options: dict[str, Any] = arg({}, "Extra keyword arguments for align.engines.make_engine.")
     rollout_dtype: str | None = arg(None, "vLLM engine dtype (default: dtype). bfloat16 samples ~2.4x faster on "
                                           "CPUs with AMX; the sync probe's tolerance is then 0.25 instead of 1e-4 "
                                           "(docs/design.md, 'Rollout engines and adapter sync').")
-    sampler_logprobs_as_old: bool | None = arg(None, "Take pi_old, the PPO ratio's denominator, from the "
-        "sampler's log-probs instead of a forward pass of the trainer (one forward less per step). null: when "
-        "no reference forward runs (kl_coef 0) and an in-process engine samples in the training dtype, where "
-        "the sync probe holds it to the trainer within 1e-4. logprob/mismatch and policy/entropy then come "
-        "from the first update's forward.")
-    engine_url: str | None = arg(None, "engine: remote: the server's base URL, e.g. http://127.0.0.1:8000 (start it "
-                                       "with `align serve --base BASE --adapter_dir DIR`).")
-    engine_api_key_env: str = arg("ALIGN_API_KEY", "engine: remote: environment variable holding the server's API "
-                                                   "key (a key in a config file would be copied into the run folder).")
-    engine_adapter_dir: str | None = arg(None, "engine: remote: folder the server loads adapters from (inside its "
-                                               "--adapter_dir); null: /dev/shm, i.e. a server on this machine.")
-    vllm_gpu_memory_utilization: float = arg(0.3, "engine: vllm on CUDA: fraction of the GPU's memory vLLM may take "
-                                                  "(weights + KV cache); the rest is the trainer's. Ignored on CPU.")
-    vllm_enable_sleep_mode: bool = arg(False, "engine: vllm on CUDA: after each rollout vLLM sleeps (weights to CPU, "
-                                              "KV cache freed) while the trainer steps, and wakes to sample. Frees "
-                                              "GPU memory, costs a weight copy per step. CUDA only.")
+    sampler_logprobs_as_old: bool | None = arg(None, "Ours: take pi_old, the ratio's denominator, from the sampler's "
+        "log-probs instead of a trainer forward (one forward less per step). null: when no reference forward runs "
+        "(beta 0) and an in-process engine samples in the training dtype, where the sync probe holds it to the "
+        "trainer within 1e-4.")
+    engine_api_key_env: str = arg("ALIGN_API_KEY", "Servers: environment variable holding their API key (a key in a "
+                                                   "config file would be copied into the run folder).")
+    engine_adapter_dir: str | None = arg(None, "Servers: folder they load adapters from (inside their "
+                                               "--adapter_dir); null: /dev/shm, i.e. servers on this machine.")
+    vllm_gpu_memory_utilization: float = arg(0.3, "In-process vLLM on CUDA: fraction of the GPU's memory vLLM may "
+                                                  "take; the rest is the trainer's. Ignored on CPU.")
+    vllm_enable_sleep_mode: bool = arg(False, "In-process vLLM on CUDA: vLLM sleeps while the trainer steps.")
+    vllm_importance_sampling_correction: bool = arg(True, "Reweight the loss by pi_old / pi_sampler where the "
+                                                          "sampler's log-probs differ from the trainer's (TRL's).")
+    vllm_importance_sampling_mode: str = arg("sequence_mask", "token_truncate | token_mask | sequence_truncate | "
+                                                              "sequence_mask (TRL's).")
+    vllm_importance_sampling_clip_min: float | None = arg(None, "Lower bound of the correction ratio (mask modes).")
+    vllm_importance_sampling_clip_max: float | None = arg(3.0, "Upper bound of the correction ratio.")
 
-    # -- rewards -------------------------------------------------------------------------------
-    reward_functions: dict[str, float] = arg({"arithmetic": 1.0}, "Programmatic rewards {spec: weight}; spec "
-                                                                  "'arithmetic' or 'module:function'.")
-    reward_model: str | None = arg(None, "Reward model folder (align reward); attached to the same base, frozen.")
-    reward_model_weight: float = arg(1.0, "Weight of the reward model's score in the total reward.")
+    # -- rewards (TRL's names) -------------------------------------------------------------------
+    reward_funcs: list[str] = arg(["arithmetic"], "Reward functions: dotted import paths (my_lib.rewards.correct) "
+                                                  "or built-ins (arithmetic, format, length_penalty); each is called "
+                                                  "fn(prompts=, completions=, completion_ids=, **columns).")
+    reward_model_name_or_path: str | None = arg(None, "A reward model: align's reward folder (an adapter on the "
+                                                      "shared base), an exported classifier, or any "
+                                                      "AutoModelForSequenceClassification folder or hub id.")
+    reward_weights: list[float] | None = arg(None, "One weight per reward, in TRL's order: the reward model "
+                                                   "first, then reward_funcs (null: all 1).")
+    log_completions: bool = arg(False, "Write a table of prompts, completions and rewards every logging step "
+                                       "(completions.jsonl; trackers that take tables).")
+    num_completions_to_print: int | None = arg(None, "With log_completions: rows printed per logging step "
+                                                     "(null: all).")
 
-    # -- the update ----------------------------------------------------------------------------
-    critic_learning_rate: float | None = arg(None, "Critic adapter + value head learning rate (default: "
-                                                   "learning_rate).")
-    num_ppo_epochs: int = arg(2, "Passes over each rollout batch.")
-    cliprange: float = arg(0.2, "PPO ratio clipping: the policy moves at most this far per rollout.")
-    cliprange_value: float | None = arg(0.2, "Value clipping around the old values (null: plain squared error).")
-    vf_coef: float = arg(0.5, "Weight of the value loss.")
+    # -- the update (TRL's names) ----------------------------------------------------------------
+    num_iterations: int = arg(1, "Passes over each rollout (TRL's mu).")
+    epsilon: float = arg(0.2, "Lower clipping of the ratio: 1 - epsilon.")
+    epsilon_high: float | None = arg(None, "Upper clipping: 1 + epsilon_high (DAPO's clip-higher; null: epsilon).")
+    loss_type: str = arg("dapo", "grpo | bnpo | dr_grpo | dapo: how token losses are averaged (TRL's).")
+    importance_sampling_level: str = arg("token", "token | sequence (GSPO): the ratio per token or per sequence.")
+    scale_rewards: str = arg("group", "group | batch | none: divide advantages by the group's or batch's reward "
+                                      "std, or not (Dr. GRPO).")
+    critic_learning_rate: float | None = arg(None, "PPO: critic adapter + value head learning rate "
+                                                   "(default: learning_rate).")
+    cliprange_value: float | None = arg(0.2, "PPO: value clipping around the old values (null: squared error).")
+    vf_coef: float = arg(0.5, "PPO: weight of the value loss.")
     entropy_coef: float = arg(0.0, "Entropy bonus weight (0: off).")
-    gamma: float = arg(1.0, "Discount per token (1.0: the score at the end counts fully for every token).")
-    lam: float = arg(0.95, "GAE lambda: lower trusts the critic more (less variance, more bias).")
-    whiten_advantages: bool = arg(True, "Normalise advantages over the batch (PPO); GRPO's are already normalised.")
+    gamma: float = arg(1.0, "PPO: discount per token (1.0: the final score counts fully for every token).")
+    lam: float = arg(0.95, "PPO: GAE lambda; lower trusts the critic more.")
+    whiten_advantages: bool | None = arg(None, "Normalise advantages over the batch; null: PPO yes, GRPO/RLOO no.")
 
-    # -- KL to the reference -------------------------------------------------------------------
-    kl_estimator: str = arg("k1", "Per-token KL estimator: 'k1' (log p - log q) or 'k3' (non-negative, lower "
-                                  "variance).")
-    kl_in_reward: bool = arg(True, "True: subtract kl_coef*KL from per-token rewards; False: add it as a loss term.")
-    kl_coef: float = arg(0.05, "Initial KL coefficient (beta); 0 disables the penalty.")
-    kl_target: float | None = arg(None, "Adaptive KL: steer the coefficient towards this KL (null: fixed).")
+    # -- KL to the reference -----------------------------------------------------------------------
+    beta: float = arg(0.0, "KL coefficient (TRL's default 0: no reference forward at all).")
+    kl_estimator: str | None = arg(None, "Ours: 'k1' (log p - log q) or 'k3' (TRL's GRPO KL); null: k3 for GRPO, "
+                                         "k1 for PPO/RLOO.")
+    kl_in_reward: bool | None = arg(None, "Ours: subtract beta*KL from the rewards (PPO, RLOO) or add it to the "
+                                          "loss (GRPO, TRL's); null: as the algorithm does in TRL.")
+    kl_target: float | None = arg(None, "Ours: adaptive KL, steering beta towards this KL (null: fixed).")
     kl_horizon: int = arg(10000, "Adaptive KL controller horizon in sequences.")
-    log_reference_kl: bool = arg(False, "With kl_coef 0, still run the reference forward to log kl/ref (costs one "
-                                        "forward pass per step; otherwise skipped and not logged).")
+    log_reference_kl: bool = arg(False, "With beta 0, still run the reference forward to log kl.")
     max_kl: float = arg(20.0, "Stop with TrainingDiverged when the mean KL to the reference exceeds this.")
     init_adapter: str | None = arg(None, "PEFT adapter folder the policy starts from (e.g. an SFT run's adapter/).")
     reference: str | None = arg(None, "'init': the reference is the starting adapter, frozen, on the same base "
                                       "(default with init_adapter); 'base': adapters off (default without).")
 
-    RENAMED = {**TrainConfig.RENAMED, "estimator": "algorithm", "epochs": "num_ppo_epochs",
+    PYTHON_DATA = PreferenceDataConfig.PYTHON_DATA
+    RENAMED = {**TrainConfig.RENAMED, "estimator": "algorithm", "epochs": "num_iterations",
+               "num_ppo_epochs": "num_iterations", "kl_coef": "beta", "cliprange": "epsilon",
+               "clip_eps": "epsilon", "prompts": "train_file", "eval_prompts": "eval_file",
+               "reward_functions": "reward_funcs (a list of names; their weights go in reward_weights)",
+               "reward_model": "reward_model_name_or_path", "reward_model_weight": "reward_weights (the reward "
+               "model's weight comes first)", "engine_url": "vllm_server_base_url",
                "minibatch_size": "per_device_train_batch_size", "generations_per_prompt": "num_generations",
                "max_new_tokens": "max_completion_length", "max_prompt_tokens": "max_prompt_length",
-               "clip_eps": "cliprange", "value_clip": "cliprange_value", "critic_lr": "critic_learning_rate"}
+               "value_clip": "cliprange_value", "critic_lr": "critic_learning_rate"}
 
     def __post_init__(self):
         super().__post_init__()
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {list(ALGORITHMS)}, got {self.algorithm!r}")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps: PPO needs a positive number of steps, got {self.max_steps}")
-        if self.num_train_epochs != 1:
-            raise ValueError("num_train_epochs: PPO runs max_steps rollout steps; use num_ppo_epochs for passes "
-                             "over each rollout batch")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator: expected 'k1' or 'k3', got {self.kl_estimator!r}")
-        if self.algorithm in ("grpo", "rloo") and self.num_generations < 2:
-            raise ValueError(f"num_generations: {self.algorithm} compares completions of the same prompt; "
-                             f"expected >= 2, got {self.num_generations}")
-        for name in ("prompts_per_step", "num_generations", "max_completion_length", "num_ppo_epochs",
-                     "max_prompt_length", "num_eval_prompts", "num_train_prompts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: expected > 0 for sampling, got {self.temperature}")
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ValueError(f"gamma and lam: expected numbers in [0, 1], got {self.gamma}, {self.lam}")
-        if self.kl_target is not None and self.kl_target <= 0:
-            raise ValueError(f"kl_target: expected a positive number or null, got {self.kl_target}")
-        if self.critic_learning_rate is not None and self.critic_learning_rate <= 0:
-            raise ValueError(f"critic_learning_rate: expected > 0, got {self.critic_learning_rate}")
-        if not self.reward_functions and self.reward_model is None:
-            raise ValueError("reward_functions and reward_model: expected at least one source of reward")
-        if self.rollout_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"rollout_dtype: expected float32, bfloat16, float16 or null, got {self.rollout_dtype!r}")
-        self._check_engine()
+        if self.train_file and self.dataset_name and self.train_file != "arithmetic":
+            raise ValueError("train_file and dataset_name: choose one")
+        check_ppo_fields(self)
+        check_grpo_fields(self)
+        check_rollout_engine(self)
         check_init_fields(self)
 
-    def _check_engine(self) -> None:
-        if self.engine not in ("auto", "vllm", "hf", "remote"):
-            raise ValueError(f"engine: expected 'auto', 'vllm', 'hf' or 'remote', got {self.engine!r}")
-        if self.engine == "remote" and not str(self.engine_url or "").startswith(("http://", "https://")):
-            raise ValueError(f"engine_url: engine: remote needs the server's http:// or https:// URL, "
-                             f"got {self.engine_url!r}")
-        if self.engine != "remote" and self.engine_url is not None:
-            raise ValueError(f"engine_url: only used with engine: remote (engine is {self.engine!r})")
-        if self.load_in_4bit and self.engine in ("vllm", "remote"):
-            raise ValueError(f"load_in_4bit: engine: {self.engine} samples from the full-precision base, whose "
-                             f"log-probs differ from the 4-bit policy's (the sync probe would fail); use engine: hf")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization: expected a fraction in (0, 1], "
-                             f"got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_enable_sleep_mode and (self.engine not in ("vllm", "auto") or not self.device.startswith("cuda")):
-            raise ValueError(f"vllm_enable_sleep_mode: vLLM's sleep mode needs engine: vllm on a CUDA device "
-                             f"(engine: {self.engine}, device: {self.device}); set it to false")
+    # -- what the fields resolve to ----------------------------------------------------------------
+    @property
+    def train_source(self) -> str:
+        return self.dataset_name or self.train_file
+
+    @property
+    def critic(self) -> bool:
+        return self.algorithm == "ppo"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return not self.kl_in_reward if self.kl_in_reward is not None else self.algorithm == "grpo"
+
+    @property
+    def kl_kind(self) -> str:
+        return self.kl_estimator or ("k3" if self.algorithm == "grpo" else "k1")
+
+    @property
+    def whiten(self) -> bool:
+        return self.whiten_advantages if self.whiten_advantages is not None else self.algorithm == "ppo"
+
+    @property
+    def epsilon_upper(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def micro_batches_per_rollout(self, world: int = 1) -> int:
+        """TRL's steps_per_generation: micro-batches of per_device_train_batch_size one rollout feeds."""
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size // (self.per_device_train_batch_size * world)
+        return self.steps_per_generation or self.gradient_accumulation_steps
+
+    def prompts_per_rollout(self, world: int = 1) -> int:
+        """Prompts per rollout over all processes: prompts_per_step, or TRL's generation batch / G."""
+        if self.prompts_per_step is not None:
+            return self.prompts_per_step
+        return self.per_device_train_batch_size * self.micro_batches_per_rollout(world) * world // self.num_generations
+
+    def rollout_steps(self, num_prompts: int, world: int = 1) -> int:
+        """max_steps, or num_train_epochs passes over `num_prompts` prompts."""
+        if self.max_steps != -1:
+            return self.max_steps
+        return max(1, math.ceil(self.num_train_epochs * num_prompts / self.prompts_per_rollout(world)))
+
+    def describe_batches(self, world: int, steps: int) -> str:
+        """One line: what a rollout step holds and how it is cut, in TRL's terms."""
+        prompts = self.prompts_per_rollout(world)
+        per_update = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        updates = self.num_iterations * math.ceil(prompts // world * self.num_generations / per_update)
+        return (f"{self.algorithm}: each step samples {prompts} prompts x {self.num_generations} generations = "
+                f"{prompts * self.num_generations} completions on {world} process(es), then takes {updates} "
+                f"optimizer step(s) of {per_update} completions per process ({self.num_iterations} pass(es)); "
+                f"{steps} steps")
 
     @property
     def rollout_engine(self) -> str:
-        """The engine kind to build: 'auto' means transformers on a 4-bit base (see _check_engine)."""
+        """The engine kind to build: TRL's use_vllm/vllm_mode first, then engine ('auto' on a 4-bit base: hf)."""
+        if self.use_vllm is False:
+            return "hf"
+        if self.use_vllm:
+            return "remote" if self.vllm_mode == "server" else "vllm"
         return "hf" if self.load_in_4bit and self.engine == "auto" else self.engine
+
+    @property
+    def server_urls(self) -> list[str]:
+        urls = self.vllm_server_base_url
+        return [] if urls is None else [urls] if isinstance(urls, str) else list(urls)
 
     def rollout_engine_options(self) -> dict[str, Any]:
         """Keyword arguments for align.engines.make_engine: engine_options plus what the fields above set."""
         options = dict(self.engine_options)
-        if self.engine == "remote":
-            options.setdefault("url", self.engine_url)
+        if self.rollout_engine == "remote":
+            urls = self.server_urls
+            options.setdefault("url", urls[0] if len(urls) == 1 else urls)
             if os.environ.get(self.engine_api_key_env):
                 options.setdefault("api_key", os.environ[self.engine_api_key_env])
             if self.engine_adapter_dir is not None:
@@ -178,7 +250,20 @@ class PPOConfig(TrainConfig):
                 options.setdefault("enable_sleep_mode", True)
         return options
 
-    @property
-    def batch_size(self) -> int:
-        """Sequences per rollout: prompts x generations."""
-        return self.prompts_per_step * self.num_generations
+    def sampling(self) -> dict[str, Any]:
+        """The engines' sampling keywords (align/engines/protocol.py `generate`)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "min_p": self.min_p or 0.0, "repetition_penalty": self.repetition_penalty,
+                "generation_kwargs": self.generation_kwargs}
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    output_dir: str = arg("runs/grpo", "Run folder: metrics.jsonl, tb/, checkpoints/, the final policy adapter.")
+    algorithm: str = arg("grpo", "'grpo' (group-normalised advantages); `align rloo` / `align ppo` for the others.")
+
+
+@dataclass
+class RLOOConfig(PPOConfig):
+    output_dir: str = arg("runs/rloo", "Run folder: metrics.jsonl, tb/, checkpoints/, the final policy adapter.")
+    algorithm: str = arg("rloo", "'rloo' (leave-one-out baseline); `align grpo` / `align ppo` for the others.")
