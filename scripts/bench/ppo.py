@@ -264,7 +264,7 @@ def sync_and_rollouts(model: str, n_prompts: int, max_new_tokens: int, repeats: 
 
 
 # -- learning --------------------------------------------------------------------------------------
-def digit_fraction(prompts, completions, answers=None):
+def digit_fraction(completions, **kwargs):
     """Quick-mode reward a tiny random model can learn in a few steps: share of digit characters."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
@@ -322,7 +322,7 @@ def main() -> None:
         shape = ("16", "32", "16")
         config = str(ROOT / "configs" / "grpo_demo.yaml")
         overrides = [f"model_name_or_path={model}", f"output_dir={tmp / 'run'}",
-                     "max_steps=" + str(args.train_steps or 15), "reward_functions={__main__:digit_fraction: 1.0}",
+                     "max_steps=" + str(args.train_steps or 15), "reward_functions={__main__.digit_fraction: 1.0}",
                      "system_prompt=null", "learning_rate=3.0e-3", "num_eval_prompts=16", "eval_steps=0",
                      "max_completion_length=8", "temperature=1.0", "engine=hf"]
         rollout_shape = (16, 16)

@@ -28,6 +28,11 @@ class Rollout:
     texts: list[str]          # decoded completions
     stopped: torch.Tensor     # (B,) 1 where the completion ended with EOS
 
+    def completion_ids(self) -> list[list[int]]:
+        """Each completion's token ids, padding dropped (what TRL passes reward functions)."""
+        lengths = self.mask.sum(1).long().tolist()
+        return [self.input_ids[i, self.prompt_width:self.prompt_width + n].tolist() for i, n in enumerate(lengths)]
+
     def select(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.sampler_logprobs[idx],
                        self.prompt_width, [self.rows[i] for i in idx.tolist()],

@@ -41,7 +41,7 @@ def step_metrics(batch: Rollout, scores: torch.Tensor, parts: dict, kl: torch.Te
     n_tokens = mask.sum().item()
     out = {
         "reward/mean": scores.mean().item(),
-        **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+        **{f"reward/{k}": v.nanmean().item() for k, v in parts.items()},  # a None (NaN) is no opinion
         **logged_kl,
         "kl/coef": kl_coef,
         "policy/entropy": A.masked_mean(entropy, seen).item(),

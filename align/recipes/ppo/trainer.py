@@ -50,7 +50,7 @@ class PPOTrainer(Trainer):
     # -- setup -----------------------------------------------------------------------------------
     def build(self) -> list[dict]:
         from align.data.prompts import encode_prompts
-        from reward.functions import CombinedReward
+        from reward.functions import RewardFunctions
 
         c = self.config
         self.base.model.eval()  # dropout off: old and new log-probs must come from the same function
@@ -59,8 +59,9 @@ class PPOTrainer(Trainer):
         if self.critic:
             self.base.add_adapter("critic", c.lora)
             self.value_head = ValueHead(self.base.hidden_size, seed=c.seed).to(self.device)
-        specs = list(c.reward_functions.items())
-        self.task_scorer = CombinedReward(specs) if specs else None  # held-out evaluation: functions only
+        funcs, weights = list(c.reward_functions), list(c.reward_functions.values())
+        # held-out evaluation: functions only
+        self.task_scorer = RewardFunctions(funcs, weights) if funcs else None
         self.reward_model = None
         if c.reward_model is not None:
             from reward.model import RewardModel
@@ -68,8 +69,8 @@ class PPOTrainer(Trainer):
             self.reward_model = RewardModel.attach(self.base, c.reward_model, name="reward")
             fn = self.reward_model.as_reward_fn()
             fn.__name__ = "reward_model"
-            specs.append((fn, c.reward_model_weight))
-        self.scorer = CombinedReward(specs)
+            funcs, weights = funcs + [fn], weights + [c.reward_model_weight]
+        self.scorer = RewardFunctions(funcs, weights)
         self.base.set_active("policy")
         self.kl_coef = c.kl_coef
 
@@ -151,7 +152,7 @@ class PPOTrainer(Trainer):
         batch = self.rollout(step)
         laps.lap("rollout")
         # 2. Score: programmatic rewards and/or the reward model, per sequence.
-        scores, parts = self.score(self.scorer, batch.rows, batch.texts)
+        scores, parts = self.score(self.scorer, batch.rows, batch.texts, batch.completion_ids())
         laps.lap("score")
         # 3. Without gradients: pi_old's log-probs, the reference's (adapters off), the critic's values.
         old_logp, entropy = self.old_logprobs(batch)
@@ -286,11 +287,14 @@ class PPOTrainer(Trainer):
         return not self.needs_reference() and c.rollout_engine != "remote" and (c.rollout_dtype or self.dtype) == self.dtype
 
     # -- forward passes and rewards ----------------------------------------------------------------
-    def score(self, scorer, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
-        """(B,) total reward and each part's (B,) values."""
-        prompts, answers = [r["prompt"] for r in rows], [r.get("answer") for r in rows]
-        total, parts = scorer.total_and_parts(prompts, texts, answers)
-        return torch.tensor(total), {k: torch.tensor(v) for k, v in parts.items()}
+    def score(self, scorer, rows: list[dict], texts: list[str], ids: list[list[int]]) -> tuple[torch.Tensor, dict]:
+        """(B,) total reward (TRL's rule: a None counts 0) and each function's (B,) values (NaN = None)."""
+        # Dataset columns only: "row" (file:line) is our bookkeeping, named in errors, never passed on.
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "row")}
+        per_func = scorer.score([r["prompt"] for r in rows], texts, ids, columns,
+                                places=[r.get("row") for r in rows])
+        total = (per_func * scorer.weights).nansum(1)
+        return total, {name: per_func[:, k] for k, name in enumerate(scorer.names)}
 
     def _logprobs(self, batch: Rollout, adapter: str | None, with_entropy: bool = False):
         """(B, T) per-token log-probs of the completions (and entropy) under `adapter` (None: reference)."""
@@ -336,7 +340,8 @@ class PPOTrainer(Trainer):
             return {}
         samples = self.engine.generate(self.eval_ids, n=1, max_new_tokens=self.config.max_completion_length,
                                        temperature=0.0, adapter="policy")
-        scores, _ = self.score(self.task_scorer, self.eval_rows, [s[0].text for s in samples])
+        scores, _ = self.score(self.task_scorer, self.eval_rows, [s[0].text for s in samples],
+                               [list(s[0].completion_ids) for s in samples])
         return {"eval/reward": scores.mean().item()}
 
     def summary_extra(self) -> dict:
