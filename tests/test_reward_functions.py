@@ -8,8 +8,14 @@ import textwrap
 import pytest
 import torch
 
-from reward.functions import (RewardError, RewardFunctions, call_reward_func, load_reward_func, reward_func_name,
-                              rows_without_reward)
+from reward.functions import (
+    RewardError,
+    RewardFunctions,
+    call_reward_func,
+    load_reward_func,
+    reward_func_name,
+    rows_without_reward,
+)
 
 USER_MODULE = textwrap.dedent('''
     import math

@@ -70,7 +70,7 @@ class PPOConfig(TrainConfig):
 
     # -- rewards -------------------------------------------------------------------------------
     reward_functions: dict[str, float] = arg({"arithmetic": 1.0}, "Programmatic rewards {spec: weight}; spec "
-                                                                  "'arithmetic' or 'module:function'.")
+                                                                  "'arithmetic' or 'my_lib.rewards.fn'.")
     reward_model: str | None = arg(None, "Reward model folder (align reward); attached to the same base, frozen.")
     reward_model_weight: float = arg(1.0, "Weight of the reward model's score in the total reward.")
 
