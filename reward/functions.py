@@ -150,10 +150,10 @@ def reward_func_name(fn: Callable) -> str:
 
 def _where(i: int, prompts, completions, places) -> str:
     place = f" at {places[i]}" if places is not None and places[i] is not None else ""
-    return (f"row {i}{place} (prompt {as_short(prompts[i])!r}, completion {as_short(completions[i])!r})")
+    return (f"row {i}{place} (prompt {_short(prompts[i])!r}, completion {_short(completions[i])!r})")
 
 
-def as_short(x) -> str:
+def _short(x) -> str:
     try:
         text = as_text(x)
     except TypeError:
