@@ -1,82 +1,55 @@
-"""Programmatic rewards: plain functions with one batch interface.
+"""Programmatic rewards called the TRL way, with every bad result reported as one line.
 
-A reward function takes the batch `(prompts, completions, answers)` and returns one
-float per row; `answers` holds reference answers (or None) for tasks that have them.
-Built-in ones are looked up by name; a user's own is named `module:function` in a
-config. `combine` adds several with weights, and `compute_rewards` is the one place
-that checks what a function returned, so a bad row is reported by its index.
+A reward function is what TRL's GRPOTrainer takes in `reward_funcs`, called by keyword:
 
-    fn = combine([("arithmetic", 1.0), ("length_penalty(limit=8)", 0.1)])
-    rewards = compute_rewards(fn, prompts, completions, answers)
+    fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+
+`columns` are the dataset's columns other than "prompt", "completion" and "completion_ids"
+(TRL's exclusions), one value per row, e.g. `answer` or `solution`. Completions are strings for
+string prompts and `[{"role": "assistant", "content": text}]` for conversational ones. The
+function returns one float per row, or None for a row it has no opinion on (NaN here, as in
+TRL). TRL also passes `trainer_state`, `log_extra` and `log_metric`; callers that have such
+things pass them as `extras`, so functions should take `**kwargs`.
+
+Our own bookkeeping never reaches a function: callers pass dataset columns only, and where a
+row came from (a JSONL "file:line") goes in `places`, used in error messages alone.
+
+Specs in a config: a built-in name (`arithmetic`, `format`, `length_penalty(limit=16)`,
+reward/builtin.py), a dotted path `my_lib.rewards.correct` (or the older `my_lib.rewards:correct`),
+or, in Python, the callable itself.
+
+    rf = RewardFunctions(["arithmetic", "my_lib.rewards.correct"], [1.0, 0.5])
+    per_func = rf.score(prompts, completions, completion_ids, {"answer": answers})  # (B, F), NaN = None
+    total = (per_func * rf.weights).nansum(1)
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
 
-from align.core.errors import UserError
+import torch
 
-RewardFn = Callable[[list[str], list[str], "list[str | None] | None"], list[float]]
+from align.core.errors import UserError
+from reward.builtin import REGISTRY, as_text  # noqa: F401 - as_text is part of this module's interface
+
+# TRL never passes these as columns: they are the call's own arguments.
+NOT_COLUMNS = ("prompt", "completion", "completion_ids")
+_CALL_ARGS = ("prompts", "completions", "completion_ids")
 
 
 class RewardError(UserError, ValueError):
     """A reward function that cannot be found, raised on a row, or returned a bad value."""
 
 
-# -- built-in rewards ---------------------------------------------------------------------------
-
-
-def _need_answers(answers, n: int, who: str) -> list:
-    if answers is None:
-        raise RewardError(f"{who}: needs reference answers (the `answer` of each prompt), got none")
-    return list(answers)
-
-
-def arithmetic(prompts: list[str], completions: list[str], answers: list[str | None] | None) -> list[float]:
-    """The demo task's verifiable reward (align/tasks/arithmetic.py `score`): 1 for the bare
-    correct number, 0.5 when the last integer is correct, else 0."""
-    from align.tasks.arithmetic import score
-
-    answers = _need_answers(answers, len(completions), "arithmetic")
-    out = []
-    for i, (c, a) in enumerate(zip(completions, answers, strict=True)):
-        if a is None:
-            raise RewardError(f"arithmetic: row {i} has no reference answer")
-        out.append(score(c, str(a)))
-    return out
-
-
-_BARE_NUMBER = re.compile(r"-?\d+")
-
-
-def answer_format(prompts: list[str], completions: list[str], answers: list[str | None] | None = None,
-                  ) -> list[float]:
-    """1 when the completion is a bare integer ("Reply with the number only"), else 0.
-    Correctness is not checked: combine with `arithmetic` for that."""
-    return [1.0 if _BARE_NUMBER.fullmatch(c.strip().rstrip(".").strip()) else 0.0 for c in completions]
-
-
-def length_penalty(prompts: list[str], completions: list[str], answers: list[str | None] | None = None,
-                   *, limit: int = 0, per_char: float = 0.01) -> list[float]:
-    """-per_char for every character beyond `limit` (default: -0.01 per character), never positive.
-    Spec form with arguments: "length_penalty(limit=16, per_char=0.05)"."""
-    return [-per_char * max(0, len(c) - limit) for c in completions]
-
-
-REGISTRY: dict[str, Callable] = {
-    "arithmetic": arithmetic,
-    "format": answer_format,
-    "length_penalty": length_penalty,
-}
-
-
 # -- lookup ---------------------------------------------------------------------------------------
 
-_CALL = re.compile(r"^\s*([A-Za-z_][\w]*)\s*\((.*)\)\s*$", re.S)
+_BUILTIN_CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
 
 
 def _parse_kwargs(spec: str, body: str) -> dict:
@@ -91,170 +64,251 @@ def _parse_kwargs(spec: str, body: str) -> dict:
                           f"'length_penalty(limit=16)': {e}") from None
 
 
-def get_reward_fn(spec: str) -> RewardFn:
-    """A built-in reward by name (optionally `name(key=value, ...)`), or a user's `module:function`."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise RewardError(f"reward: expected a name from {sorted(REGISTRY)} or 'module:function', got {spec!r}")
-    spec = spec.strip()
-    if ":" in spec:
-        return _import_fn(spec)
+def _builtin(spec: str) -> Callable | None:
+    """A built-in by name, its arguments bound (a partial, named like TRL names it); None if not one."""
     name, kwargs = spec, {}
-    m = _CALL.match(spec)
+    m = _BUILTIN_CALL.match(spec)
     if m:
         name, kwargs = m.group(1), _parse_kwargs(spec, m.group(2))
     if name not in REGISTRY:
-        raise RewardError(f"reward {spec!r}: unknown name; expected one of {sorted(REGISTRY)} "
-                          f"or 'module:function' for your own")
+        return None
     fn = REGISTRY[name]
-    if not kwargs:
-        return fn
-    import inspect
-
     allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise RewardError(f"reward {spec!r}: unknown argument(s) {unknown}; {name} takes {allowed or 'none'}")
-
-    def bound(prompts, completions, answers=None):
-        return fn(prompts, completions, answers, **kwargs)
-
-    bound.__name__ = spec
-    return bound
+    return functools.partial(fn, **kwargs) if kwargs else fn
 
 
-def _import_fn(spec: str) -> RewardFn:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise RewardError(f"reward {spec!r}: expected 'module:function', e.g. 'my_rewards:exact_match'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r} ({e}); "
-                          f"is it on PYTHONPATH?") from None
-    obj = module
-    for part in attr.split("."):
+def _import_attr(spec: str, module_name: str, attrs: list[str]):
+    obj = importlib.import_module(module_name)
+    for k, part in enumerate(attrs):
         if not hasattr(obj, part):
-            raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise RewardError(f"reward {spec!r}: {'.'.join([module_name, *attrs[:k]])!r} has no attribute {part!r}")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise RewardError(f"reward {spec!r}: {attr!r} is a {type(obj).__name__}, expected a function "
-                          f"(prompts, completions, answers) -> list of floats")
     return obj
 
 
-def _name(fn) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
+def _import_dotted(spec: str):
+    """`pkg.mod.fn` or `pkg.mod.Class.method`: the longest importable module prefix, then attributes."""
+    if ":" in spec:  # the older "module:function" form names the split itself
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise RewardError(f"reward {spec!r}: expected 'module.function' or 'module:function'")
+        splits = [(module_name, attr.split("."))]
+    else:
+        parts = spec.split(".")
+        if len(parts) < 2 or not all(parts):
+            raise RewardError(f"reward {spec!r}: unknown name; expected one of {sorted(REGISTRY)} "
+                              f"or a dotted path 'module.function' for your own")
+        splits = [(".".join(parts[:k]), parts[k:]) for k in range(len(parts) - 1, 0, -1)]
+    first_error = None
+    for module_name, attrs in splits:
+        try:
+            return _import_attr(spec, module_name, attrs)
+        except ModuleNotFoundError as e:
+            # Only "this prefix is not a module" means try a shorter one; a module that fails inside is reported.
+            if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise RewardError(f"reward {spec!r}: importing {module_name!r} failed: {e}") from None
+            first_error = first_error or e
+        except RewardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an error inside the user's module, reported in one line
+            raise RewardError(f"reward {spec!r}: importing {module_name!r} failed: {type(e).__name__}: {e}") from None
+    raise RewardError(f"reward {spec!r}: cannot import module {splits[-1][0]!r} ({first_error}); "
+                      f"is it on PYTHONPATH?")
 
 
-# -- validation -----------------------------------------------------------------------------------
+def load_reward_func(spec: str | Callable) -> Callable:
+    """A callable as is; a built-in name (optionally `name(key=literal, ...)`); or a user's function
+    by dotted path `pkg.mod.fn` (also `pkg.mod.Class.method` and the older `pkg.mod:fn`)."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardError(f"reward: expected a name from {sorted(REGISTRY)}, a dotted path 'module.function' "
+                          f"or a function, got {spec!r}")
+    spec = spec.strip()
+    fn = _builtin(spec) if ":" not in spec else None
+    if fn is None:
+        fn = _import_dotted(spec)
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: is a {type(fn).__name__}, expected a function "
+                          f"(prompts, completions, completion_ids, **columns) -> list of floats")
+    return fn
 
 
-def as_text(x) -> str:
-    """A completion or prompt as text: chat messages are reduced to their contents, joined by newlines."""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, list) and all(isinstance(m, dict) and "content" in m for m in x):
-        return "\n".join(str(m["content"]) for m in x)
-    raise RewardError(f"expected text or a list of chat messages, got {type(x).__name__}")
+def reward_func_name(fn: Callable) -> str:
+    """TRL's name for a reward function (its metrics key): __name__, a partial's wrapped function's
+    name, a callable object's class name."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
-def _row(prompts, completions, i: int) -> str:
-    c = completions[i]
-    return f"row {i} (prompt {str(prompts[i])[:60]!r}, completion {str(c)[:60]!r})"
+# -- one call, checked ----------------------------------------------------------------------------
 
 
-def compute_rewards(fn: RewardFn | str, prompts: Sequence, completions: Sequence,
-                    answers: Sequence | None = None) -> list[float]:
-    """Call `fn` on the batch and check the result: one finite number per row.
+def _where(i: int, prompts, completions, places) -> str:
+    place = f" at {places[i]}" if places is not None and places[i] is not None else ""
+    return (f"row {i}{place} (prompt {_short(prompts[i])!r}, completion {_short(completions[i])!r})")
 
-    A function that raises is re-run row by row to find the row it fails on; the
-    RewardError names that row, the function and the original error.
-    """
-    if isinstance(fn, str):
-        fn = get_reward_fn(fn)
-    name = _name(fn)
-    n = len(completions)
-    if len(prompts) != n or (answers is not None and len(answers) != n):
-        raise RewardError(f"reward {name}: got {len(prompts)} prompts, {n} completions and "
-                          f"{'no' if answers is None else len(answers)} answers; expected equal lengths")
-    prompts = [as_text(p) for p in prompts]
-    completions = [as_text(c) for c in completions]
-    answers = None if answers is None else list(answers)
+
+def _short(x) -> str:
     try:
-        values = fn(prompts, completions, answers)
+        text = as_text(x)
+    except TypeError:
+        text = str(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_inputs(name: str, prompts, completions, completion_ids, columns, places) -> None:
+    n = len(completions)
+    sizes = {"prompts": len(prompts), "completion_ids": len(completion_ids),
+             **{f"column {k!r}": len(v) for k, v in columns.items()}}
+    if places is not None:
+        sizes["places"] = len(places)
+    bad = {k: v for k, v in sizes.items() if v != n}
+    if bad:
+        raise RewardError(f"reward {name}: {n} completions but {bad}; expected one value per row")
+    clash = sorted(set(columns) & set(_CALL_ARGS))
+    if clash:
+        raise RewardError(f"reward {name}: column(s) {clash} clash with the call's own arguments; rename them")
+
+
+def _missing_columns(fn: Callable, given: set[str]) -> list[str]:
+    """Required parameters the call will not supply (a missing column), where the signature says so."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty and p.name not in given
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _find_failing_row(fn, name, prompts, completions, completion_ids, columns, extras, places, batch_error):
+    """The batch call raised: call row by row and report the first row that fails alone."""
+    for i in range(len(completions)):
+        try:
+            fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1], completion_ids=completion_ids[i:i + 1],
+               **{k: v[i:i + 1] for k, v in columns.items()}, **extras)
+        except Exception as e:  # noqa: BLE001 - any failure of user code is reported by row
+            return RewardError(f"reward {name} failed on {_where(i, prompts, completions, places)}: "
+                               f"{type(e).__name__}: {e}")
+    return RewardError(f"reward {name} failed on the batch of {len(completions)} rows (no single row fails "
+                       f"alone): {type(batch_error).__name__}: {batch_error}")
+
+
+def _as_values(name: str, out, n: int) -> list:
+    if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__iter__"):
+        raise RewardError(f"reward {name}: returned {type(out).__name__}, expected a list of {n} floats (or None)")
+    values = [v.item() if hasattr(v, "item") else v for v in out]
+    if len(values) != n:
+        raise RewardError(f"reward {name}: returned {len(values)} values for {n} rows; expected one per row")
+    return values
+
+
+def call_reward_func(fn: Callable, prompts: Sequence, completions: Sequence, completion_ids: Sequence,
+                     columns: dict[str, Sequence], *, extras: dict | None = None,
+                     places: Sequence | None = None, name: str | None = None) -> list[float]:
+    """Call `fn` by keyword as TRL does and check what it returned: one finite float or None per row.
+
+    columns: dataset columns only (keys in NOT_COLUMNS are dropped, as TRL drops them). extras:
+    non-column keywords (TRL's trainer_state, log_metric...). places: where each row came from,
+    named in errors only. Returns floats with NaN for None. A function that raises is re-run row by
+    row; the RewardError names the function, the row (and its place) and the original error.
+    """
+    name = name or reward_func_name(fn)
+    columns = {k: list(v) for k, v in columns.items() if k not in NOT_COLUMNS}
+    extras = dict(extras or {})
+    prompts, completions, completion_ids = list(prompts), list(completions), [list(c) for c in completion_ids]
+    _check_inputs(name, prompts, completions, completion_ids, columns, places)
+    missing = _missing_columns(fn, {*_CALL_ARGS, *columns, *extras})
+    if missing:
+        raise RewardError(f"reward {name}: needs column(s) {missing}, the data has {sorted(columns) or 'none'}")
+    try:
+        out = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extras)
     except RewardError:
         raise
     except Exception as batch_error:  # noqa: BLE001 - any failure of user code is reported by row
-        for i in range(n):
-            try:
-                fn(prompts[i:i + 1], completions[i:i + 1], None if answers is None else answers[i:i + 1])
-            except Exception as e:  # noqa: BLE001
-                raise RewardError(f"reward {name} failed on {_row(prompts, completions, i)}: "
-                                  f"{type(e).__name__}: {e}") from e
-        raise RewardError(f"reward {name} failed on the batch of {n} rows (no single row fails alone): "
-                          f"{type(batch_error).__name__}: {batch_error}") from batch_error
-    try:
-        values = [v.item() if hasattr(v, "item") else v for v in values]
-    except TypeError:
-        raise RewardError(f"reward {name}: returned {type(values).__name__}, expected a list of "
-                          f"{n} floats") from None
-    if len(values) != n:
-        raise RewardError(f"reward {name}: returned {len(values)} values for {n} rows")
-    out = []
-    for i, v in enumerate(values):
+        raise _find_failing_row(fn, name, prompts, completions, completion_ids, columns, extras, places,
+                                batch_error) from batch_error
+    values = []
+    for i, v in enumerate(_as_values(name, out, len(completions))):
+        if v is None:
+            values.append(math.nan)
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise RewardError(f"reward {name} returned {v!r} ({type(v).__name__}) on "
-                              f"{_row(prompts, completions, i)}; expected a float")
+                              f"{_where(i, prompts, completions, places)}; expected a float or None")
         if not math.isfinite(v):
-            raise RewardError(f"reward {name} returned {v} on {_row(prompts, completions, i)}; "
-                              f"expected a finite number")
-        out.append(float(v))
+            raise RewardError(f"reward {name} returned {v} on {_where(i, prompts, completions, places)}; "
+                              f"expected a finite number (None for no opinion)")
+        values.append(float(v))
+    return values
+
+
+# -- several, weighted ----------------------------------------------------------------------------
+
+
+def _weights(weights, n: int) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(n)
+    weights = list(weights)
+    if len(weights) != n:
+        raise RewardError(f"reward_weights: {len(weights)} weights for {n} reward functions; expected one each")
+    for k, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise RewardError(f"reward_weights: item {k} is {w!r}; expected a finite number")
+    return torch.tensor([float(w) for w in weights])
+
+
+def _unique(names: list[str]) -> list[str]:
+    """The same reward twice keeps both, under distinct names: name, name#1, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}#{seen[name]}"
+        else:
+            seen[name] = 0
+        out.append(name)
     return out
 
 
-# -- combining ------------------------------------------------------------------------------------
+def _spec_name(spec, fn) -> str:
+    """A built-in keeps the name the config gave it ("format", not "answer_format"); others TRL's name."""
+    if isinstance(spec, str):
+        m = _BUILTIN_CALL.match(spec)
+        base = m.group(1) if m else spec.strip()
+        if base in REGISTRY:
+            return base
+    return reward_func_name(fn)
 
 
-class CombinedReward:
-    """sum_k weight_k * reward_k, each part checked by `compute_rewards`; `parts()` shows them apart."""
+class RewardFunctions:
+    """Several reward functions and their weights; `score` gives each one's rewards apart, (B, F).
 
-    def __init__(self, specs: list[tuple[str | RewardFn, float]]):
-        if not specs:
-            raise RewardError("combine: expected at least one (reward, weight) pair")
-        self.fns: list[tuple[str, RewardFn, float]] = []
-        names: dict[str, int] = {}
-        for k, item in enumerate(specs):
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise RewardError(f"combine: item {k} is {item!r}; expected (reward, weight)")
-            spec, weight = item
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise RewardError(f"combine: item {k} ({spec!r}) has weight {weight!r}; expected a finite number")
-            fn = get_reward_fn(spec) if isinstance(spec, str) else spec
-            name = spec if isinstance(spec, str) else _name(fn)
-            if name in names:  # the same reward twice keeps both, under distinct names
-                names[name] += 1
-                name = f"{name}#{names[name]}"
-            else:
-                names[name] = 0
-            self.fns.append((name, fn, float(weight)))
-        self.__name__ = " + ".join(f"{w:g}*{n}" for n, _, w in self.fns)
+    Combining them is the caller's: TRL's rule is `(per_func * weights).nansum(1)`, so a None
+    counts as 0 in the sum, and `rows_without_reward` names rows no function scored.
+    """
 
-    def parts(self, prompts, completions, answers=None) -> dict[str, list[float]]:
-        """Unweighted values of each part, keyed by its name."""
-        return {name: compute_rewards(fn, prompts, completions, answers) for name, fn, _ in self.fns}
+    def __init__(self, funcs: list[str | Callable], weights: list[float] | None = None):
+        if not funcs:
+            raise RewardError("reward_functions: expected at least one reward function")
+        self.funcs = [load_reward_func(s) for s in funcs]
+        self.names = _unique([_spec_name(s, f) for s, f in zip(funcs, self.funcs, strict=True)])
+        self.weights = _weights(weights, len(self.funcs))
 
-    def total_and_parts(self, prompts, completions, answers=None) -> tuple[list[float], dict[str, list[float]]]:
-        """The weighted sum and the unweighted parts it was made of, each part computed once."""
-        parts = self.parts(prompts, completions, answers)
-        total = [0.0] * len(completions)
-        for name, _, w in self.fns:
-            total = [t + w * v for t, v in zip(total, parts[name], strict=True)]
-        return total, parts
-
-    def __call__(self, prompts, completions, answers=None) -> list[float]:
-        return self.total_and_parts(prompts, completions, answers)[0]
+    def score(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence,
+              columns: dict[str, Sequence], *, extras: dict | None = None,
+              places: Sequence | None = None) -> torch.Tensor:
+        """(B, F) float32 rewards, one column per function in order, NaN where it returned None."""
+        cols = [call_reward_func(fn, prompts, completions, completion_ids, columns, extras=extras,
+                                 places=places, name=name) for fn, name in zip(self.funcs, self.names, strict=True)]
+        return torch.tensor(cols, dtype=torch.float32).reshape(len(cols), len(completions)).T.contiguous()
 
 
-def combine(specs: list[tuple[str | RewardFn, float]]) -> CombinedReward:
-    """Weighted sum of rewards given as (name, 'module:function' or a function, weight)."""
-    return CombinedReward(specs)
+def rows_without_reward(per_func: torch.Tensor) -> list[int]:
+    """Indices of rows where every function returned None (all NaN): TRL warns about these."""
+    return torch.isnan(per_func).all(dim=1).nonzero().flatten().tolist()

@@ -202,9 +202,9 @@ class RewardModel:
         return out
 
     def as_reward_fn(self, batch_size: int = 16):
-        """This model as a programmatic-reward function (prompts, completions, answers) -> floats."""
+        """This model as a reward function in TRL's keyword signature (prompts, completions, **columns)."""
 
-        def reward_model(prompts, completions, answers=None):
+        def reward_model(prompts, completions, **kwargs):
             return self.score(prompts, completions, batch_size).tolist()
 
         reward_model.__name__ = f"reward_model:{self.name}"

@@ -17,7 +17,7 @@ from align.recipes.ppo.batch import prompt_indices
 from align.recipes.ppo.config import PPOConfig
 from align.recipes.ppo.trainer import PPOTrainer
 from align.train.config_parser import ConfigError, load_config
-from reward.functions import CombinedReward
+from reward.functions import RewardFunctions
 
 torch.set_num_threads(1)  # tiny tensors: thread hand-off costs more than it saves on a shared 2-core box
 
@@ -107,13 +107,14 @@ def test_update_trains_policy_and_critic_only(tiny_llama, tmp_path, reward_adapt
     tr.close()
 
 
-def broken_reward(prompts, completions, answers):
-    """Fails on rows whose answer is $PPO_TEST_BAD_ANSWER (used below through 'module:function')."""
-    return [1.0 / (a != os.environ["PPO_TEST_BAD_ANSWER"]) for a in answers]
+def broken_reward(completions, answer, **kwargs):
+    """Fails on rows whose answer is $PPO_TEST_BAD_ANSWER (used below through its dotted path)."""
+    assert "row" not in kwargs  # our bookkeeping is never passed as a column
+    return [1.0 / (a != os.environ["PPO_TEST_BAD_ANSWER"]) for a in answer]
 
 
 def test_failing_reward_function_names_the_row(tiny_llama, tmp_path, monkeypatch):
-    tr = make(tiny_llama, tmp_path, "reward_functions={tests.test_ppo_trainer:broken_reward: 1.0}")
+    tr = make(tiny_llama, tmp_path, "reward_functions={tests.test_ppo_trainer.broken_reward: 1.0}")
     idx = prompt_indices(len(tr.train_rows), tr.config.prompts_per_step, tr.config.seed, 1)
     answers = [tr.train_rows[i]["answer"] for i in idx for _ in range(2)]
     monkeypatch.setenv("PPO_TEST_BAD_ANSWER", answers[-1])  # the second prompt's rows divide by zero
@@ -210,10 +211,10 @@ def test_critic_free_estimators_train_the_policy_only(tiny_llama, tmp_path, esti
     assert "critic" not in tr.base.adapters
     before = snapshot(tr.base.adapter_parameters("policy"))
     # the tiny random model never solves arithmetic: give it a reward that varies within a group
-    def length(prompts, completions, answers):
+    def length(completions, **kwargs):
         return [float(len(x)) for x in completions]
 
-    tr.scorer = CombinedReward([(length, 1.0)])
+    tr.scorer = RewardFunctions([length], [1.0])
     m = tr.ppo_step(1)
     assert "loss/value" not in m
     assert not same(before, snapshot(tr.base.adapter_parameters("policy")))

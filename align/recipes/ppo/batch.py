@@ -29,9 +29,9 @@ class Rollout:
     stopped: torch.Tensor     # (B,) 1 where the completion ended with EOS
 
     def completion_ids(self) -> list[list[int]]:
-        """Each completion's token ids, as reward functions get them (TRL's completion_ids)."""
-        P = self.prompt_width
-        return [self.input_ids[i, P:P + int(n)].tolist() for i, n in enumerate(self.mask.sum(1))]
+        """Each completion's token ids, padding dropped (what TRL passes reward functions)."""
+        lengths = self.mask.sum(1).long().tolist()
+        return [self.input_ids[i, self.prompt_width:self.prompt_width + n].tolist() for i, n in enumerate(lengths)]
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.sampler_logprobs[idx],
