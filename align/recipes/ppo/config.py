@@ -71,7 +71,8 @@ class PPOConfig(TrainConfig):
     # -- rewards -------------------------------------------------------------------------------
     reward_functions: dict[str, float] = arg({"arithmetic": 1.0}, "Programmatic rewards {spec: weight}; spec "
                                                                   "'arithmetic' or 'module:function'.")
-    reward_model: str | None = arg(None, "Reward model folder (align reward); attached to the same base, frozen.")
+    reward_model: str | None = arg(None, "Reward model, frozen: align's reward folder (attached to the same "
+                                         "base), or a sequence classifier's folder or hub id.")
     reward_model_weight: float = arg(1.0, "Weight of the reward model's score in the total reward.")
 
     # -- the update ----------------------------------------------------------------------------

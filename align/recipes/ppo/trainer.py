@@ -63,10 +63,10 @@ class PPOTrainer(Trainer):
         self.task_scorer = CombinedReward(specs) if specs else None  # held-out evaluation: functions only
         self.reward_model = None
         if c.reward_model is not None:
-            from reward.model import RewardModel
+            from reward.sources import load_reward_model
 
-            self.reward_model = RewardModel.attach(self.base, c.reward_model, name="reward")
-            fn = self.reward_model.as_reward_fn()
+            fn = load_reward_model(c.reward_model, self.base, self.device, self.dtype)
+            self.reward_model = fn.model
             fn.__name__ = "reward_model"
             specs.append((fn, c.reward_model_weight))
         self.scorer = CombinedReward(specs)
