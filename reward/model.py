@@ -8,7 +8,8 @@ trained reward model can be attached to a base that is busy training a policy.
 Saved layout (one folder, written atomically):
     adapter_model.safetensors, adapter_config.json   the PEFT adapter
     align_meta.json                                  adapter name, base name and fingerprint, LoRA settings
-    head.safetensors                                 head weight (1, H) and bias (1,), float32
+    head.safetensors                                 head weight (1, H), float32 (folders written before
+                                                     the head lost its bias also hold bias (1,))
     reward_meta.json                                 how sequences were encoded (chat template, max length)
 """
 
@@ -80,12 +81,28 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tu
 
 
 def new_head(hidden_size: int, device=None, seed: int | None = None) -> nn.Linear:
-    """Linear(H, 1) in float32, weights ~ N(0, 1/(H+1)), bias 0: initial scores of order 1."""
-    head = nn.Linear(hidden_size, 1, dtype=torch.float32, device=device)
+    """Linear(H, 1, bias=False) in float32, weights ~ N(0, 1/(H+1)): initial scores of order 1.
+
+    No bias, as transformers' `score` layer (TRL's reward classifier): the exported classifier then
+    scores exactly as this model does. A bias would shift every reward equally, which neither the
+    pairwise loss nor GRPO's group-normalised advantages see, so nothing is lost.
+    """
+    head = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32, device=device)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / (hidden_size + 1) ** 0.5)
-        head.bias.zero_()
+    return head
+
+
+def load_head(path: Path, hidden_size: int, device=None) -> nn.Linear:
+    """The saved head: weight (1, H), and the bias (1,) that folders from before bias-free heads hold."""
+    sd = load_file(str(path))
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    if shapes not in ({"weight": (1, hidden_size)}, {"weight": (1, hidden_size), "bias": (1,)}):
+        raise RewardModelError(f"{path}: expected weight (1, {hidden_size}) (and, in older folders, bias (1,)), "
+                               f"got {{{', '.join(f'{k}: {s}' for k, s in shapes.items())}}}")
+    head = nn.Linear(hidden_size, 1, bias="bias" in sd, dtype=torch.float32, device=device)
+    head.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
     return head
 
 
@@ -149,10 +166,8 @@ class RewardModel:
         _check_base(base, meta, path)
         if name in base.adapters:
             raise RewardModelError(f"adapter {name!r} already exists on this base; attach under another name")
-        head_sd = load_file(str(path / HEAD))
-        if set(head_sd) != {"weight", "bias"} or tuple(head_sd["weight"].shape) != (1, base.hidden_size):
-            raise RewardModelError(f"{path / HEAD}: expected weight (1, {base.hidden_size}) and bias (1,), "
-                                   f"got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in head_sd.items())}}}")
+        device = next(base.model.parameters()).device
+        head = load_head(path / HEAD, base.hidden_size, device)
         # PEFT puts the whole model in eval mode when it loads a frozen adapter; a policy being
         # trained on this base (dropout on) must not notice, so the mode is put back.
         was_training = base.model.training
@@ -161,9 +176,6 @@ class RewardModel:
             base.model.train(was_training)
             if "lora" in meta:
                 base.settings[name] = LoraSettings(**meta["lora"])
-        device = next(base.model.parameters()).device
-        head = nn.Linear(base.hidden_size, 1, dtype=torch.float32, device=device)
-        head.load_state_dict({k: v.to(torch.float32) for k, v in head_sd.items()})
         head.requires_grad_(trainable)
         return cls(base, name, head, rmeta.get("chat_template", True), rmeta.get("max_length"))
 
@@ -202,12 +214,17 @@ class RewardModel:
         return out
 
     def as_reward_fn(self, batch_size: int = 16):
-        """This model as a reward function in TRL's keyword signature (prompts, completions, **columns)."""
+        """This model as a reward function fn(prompts, completions, **kwargs) -> list[float].
 
-        def reward_model(prompts, completions, **kwargs):
+        TRL calls reward functions by keyword with the batch's other columns (completion_ids, answers,
+        ...); they, and a positional `answers`, are accepted and not read. `fn.model` is this model.
+        """
+
+        def reward_model(prompts, completions, *_, **__):
             return self.score(prompts, completions, batch_size).tolist()
 
         reward_model.__name__ = f"reward_model:{self.name}"
+        reward_model.model = self
         return reward_model
 
     # -- saving -------------------------------------------------------------------------------
@@ -219,8 +236,8 @@ class RewardModel:
             for f in (tmp / "adapter").iterdir():
                 f.rename(tmp / f.name)
             (tmp / "adapter").rmdir()
-            save_file({"weight": self.head.weight.detach().float().cpu().contiguous(),
-                       "bias": self.head.bias.detach().float().cpu().contiguous()}, str(tmp / HEAD))
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                      str(tmp / HEAD))
             meta = {"format": FORMAT_VERSION, "kind": "reward_model", "adapter": self.name,
                     "hidden_size": self.base.hidden_size, "chat_template": self.chat_template,
                     "max_length": self.max_length, **(extra or {})}

@@ -1,11 +1,12 @@
 """`align export --reward`: a trained tiny reward model becomes a transformers sequence classifier whose
-logits equal RewardModel's scores (less the head bias, which transformers' score layer cannot hold)."""
+logits equal RewardModel's scores (an old head's bias, which transformers' score layer cannot hold, left out)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -45,17 +46,45 @@ def test_exported_classifier_scores_like_the_reward_model(tiny_llama, tmp_path, 
 
     rm = RewardModel.attach(SharedBase.load(str(tiny_llama)), run / "reward_model")
     want = rm.score([p for p, _ in PAIRS], [c for _, c in PAIRS])
-    bias = float(load_file(str(run / "reward_model" / "head.safetensors"))["bias"][0])
+    assert set(load_file(str(run / "reward_model" / "head.safetensors"))) == {"weight"}  # trained without a bias
     # The classifier reads the sequences as RewardModel does (same ids), padded by its own tokenizer.
     seqs = [encode(tokenizer, p, c, rm.chat_template, rm.max_length) for p, c in PAIRS]
     assert len({len(s) for s in seqs}) > 1  # different lengths: padding is exercised
     batch = tokenizer.pad({"input_ids": seqs}, return_tensors="pt")
     with torch.no_grad():
         got = model(**batch).logits[:, 0]
-    assert torch.allclose(got, want - bias, atol=1e-4), (got, want - bias)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # the same numbers, not the same up to a shift
     assert want.std() > 1e-3  # the scores differ between pairs: the check is not of a constant
     meta = json.loads((out / "align_export.json").read_text())
-    assert meta["head_bias_left_out"] == bias and meta["max_abs_diff"] <= 1e-4
+    assert meta["head_bias_left_out"] == 0.0 and meta["max_abs_diff"] <= 1e-5
+
+
+def test_an_old_head_with_a_bias_exports_without_it_and_says_so(tiny_llama, tmp_path):
+    """Reward folders saved before the head lost its bias: the export leaves it out and records it."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.core.base import SharedBase
+    from align.export.reward import export_reward
+
+    rm = RewardModel.create(SharedBase.load(str(tiny_llama)), seed=0)
+    with torch.no_grad():
+        rm.head.weight.mul_(10)  # scores that differ between pairs
+    path = rm.save(tmp_path / "old")
+    save_file({"weight": rm.head.weight.detach().contiguous(), "bias": torch.tensor([0.023])},
+              str(path / "head.safetensors"))
+    old = RewardModel.attach(SharedBase.load(str(tiny_llama)), path)
+    want = old.score([p for p, _ in PAIRS], [c for _, c in PAIRS])
+
+    out, bias = export_reward(path, tmp_path / "exported")
+    assert bias == json.loads((out / "align_export.json").read_text())["head_bias_left_out"] == pytest.approx(0.023)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer.pad({"input_ids": [old.encode(p, c) for p, c in PAIRS]}, return_tensors="pt")
+    with torch.no_grad():
+        got = model(**batch).logits[:, 0]
+    torch.testing.assert_close(got, want - 0.023, atol=1e-5, rtol=0)
+    assert want.std() > 1e-3
 
 
 def test_export_reward_refuses_a_folder_without_a_reward_model(tmp_path, capsys):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from align.core.base import SharedBase
 from align.core.logprobs import completion_logprobs
@@ -112,6 +113,8 @@ def test_save_and_load_reproduce_scores_exactly(tiny_llama, saved_reward, tmp_pa
     again = RewardModel.attach(SharedBase.load(str(tiny_llama)), rm.save(tmp_path / "copy"))
     assert torch.equal(again.score(PROMPTS, COMPLETIONS), saved_scores)
     assert (path / "adapter_model.safetensors").is_file() and (path / "head.safetensors").is_file()
+    # No bias, as transformers' score layer: `align export --reward` then scores exactly as this model does.
+    assert rm.head.bias is None and set(load_file(str(path / "head.safetensors"))) == {"weight"}
 
 
 def test_a_different_base_is_refused(tmp_path, saved_reward):

@@ -12,10 +12,12 @@ token before EOS. The export therefore gives the tokenizer a pad token of its ow
 token could appear in a sequence (one new embedding row, used by nothing else), and pads on the
 right, where positions count from 0 as RewardModel's do.
 
-transformers' score layer has no bias. The head's bias shifts every reward by the same
-constant, which no pairwise loss sees (Bradley–Terry depends on r_c - r_r) and GRPO's
-group-normalised advantages cancel; the export leaves it out, checks the logits against
-`score - bias`, and records the bias in align_export.json (and the command prints it).
+transformers' score layer has no bias, and neither has the head `align reward` trains now
+(reward.model.new_head), so the classifier's logits are the reward model's scores. Reward models
+saved before then have a bias: it shifts every reward by the same constant, which no pairwise loss
+sees (Bradley–Terry depends on r_c - r_r) and GRPO's group-normalised advantages cancel; the export
+leaves it out, checks the logits against `score - bias`, and records it as head_bias_left_out in
+align_export.json (0.0 for a bias-free head; the command prints a non-zero one).
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def export_reward(reward: str | Path, out: str | Path, base: str | Path | None =
                   tol: float = 1e-4) -> tuple[Path, float]:
     """Write the reward model at `reward` as a sequence-classification model to `out`, checked, atomically.
 
-    Returns (out, the head bias left out: exported logit = RewardModel score - bias).
+    Returns (out, the head bias left out: exported logit = RewardModel score - bias; 0.0 for a bias-free head).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -143,8 +145,10 @@ def export_reward(reward: str | Path, out: str | Path, base: str | Path | None =
 
 
 def head_bias(reward_dir: Path) -> float:
+    """The saved head's bias; 0.0 when it has none (every head trained since the head lost its bias)."""
     from safetensors.torch import load_file
 
     from reward.model import HEAD
 
-    return float(load_file(str(reward_dir / HEAD))["bias"].reshape(-1)[0])
+    bias = load_file(str(reward_dir / HEAD)).get("bias")
+    return 0.0 if bias is None else float(bias.reshape(-1)[0])
