@@ -109,7 +109,7 @@ def test_defaults_are_trls_where_the_idea_is_trls():
                  "top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length", "log_completions",
                  "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
                  "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_mode",
-                 "steps_per_generation", "entropy_coef"):
+                 "steps_per_generation", "entropy_coef", "use_bias_correction_kl"):
         assert getattr(ours, name) == getattr(theirs, name), name
 
 

@@ -270,7 +270,6 @@ TRL_KEYS: dict[str, Key] = {
     "use_adaptive_entropy": Key("note", "entropy_coef is fixed", ok=(False,)),
     "max_tool_calling_iterations": Key("note", "no tool calling", ok=(None,)),
     "off_policy_mask_threshold": Key("note", "no off-policy masking", ok=(None,)),
-    "use_bias_correction_kl": Key("note", "the KL term is not reweighted by the ratio", ok=(False,)),
     "log_multimodal": Key("note", "text rollouts only"),
     "log_unique_prompts": Key("note", "log_completions writes every completion with its prompt"),
     "log_completions_hub_repo": Key("note", "nothing is uploaded", ok=(None,)),

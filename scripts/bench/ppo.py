@@ -33,6 +33,7 @@ def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_
     from align.core.base import SharedBase
     from align.core.logprobs import completion_logprobs
     from align.recipes.ppo import algorithms as A
+    from align.recipes.ppo import grpo_losses as G
     from align.recipes.ppo.heads import ValueHead
 
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def memory_child(model: str, mode: str, batch: int, prompt_len: int, completion_
     trained = list(roles["policy"][0].adapter_parameters("policy").values()) + \
         list(roles["critic"][0].adapter_parameters("critic").values()) + list(value_head.parameters())
     opt = torch.optim.AdamW(trained, lr=1e-4)
-    pg, _, _ = A.policy_loss(logp("policy", grad=True), old_logp, adv, mask, 0.2)
+    pg, _ = G.grpo_loss(logp("policy", grad=True), old_logp, adv, mask, loss_type="bnpo")
     values = value_head(hidden("critic", grad=True)[:, P - 1:P - 1 + completion_len])
     vf, _ = A.value_loss(values, old_values, ret, mask, 0.2)
     (pg + 0.5 * vf).backward()

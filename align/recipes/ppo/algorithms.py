@@ -8,16 +8,10 @@ Names follow the papers and CleanRL's ppo.py (`delta`, `lastgaelam`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
 # -- masked statistics ---------------------------------------------------------------------------
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum()
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over positions where `mask` is 1 (every real token weighs the same)."""
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -105,23 +99,10 @@ def gae_advantages_closed_form(rewards: torch.Tensor, values: torch.Tensor, mask
     return advantages, (advantages + values) * mask
 
 
-def grpo_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """Group-normalised advantages: (r - mean of its group) / (std of its group + eps).
-
-    scores (B,) ordered so that each run of `group_size` rows shares a prompt. std is
-    unbiased (n-1), as in DeepSeekMath. `scale=False` only subtracts the mean (Dr. GRPO).
-    """
-    groups = _groups(scores, group_size)
-    centred = groups - groups.mean(1, keepdim=True)
-    if scale:
-        centred = centred / (groups.std(1, keepdim=True) + eps)
-    return centred.reshape(-1)
-
-
 def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE leave-one-out: r_i - mean of the other k-1 rewards of the same prompt.
 
-    scores (B,) grouped as in `grpo_advantages`; needs group_size >= 2.
+    scores (B,) ordered so that each run of `group_size` rows shares a prompt; needs group_size >= 2.
     """
     if group_size < 2:
         raise ValueError("rloo needs at least 2 generations per prompt")
@@ -137,24 +118,6 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 # -- losses --------------------------------------------------------------------------------------
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The clipped surrogate, token-level mean: max(-A*ratio, -A*clip(ratio, 1-eps, 1+eps)).
-
-    All (B, T). Returns (loss, clip fraction, approximate KL(old || new)), the last two
-    detached; approx KL is the k3 estimator ((ratio - 1) - log ratio).
-    """
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    with torch.no_grad():
-        clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
-    return loss, clipfrac, approx_kl
-
-
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = old + clamp(V - old, -clip, clip).
@@ -183,7 +146,3 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, n_step
     """Ziegler et al.'s proportional controller: coef *= 1 + clip(kl/target - 1, -0.2, 0.2) * n/horizon."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * n_steps / horizon)
-
-
-def is_finite(*xs: float) -> bool:
-    return all(math.isfinite(float(x)) for x in xs)

@@ -133,6 +133,8 @@ class PPOConfig(TrainConfig):
 
     # -- KL to the reference -----------------------------------------------------------------------
     beta: float = arg(0.0, "KL coefficient (TRL's default 0: no reference forward at all).")
+    use_bias_correction_kl: bool = arg(True, "GRPO's in-loss KL multiplied by the ratio: the unbiased reverse-KL "
+                                             "gradient (TRL's, after DeepSeek-V3.2).")
     kl_estimator: str | None = arg(None, "Ours: 'k1' (log p - log q) or 'k3' (TRL's GRPO KL); null: k3 for GRPO, "
                                          "k1 for PPO/RLOO.")
     kl_in_reward: bool | None = arg(None, "Ours: subtract beta*KL from the rewards (PPO, RLOO) or add it to the "

@@ -194,7 +194,8 @@ class PPOTrainer(RLRun):
                                   importance_sampling_level=c.importance_sampling_level, beta=beta,
                                   ref_logp=None if ref_logp is None else ref_logp[mb],
                                   is_ratio=None if is_ratio is None else is_ratio[mb],
-                                  max_completion_length=c.max_completion_length, tokens_normalizer=normalizer)
+                                  max_completion_length=c.max_completion_length, tokens_normalizer=normalizer,
+                                  use_bias_correction_kl=c.use_bias_correction_kl)
         logged = {"loss/policy": loss.item(), **{k: v.item() for k, v in parts.items()}}
         if c.entropy_coef > 0:
             loss = loss - c.entropy_coef * A.masked_mean(ent, m)
