@@ -33,7 +33,7 @@ from align.engines.protocol import (
 # HTTP statuses that mean "the server is (re)starting", not "your request is wrong".
 UNAVAILABLE_STATUSES = (502, 503, 504)
 # generation_kwargs a vLLM server takes in a completions request: fields of both its CompletionRequest and
-# SamplingParams that leave the reply's shape alone (tests/test_rollout.py checks them against vLLM's classes).
+# SamplingParams that leave the reply's shape alone (tests/test_sampling_knobs.py checks both).
 COMPLETION_SAMPLING_FIELDS = frozenset({
     "frequency_penalty", "presence_penalty", "logit_bias", "stop", "stop_token_ids", "include_stop_str_in_output",
     "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "allowed_token_ids", "bad_words"})
