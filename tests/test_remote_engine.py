@@ -11,6 +11,7 @@ import pytest
 import torch
 from servers import kill_tree, start_align_serve, wait_ready
 
+from align.engines import trainer_logprobs
 from align.recipes.ppo.config import PPOConfig
 from align.recipes.ppo.trainer import PPOTrainer
 from align.train.config_parser import load_config
@@ -123,6 +124,77 @@ class RestartingTrainer(PPOTrainer):
         return super().ppo_step(step)
 
 
+def test_remote_engine_sampling_knobs(server, tiny_llama):
+    """align serve forwards TRL's knobs to vLLM (sent as completions-request fields)."""
+    from test_sampling_knobs import check_knobs
+
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
+    from align.engines import make_engine
+
+    base = SharedBase.load(str(tiny_llama))
+    base.add_adapter("policy", LoraSettings(rank=4, alpha=32))
+    perturb(base, seed=0)
+    engine = make_engine("remote", str(tiny_llama), base, url=server.url, api_key=KEY,
+                         adapter_dir=str(server.adapter_dir))
+    try:
+        engine.sync(base, "policy")
+        check_knobs(engine, base, lambda token: {"logit_bias": {str(token): -100.0}})
+    finally:
+        engine.close()
+
+
+def test_two_servers_share_the_prompts_and_one_restarts(server, tiny_llama, tmp_path):
+    """Prompts are split over two real servers; when the second is killed and restarted, only its shard
+    waits for it, has the adapter re-sent and probed, and is redrawn with the same seeds."""
+    from align.core.base import SharedBase
+    from align.core.lora import LoraSettings
+    from align.engines import make_engine
+
+    base = SharedBase.load(str(tiny_llama))
+    base.add_adapter("policy", LoraSettings(rank=4, alpha=32))
+    perturb(base, seed=0)
+    other = Server(server.base, server.adapter_dir, free_port(), tmp_path / "second.log")
+    other.start()
+    engines = []
+    try:
+        other.wait_ready()
+        pair = make_engine("remote", str(tiny_llama), base, url=[server.url, other.url], api_key=KEY,
+                           adapter_dir=str(server.adapter_dir))
+        single = make_engine("remote", str(tiny_llama), base, url=server.url, api_key=KEY,
+                             adapter_dir=str(server.adapter_dir))
+        engines += [pair, single]
+        stats = pair.sync(base, "policy")
+        assert stats.max_abs_diff <= TOL and stats.bytes >= 2 * 32768  # each server got the adapter
+        single.sync(base, "policy")
+
+        def draw(engine):
+            out = engine.generate(PROMPTS, n=2, max_new_tokens=6, temperature=0.7, seed=3)
+            return [[s.completion_ids for s in samples] for samples in out], out
+
+        before, _ = draw(pair)
+        assert [s.prompts_served for s in pair.servers] == [2, 2]
+        assert draw(single)[0] == before  # the split does not change what a seed draws
+        other.kill()
+        other.start()  # not waited for: the engine's shard for it must wait, re-send and re-probe
+        after, out = draw(pair)
+        assert other.starts == 2 and [s.recoveries for s in pair.servers] == [0, 1]
+        assert [s.prompts_served for s in pair.servers] == [4, 4]
+        assert after == before
+        for prompt, samples in zip(PROMPTS, out, strict=True):
+            for s in samples:
+                want = trainer_logprobs(base, prompt, s.completion_ids)
+                assert max(abs(a - b) for a, b in zip(s.logprobs, want, strict=True)) <= TOL
+        perturb(base, seed=1)
+        assert pair.sync(base, "policy").max_abs_diff <= TOL  # the restarted server takes the next sync too
+        restarted = pair.servers[1]
+        assert restarted._loras["policy"][0] in {m["id"] for m in restarted._request("GET", "/v1/models")["data"]}
+    finally:
+        for engine in engines:
+            engine.close()
+        other.kill()
+
+
 def test_grpo_samples_from_align_serve_and_survives_a_restart(tiny_llama, tmp_path, server, monkeypatch):
     from align.core.base import SharedBase
     from align.engines import RemoteEngine
@@ -150,8 +222,9 @@ def test_grpo_samples_from_align_serve_and_survives_a_restart(tiny_llama, tmp_pa
             assert s["sync/max_abs_diff"] <= 1e-4, s
         assert steps[-1]["kl/ref"] != 0.0  # the policy moved: the probe compared a trained adapter
         # After the restart the server serves our current adapter under a fresh name.
-        served = engine._request("GET", "/v1/models")["data"]
-        assert engine._loras["policy"][0] in {m["id"] for m in served}
+        only = engine.servers[0]
+        served = only._request("GET", "/v1/models")["data"]
+        assert only._loras["policy"][0] in {m["id"] for m in served}
     finally:
         trainer.close()
 

@@ -9,7 +9,8 @@
 - hf.py: `HFEngine`, transformers `generate` on the trainer's own SharedBase (nothing to sync);
 - vllm_local.py: `VLLMEngine`, an in-process vLLM with its own copy of the base, sent only the
   adapter ("fold" or "lora" sync); fold.py is the fold maths, vllm_compat.py every vLLM internal;
-- remote.py: `RemoteEngine`, a running vLLM server or `align serve`, re-sent its adapters if it restarts;
+- remote.py: `RemoteEngine`, one or several running vLLM servers or `align serve`s, prompts sharded
+  over them; remote_server.py is one server's client, re-sent its adapters if that server restarts;
 - `SleepingEngine` (here): a CUDA vLLM engine that sleeps between rollouts, so the trainer has the GPU.
 """
 
@@ -20,6 +21,7 @@ from align.engines.protocol import (
     DEFAULT_TOL,
     AdapterArg,
     AdapterSyncError,
+    GenerationKwargsError,
     RolloutEngine,
     Sample,
     SyncStats,
@@ -32,8 +34,8 @@ from align.engines.remote import RemoteEngine
 from align.engines.vllm_local import VLLMEngine
 
 __all__ = [
-    "DEFAULT_TOL", "ENGINE_KINDS", "AdapterArg", "AdapterSyncError", "HFEngine", "RemoteEngine", "RolloutEngine",
-    "Sample", "SleepingEngine", "SyncStats", "VLLMEngine", "check_probe", "make_engine", "probe_ids", "trainer_logprobs",
+    "DEFAULT_TOL", "ENGINE_KINDS", "AdapterArg", "AdapterSyncError", "GenerationKwargsError", "HFEngine", "RemoteEngine",
+    "RolloutEngine", "Sample", "SleepingEngine", "SyncStats", "VLLMEngine", "check_probe", "make_engine", "probe_ids", "trainer_logprobs",
     "verify_adapter", "vllm_available",
 ]
 
@@ -55,7 +57,8 @@ def make_engine(kind: str, model_path: str, base, dtype: str = "float32", **opti
 
     Options go to the engine: VLLMEngine(sync_mode="fold" (default) | "lora", max_lora_rank, seed, max_model_len,
     kv_cache_gib, verify_tol, probe, ...), HFEngine(batch_size, seed),
-    RemoteEngine(url, adapter_dir, served_model, verify_tol, probe, timeout, api_key, reconnect_timeout).
+    RemoteEngine(url (one base URL or a list), adapter_dir, served_model, verify_tol, probe, timeout, api_key,
+    reconnect_timeout).
     vLLM also takes gpu_memory_utilization and enable_sleep_mode (CUDA: the engine is a SleepingEngine).
     """
     if kind not in ENGINE_KINDS:

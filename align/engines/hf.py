@@ -15,10 +15,24 @@ from align.engines.protocol import (
     AdapterArg,
     Sample,
     SyncStats,
+    check_generation_kwargs,
     check_sampling,
     per_prompt_adapters,
     trainer_logprobs,
 )
+
+# GenerationConfig fields this engine sets to get one sampled sequence per row and its raw logits back.
+OWN_GENERATION_FIELDS = frozenset({
+    "max_length", "num_return_sequences", "return_dict_in_generate", "output_logits", "output_scores", "pad_token_id",
+    "eos_token_id", "do_sample", "num_beams", "num_beam_groups", "min_new_tokens", "transformers_version",
+    "_from_model_config"})
+
+
+def generation_config_fields() -> frozenset[str]:
+    """What transformers' GenerationConfig takes, less the fields HFEngine sets itself."""
+    from transformers import GenerationConfig
+
+    return frozenset(GenerationConfig().to_dict()) - OWN_GENERATION_FIELDS
 
 
 class HFEngine:
@@ -38,8 +52,12 @@ class HFEngine:
 
     # -- sampling -------------------------------------------------------------------------------
     def generate(self, prompt_ids, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=None,
-                 adapter: AdapterArg = "policy", ignore_eos: bool = False):
-        check_sampling(prompt_ids, n, max_new_tokens, temperature, top_p)
+                 adapter: AdapterArg = "policy", ignore_eos: bool = False, *, top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, generation_kwargs: dict | None = None):
+        check_sampling(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+        knobs = check_generation_kwargs(generation_kwargs, generation_config_fields(), "transformers GenerationConfig")
+        # min_p None: transformers adds its processor for any value, 0 included; top_k 0 and penalty 1 are off.
+        knobs.update(top_k=max(top_k, 0), min_p=min_p or None, repetition_penalty=float(repetition_penalty))
         adapters = per_prompt_adapters(adapter, len(prompt_ids))
         results: list[list[Sample] | None] = [None] * len(prompt_ids)
         # One generate call per adapter: the active adapter is a property of the whole model.
@@ -54,7 +72,7 @@ class HFEngine:
                 for start in range(0, len(idx), self.batch_size):
                     chunk = idx[start:start + self.batch_size]
                     outs = self._generate([prompt_ids[i] for i in chunk], n, max_new_tokens,
-                                          temperature, top_p, name, ignore_eos)
+                                          temperature, top_p, name, ignore_eos, knobs)
                     for i, samples in zip(chunk, outs, strict=True):
                         results[i] = samples
             if seed is None and self.generator_state is not None:
@@ -62,7 +80,7 @@ class HFEngine:
         return results
 
     @torch.no_grad()
-    def _generate(self, prompts, n, max_new_tokens, temperature, top_p, adapter, ignore_eos=False):
+    def _generate(self, prompts, n, max_new_tokens, temperature, top_p, adapter, ignore_eos=False, knobs=None):
         base, tok = self.base, self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         width = max(len(p) for p in prompts)
@@ -79,10 +97,13 @@ class HFEngine:
         if ignore_eos:
             kwargs["min_new_tokens"] = max_new_tokens  # EOS is masked at every step
             eos = []
+        knobs = dict(knobs or {})
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=knobs.pop("top_k", 0))
+        else:  # greedy: only the processors that can change the argmax (repetition penalty) still apply
+            knobs.update(top_k=None, min_p=None)
+            kwargs.update(do_sample=False, temperature=None, top_p=None)
+        kwargs.update(knobs)
         was_training = base.model.training
         base.model.eval()
         try:

@@ -7,8 +7,10 @@ failure (the adapter never reaches the engine and rollouts keep sampling the ini
 trainer's own (`align.core.logprobs.completion_logprobs`) within a tolerance for the engine's dtype.
 
 Log-prob convention: `Sample.logprobs` and `RolloutEngine.logprobs` are log-probs of the model's
-own next-token distribution (temperature 1, no top-p), i.e. what the trainer's scoring pass
-computes, whatever temperature/top-p the sampler used.
+own next-token distribution (temperature 1, no top-p/top-k/min-p, no repetition penalty), i.e. what
+the trainer's scoring pass computes, whatever sampling knobs the sampler used. vLLM returns exactly
+these by default (`logprobs_mode="raw_logprobs"`: taken before penalties, temperature and the
+top-k/top-p/min-p filters); HFEngine takes them from the raw logits (`output_logits`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from align.core.errors import UserError
 
 # Float32 engines match transformers within ~1e-6; bf16 drifts up to ~3.5e-2 with LoRA and up to 0.17
 # when the adapter is folded into bf16 weights (docs/design.md, "Rollout engines and adapter sync";
@@ -56,17 +60,31 @@ class AdapterSyncError(RuntimeError):
 
 AdapterArg = str | None | Sequence[str | None]
 
+# The knobs `generate` takes as arguments: `generation_kwargs` may not set them a second time.
+SAMPLING_ARGUMENTS = ("n", "max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+                      "repetition_penalty", "seed", "ignore_eos")
+
+
+class GenerationKwargsError(UserError, ValueError):
+    """A `generation_kwargs` key the engine does not know, or one it sets itself."""
+
 
 @runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 adapter: AdapterArg = "policy", ignore_eos: bool = False) -> list[list[Sample]]:
+                 adapter: AdapterArg = "policy", ignore_eos: bool = False, *, top_k: int = 0,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 generation_kwargs: dict | None = None) -> list[list[Sample]]:
         """Sample `n` completions per prompt. Outer list: prompts; inner: samples.
 
         `adapter` is an adapter name, None (the reference: all adapters off), or one
         of those per prompt. temperature 0 means greedy. `ignore_eos` generates exactly
         `max_new_tokens` per completion (a fixed workload, as throughput benchmarks use).
+        TRL's GRPOConfig knobs: `top_k` (0 or -1: off, TRL's default 0), `min_p` (0: off;
+        TRL's None), `repetition_penalty` (1: off; prompt and completion tokens both count),
+        `generation_kwargs` (more fields of the engine's own sampler: vLLM SamplingParams,
+        transformers GenerationConfig); an unknown key is a GenerationKwargsError.
         """
         ...
 
@@ -173,7 +191,7 @@ def per_prompt_adapters(adapter: AdapterArg, count: int) -> list[str | None]:
 
 
 def check_sampling(prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-                   top_p: float) -> None:
+                   top_p: float, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
     if not prompt_ids or not all(isinstance(p, (list, tuple)) and p for p in prompt_ids):
         raise ValueError("prompt_ids: expected a non-empty list of non-empty token-id lists")
     if n < 1:
@@ -184,6 +202,24 @@ def check_sampling(prompt_ids: list[list[int]], n: int, max_new_tokens: int, tem
         raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+        raise ValueError(f"top_k: expected a whole number >= 1, or 0 or -1 for off, got {top_k!r}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p: expected a number in [0, 1] (0 = off), got {min_p}")
+    if not 0 < repetition_penalty < float("inf"):
+        raise ValueError(f"repetition_penalty: expected a finite number > 0 (1 = off), got {repetition_penalty}")
+
+
+def check_generation_kwargs(generation_kwargs: dict | None, known, engine: str) -> dict:
+    """`generation_kwargs` as a dict, once each key is one the engine's sampler (`known`) takes and
+    `generate` does not set from its own arguments; else a one-line GenerationKwargsError."""
+    extra = dict(generation_kwargs or {})
+    for key in extra:
+        if key in SAMPLING_ARGUMENTS:
+            raise GenerationKwargsError(f"generation_kwargs: {key!r} is an argument of generate; pass it there")
+        if key not in known:
+            raise GenerationKwargsError(f"generation_kwargs: {key!r} is not a field {engine} knows")
+    return extra
 
 
 class VerifiedSyncEngine:

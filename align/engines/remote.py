@@ -1,258 +1,118 @@
-"""`RemoteEngine`: a running vLLM OpenAI-compatible server (or `align serve`), sent adapter folders by path.
+"""`RemoteEngine`: rollouts from one or several running vLLM servers (or `align serve`s), one client each.
 
-The server may restart under a run (a crash, a redeploy): it then forgets every adapter loaded at run
-time. A request that finds the server gone (connection refused or reset, 502/503) or that names an
-adapter it no longer knows (404) waits for the server with backoff, re-sends every adapter from the
-trainer's current weights, re-runs the sync probe on each, and is then retried once
-(docs/design.md, "Remote rollouts and server restarts").
+Each `generate` cuts its prompts into contiguous shards, one per server, sends them concurrently and
+returns the completions in prompt order; seeds are those of a single engine (prompt i's children get
+seed + i*n ..), so the servers' split does not change what a seeded rollout draws. `sync` sends the
+adapter to every server and probes each. A server that restarts is recovered on its own
+(align/engines/remote_server.py: wait, re-send every adapter, re-probe, retry its shard once) while
+the others' shards go on (docs/design.md, "Remote rollouts and server restarts").
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import shutil
+import threading
 import time
-import weakref
-from pathlib import Path
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-from align.core.adapter_files import ZERO_ADAPTER_NAME, ZeroAdapter, folder_bytes, scratch_dir
-from align.engines.protocol import (
-    AdapterArg,
-    Sample,
-    VerifiedSyncEngine,
-    check_sampling,
-    per_prompt_adapters,
-    verify_adapter,
+from align.engines.protocol import AdapterArg, Sample, SyncStats, check_sampling, per_prompt_adapters
+from align.engines.remote_server import (
+    COMPLETION_SAMPLING_FIELDS,
+    RemoteServer,
+    ServerUnavailable,
+    UnknownModel,
+    completion_knobs,
 )
 
-# HTTP statuses that mean "the server is (re)starting", not "your request is wrong".
-UNAVAILABLE_STATUSES = (502, 503, 504)
+__all__ = ["COMPLETION_SAMPLING_FIELDS", "RemoteEngine", "RemoteServer", "ServerUnavailable", "UnknownModel",
+           "shard_bounds"]
 
 
-class ServerUnavailable(RuntimeError):
-    """The server did not answer (down, restarting, or its backend is)."""
+def shard_bounds(count: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges cutting `count` items into `parts` shards, sizes differing by at most 1."""
+    size, extra = divmod(count, parts)
+    bounds, start = [], 0
+    for k in range(parts):
+        stop = start + size + (k < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
-class UnknownModel(RuntimeError):
-    """The server does not know the model name asked for (404): after a restart, our adapters are gone."""
+def server_urls(url: str | Sequence[str]) -> list[str]:
+    """`url` (one base URL or several) as a list; a one-line ValueError when empty or repeated."""
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError("url: expected a server's base URL or a non-empty list of them")
+    stripped = [u.rstrip("/") if isinstance(u, str) else u for u in urls]
+    repeated = sorted({u for u in stripped if stripped.count(u) > 1})
+    if repeated:
+        raise ValueError(f"url: each server once; {repeated[0]!r} is listed {stripped.count(repeated[0])} times")
+    return urls
 
 
-class RemoteEngine(VerifiedSyncEngine):
-    """`RolloutEngine` on a running vLLM OpenAI-compatible server (e.g. on other machines, tensor parallel).
+class RemoteEngine:
+    """`RolloutEngine` over running vLLM OpenAI-compatible servers: `url` is one base URL or a list of them.
 
-    The server must run with `--enable-lora --max-lora-rank R` and the environment variable
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; adapters reach it through /v1/load_lora_adapter as a
-    folder path the SERVER can read (`adapter_dir`: default /dev/shm, i.e. the same host; give a
-    shared filesystem path otherwise). Each sync loads the adapter under a fresh name (a reused
-    name would keep the old weights) and unloads the previous one. Requests with adapter=None are
-    served by an all-zero adapter once any adapter is loaded: other clients' adapter requests may be
-    batched with them, and vLLM gets no-adapter requests wrong in such batches.
-
-    With `align serve`, start it with `--adapter_dir D` and give the same `adapter_dir=D` here.
-    `api_key` is sent as a bearer token. `reconnect_timeout`: how long a request waits for a
-    restarted server before the run fails.
+    Every server must serve the same base model and read `adapter_dir` (see RemoteServer for the
+    server's flags). The other options go to each server's client. `logprobs` (the sync probe's call)
+    asks the first server; `sync` probes every server itself.
     """
 
-    def __init__(self, model_path: str, base, dtype: str = "float32", url: str = "http://127.0.0.1:8000",
-                 adapter_dir: str | None = None, served_model: str | None = None,
-                 verify_tol: float | None = None, probe: tuple[list[int], list[int]] | None = None,
-                 timeout: float = 600.0, max_concurrency: int = 64, api_key: str | None = None,
-                 reconnect_timeout: float = 600.0):
-        import uuid
-
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.api_key = api_key
-        self.reconnect_timeout = reconnect_timeout
-        self.recoveries = 0  # times the adapters were re-sent to a restarted server
-        self._base = None  # the trainer's SharedBase, kept from the last sync to re-send adapters
-        self._recovering = False
-        self.max_concurrency = max_concurrency
-        self._init_probe(base, dtype, verify_tol, probe)
+    def __init__(self, model_path: str, base, dtype: str = "float32",
+                 url: str | Sequence[str] = "http://127.0.0.1:8000", **options):
+        lock = threading.Lock()  # recoveries run the trainer's model for the probe: one at a time
+        self.servers = [RemoteServer(model_path, base, dtype, url=u, recover_lock=lock, **options)
+                        for u in server_urls(url)]
+        first = self.servers[0]
+        self.tokenizer, self.probe, self.verify_tol = first.tokenizer, first.probe, first.verify_tol
         self.sync_mode = "lora"
-        self._tag = uuid.uuid4().hex[:8]  # names unique to this client: several trainers may share a server
-        self._scratch = scratch_dir(adapter_dir)
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self._scratch, True)
-        self._loras: dict[str, tuple[str, Path]] = {}  # adapter -> (served name, folder)
-        self._next_id = 1
-        self._zero = ZeroAdapter.for_trainer(base)
-        models = self._request("GET", "/v1/models")["data"]
-        if served_model is None:
-            roots = [m["id"] for m in models if not m.get("parent")]
-            if not roots:
-                raise RuntimeError(f"{self.url}/v1/models lists no base model: {models}")
-            served_model = roots[0]
-        self.served_model = served_model
 
-    def _request(self, method: str, path: str, body: dict | None = None):
-        import urllib.error
-        import urllib.request
+    @property
+    def url(self) -> str | list[str]:
+        urls = [s.url for s in self.servers]
+        return urls[0] if len(urls) == 1 else urls
 
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read().decode()
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:500]
-            if e.code in UNAVAILABLE_STATUSES:
-                raise ServerUnavailable(f"{method} {self.url}{path}: HTTP {e.code}: {detail}") from None
-            if e.code == 404 and path in ("/v1/completions", "/v1/chat/completions"):
-                raise UnknownModel(f"{method} {self.url}{path}: HTTP 404: {detail}") from None
-            hint = (" (is the server running with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or "
-                    "`align serve --adapter_dir` holding adapter_dir?)" if "lora" in path else "")
-            raise RuntimeError(f"{method} {self.url}{path}: HTTP {e.code}: {detail}{hint}") from None
-        except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise ServerUnavailable(f"{method} {self.url}{path}: cannot reach the vLLM server ({reason})") from None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return raw
+    @property
+    def recoveries(self) -> int:
+        """Times a restarted server was re-sent its adapters, over all servers."""
+        return sum(s.recoveries for s in self.servers)
 
-    def _load(self, name: str, folder: Path) -> None:
-        self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
-
-    # -- restarts ----------------------------------------------------------------------------------
-    def _resilient(self, call):
-        """`call()`, and once more after re-sending every adapter if the server restarted under it."""
-        if self._recovering:
-            return call()
-        try:
-            return call()
-        except (ServerUnavailable, UnknownModel) as e:
-            self._recover(e)
-            return call()
-
-    def _wait_for_server(self, why: Exception) -> None:
-        deadline = time.monotonic() + self.reconnect_timeout
-        delay = 0.5
-        while True:
-            try:
-                self._request("GET", "/v1/models")
-                return
-            except ServerUnavailable as e:
-                if time.monotonic() + delay > deadline:
-                    raise ServerUnavailable(f"{e}; still down after {self.reconnect_timeout:g} s "
-                                            f"(first failure: {why})") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-    def _recover(self, why: Exception) -> None:
-        """Wait for the server, then load every adapter again from the trainer's weights and verify each."""
-        self._recovering = True
-        try:
-            self._wait_for_server(why)
-            adapters = [a for a in self._loras if a != ZERO_ADAPTER_NAME]
-            stale = self._loras
-            self._loras = {}  # a restarted server knows none of them: nothing to unload
-            for _, folder in stale.values():
-                shutil.rmtree(folder, ignore_errors=True)
-            if adapters and self._base is None:
-                raise ServerUnavailable(f"the server restarted and this engine has no trainer base to re-send "
-                                        f"{adapters} from ({why})")
-            for adapter in adapters:
-                self._send(self._base, adapter)
-                verify_adapter(self, self._base, adapter, *self.probe, tol=self.verify_tol,
-                               history=self._probe_history)
-            self.recoveries += 1
-        finally:
-            self._recovering = False
-
-    def sync(self, base, adapter: str = "policy"):
-        self._base = base
-        return self._resilient(lambda: super(RemoteEngine, self).sync(base, adapter))
-
-    # -- adapters ----------------------------------------------------------------------------------
-    def _send(self, base, adapter: str) -> int:
-        self._base = base
-        k = self._next_id
-        self._next_id += 1
-        name = f"{adapter}-{self._tag}-{k}"
-        folder = base.save_adapter(adapter, self._scratch / name)
-        self._load(name, folder)
-        old = self._loras.get(adapter)
-        self._loras[adapter] = (name, folder)
-        if old is not None:
-            try:
-                self._request("POST", "/v1/unload_lora_adapter", {"lora_name": old[0]})
-            except RuntimeError:
-                pass  # e.g. a restarted server that never had it; the new name is what serves
-            shutil.rmtree(old[1], ignore_errors=True)
-        return folder_bytes(folder)
-
-    def _served_name(self, adapter: str | None) -> str:
-        if adapter is not None:
-            if adapter not in self._loras:
-                raise ValueError(f"adapter {adapter!r} was never synced to this engine; call engine.sync(base, "
-                                 f"{adapter!r})")
-            return self._loras[adapter][0]
-        if not self._loras:
-            return self.served_model
-        if ZERO_ADAPTER_NAME not in self._loras:
-            name = f"{ZERO_ADAPTER_NAME}-{self._tag}"
-            folder = self._zero.write(self._scratch / name)
-            self._load(name, folder)
-            self._loras[ZERO_ADAPTER_NAME] = (name, folder)
-        return self._loras[ZERO_ADAPTER_NAME][0]
+    def sync(self, base, adapter: str = "policy") -> SyncStats:
+        """Send `adapter` to every server and probe each: bytes summed, max_abs_diff the worst server's."""
+        start = time.perf_counter()
+        stats = [s.sync(base, adapter) for s in self.servers]
+        diffs = [st.max_abs_diff for st in stats if st.max_abs_diff is not None]
+        return SyncStats(bytes=sum(st.bytes for st in stats), seconds=time.perf_counter() - start,
+                         max_abs_diff=max(diffs) if diffs else None)
 
     def generate(self, prompt_ids, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=None,
-                 adapter: AdapterArg = "policy", ignore_eos: bool = False) -> list[list[Sample]]:
-        check_sampling(prompt_ids, n, max_new_tokens, temperature, top_p)
+                 adapter: AdapterArg = "policy", ignore_eos: bool = False, *, top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, generation_kwargs: dict | None = None) -> list[list[Sample]]:
+        # Checked here once, before any server is asked.
+        check_sampling(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+        completion_knobs(top_k, min_p, repetition_penalty, generation_kwargs)
         adapters = per_prompt_adapters(adapter, len(prompt_ids))
-        return self._resilient(lambda: self._generate(prompt_ids, adapters, n, max_new_tokens, temperature, top_p,
-                                                      seed, ignore_eos))
+        shards = [(server, a, b) for server, (a, b) in zip(self.servers, shard_bounds(len(prompt_ids),
+                                                                                       len(self.servers)), strict=True)
+                  if b > a]
 
-    def _generate(self, prompt_ids, adapters, n, max_new_tokens, temperature, top_p, seed,
-                  ignore_eos) -> list[list[Sample]]:
-        from concurrent.futures import ThreadPoolExecutor
+        def run(shard) -> list[list[Sample]]:
+            server, a, b = shard
+            # The shard's seed makes prompt i's children draw seed + i*n .., as on a single server.
+            return server.generate(prompt_ids[a:b], n, max_new_tokens, temperature, top_p,
+                                   None if seed is None else seed + a * n, adapters[a:b], ignore_eos, top_k=top_k,
+                                   min_p=min_p, repetition_penalty=repetition_penalty,
+                                   generation_kwargs=generation_kwargs)
 
-        names = [self._served_name(a) for a in adapters]
-
-        def one(i: int) -> list[Sample]:
-            # One request per prompt, sent concurrently so the server batches them; seeds as VLLMEngine.
-            body = {"model": names[i], "prompt": list(prompt_ids[i]), "n": n, "max_tokens": max_new_tokens,
-                    "temperature": temperature, "top_p": top_p, "logprobs": 0, "return_token_ids": True}
-            if seed is not None:
-                body["seed"] = seed + i * n
-            if ignore_eos:
-                body["ignore_eos"] = True  # a vLLM extension of the completions API
-            choices = sorted(self._request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
-            samples = []
-            for c in choices:
-                ids = list(c["token_ids"])
-                logprobs = [float(x) for x in c["logprobs"]["token_logprobs"]]
-                if len(logprobs) != len(ids):
-                    raise RuntimeError(f"server returned {len(logprobs)} log-probs for {len(ids)} tokens")
-                samples.append(Sample(prompt_ids=list(prompt_ids[i]), completion_ids=ids, logprobs=logprobs,
-                                      text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                                      finish_reason="length" if c["finish_reason"] == "length" else "stop"))
-            return samples
-
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompt_ids))) as pool:
-            return list(pool.map(one, range(len(prompt_ids))))
+        if len(shards) == 1:
+            return run(shards[0])
+        with ThreadPoolExecutor(max_workers=len(shards)) as pool:
+            return [samples for part in pool.map(run, shards) for samples in part]
 
     def logprobs(self, prompt_ids, completion_ids, adapter="policy") -> list[float]:
-        if not completion_ids:
-            return []
-        return self._resilient(lambda: self._logprobs(prompt_ids, completion_ids, adapter))
-
-    def _logprobs(self, prompt_ids, completion_ids, adapter) -> list[float]:
-        ids = list(prompt_ids) + list(completion_ids)
-        body = {"model": self._served_name(adapter), "prompt": ids, "max_tokens": 1, "temperature": 0.0,
-                "prompt_logprobs": 0, "return_token_ids": True}
-        scored = self._request("POST", "/v1/completions", body)["choices"][0]["prompt_logprobs"]
-        return [float(scored[j][str(ids[j])]["logprob"]) for j in range(len(prompt_ids), len(ids))]
+        return self.servers[0].logprobs(prompt_ids, completion_ids, adapter)
 
     def close(self) -> None:
-        for name, _ in list(self._loras.values()):
-            try:
-                self._request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
-            except RuntimeError:
-                pass  # the server may already be gone
-        self._loras.clear()
-        self._finalizer()
+        for server in self.servers:
+            server.close()

@@ -172,3 +172,10 @@ def set_linear_weight(layer: torch.nn.Module, weight: torch.Tensor) -> None:
         dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
     else:
         layer.weight.data.copy_(weight)
+
+
+def sampling_param_names() -> frozenset[str]:
+    """The fields `SamplingParams` takes (a msgspec Struct in 0.32): what `generation_kwargs` may set."""
+    from vllm import SamplingParams
+
+    return frozenset(name for name in SamplingParams.__struct_fields__ if not name.startswith("_"))

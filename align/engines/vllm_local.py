@@ -40,11 +40,15 @@ from align.engines.protocol import (
     AdapterSyncError,
     Sample,
     VerifiedSyncEngine,
+    check_generation_kwargs,
     check_sampling,
     per_prompt_adapters,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# SamplingParams fields this engine sets to read its results back: generation_kwargs may not change them.
+OWN_SAMPLING_FIELDS = frozenset({"logprobs", "prompt_logprobs", "output_kind", "flat_logprobs", "logprob_token_ids",
+                                 "prompt_logprob_start", "prompt_logprob_token_ids"})
 
 
 class VLLMEngine(VerifiedSyncEngine):
@@ -187,15 +191,20 @@ class VLLMEngine(VerifiedSyncEngine):
         return [self._loras[a][0] if a is not None else none for a in adapters]
 
     def generate(self, prompt_ids, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=None,
-                 adapter: AdapterArg = "policy", ignore_eos: bool = False) -> list[list[Sample]]:
+                 adapter: AdapterArg = "policy", ignore_eos: bool = False, *, top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, generation_kwargs: dict | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        check_sampling(prompt_ids, n, max_new_tokens, temperature, top_p)
+        check_sampling(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+        extra = check_generation_kwargs(generation_kwargs, vllm_compat.sampling_param_names() - OWN_SAMPLING_FIELDS,
+                                        "vLLM SamplingParams")
         loras = self._lora_requests(per_prompt_adapters(adapter, len(prompt_ids)))
+        # logprobs=0: the sampled token's log-prob, raw (vLLM's default logprobs_mode; protocol.py's convention).
         params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 top_k=max(top_k, 0), min_p=min_p, repetition_penalty=repetition_penalty,
                                  logprobs=0, seed=None if seed is None else seed + i * n,
-                                 ignore_eos=ignore_eos)
+                                 ignore_eos=ignore_eos, **extra)
                   for i in range(len(prompt_ids))]  # children of prompt i get seeds seed+i*n .. +n-1
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
                                  lora_request=loras, use_tqdm=False)
