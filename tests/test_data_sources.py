@@ -1,8 +1,9 @@
 """Datasets the way people have them: every source through `align data check` and into a DPO run.
 
-Sources: .jsonl/.json/.parquet/.csv files, save_to_disk folders, a hub id read from a real local
-`datasets` cache (offline), and in Python a Dataset or a list of dicts. Also TRL's prompt
-extraction (HH strings, H4 UltraFeedback) and the tokenisation cache.
+Sources: .jsonl/.json/.parquet/.csv files, save_to_disk folders, folders of data files (a cloned
+dataset repository), a hub id read from a real local `datasets` cache (offline), and in Python a
+Dataset or a list of dicts. Also TRL's prompt extraction (HH strings, H4 UltraFeedback) and the
+tokenisation cache.
 """
 
 from __future__ import annotations
