@@ -17,6 +17,7 @@ loads: this module touches no model.
 from __future__ import annotations
 
 from align.data.issues import DataError, DataIssue, collect_rows
+from align.data.sources import describe, read_source
 
 DEMO_TASK = "arithmetic"
 # TRL renders every conversational RL prompt with add_generation_prompt=True: the model answers next,
@@ -117,8 +118,6 @@ def load_prompt_rows(source, *, split: str = "train", config: str | None = None,
         raise DataError([DataIssue(str(label or "prompts"), None, f"n={n}; expected a count >= 0 or None")])
     if isinstance(source, str) and source == DEMO_TASK:
         return _demo_rows(n, seed, exclude)
-    from align.data.sources import describe, read_source
-
     places = []
 
     def validate(record, where):
