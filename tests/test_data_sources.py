@@ -1,8 +1,9 @@
 """Datasets the way people have them: every source through `align data check` and into a DPO run.
 
-Sources: .jsonl/.json/.parquet/.csv files, save_to_disk folders, a hub id read from a real local
-`datasets` cache (offline), and in Python a Dataset or a list of dicts. Also TRL's prompt
-extraction (HH strings, H4 UltraFeedback) and the tokenisation cache.
+Sources: .jsonl/.json/.parquet/.csv files, save_to_disk folders, folders of data files (a cloned
+dataset repository), a hub id read from a real local `datasets` cache (offline), and in Python a
+Dataset or a list of dicts. Also TRL's prompt extraction (HH strings, H4 UltraFeedback) and the
+tokenisation cache.
 """
 
 from __future__ import annotations
@@ -86,7 +87,28 @@ def make_source(kind: str, tmp_path: Path, rows: list[dict], hf_cache: Path) -> 
     elif kind == "hub":
         build_hub_cache(hf_cache, rows)
         return HUB_ID
+    elif kind in ("folder_jsonl", "folder_parquet"):
+        path = tmp_path / "cloned-repo"
+        write_data_folder(path, rows, kind)
     return str(path)
+
+
+def write_data_folder(path: Path, rows: list[dict], kind: str) -> Path:
+    """A folder of data files as a cloned hub dataset repository holds them: split-named files
+    (train.jsonl + test.jsonl, or data/train-00000-of-00001.parquet), a README and a .git folder."""
+    import datasets
+
+    (path / ".git").mkdir(parents=True)
+    (path / ".git" / "config.json").write_text("{}")  # hidden: datasets (and we) leave it out
+    (path / "README.md").write_text("# A dataset card\n")
+    if kind == "folder_jsonl":
+        for split, part in (("train", rows), ("test", rows[:2])):
+            (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    else:
+        (path / "data").mkdir()
+        datasets.Dataset.from_list(rows).to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
+        datasets.Dataset.from_list(rows[:2]).to_parquet(str(path / "data" / "test-00000-of-00001.parquet"))
+    return path
 
 
 def data_check(*args: str) -> subprocess.CompletedProcess:
@@ -115,7 +137,8 @@ def config_out(config) -> Path:
     return Path(config.output_dir)
 
 
-SOURCES = ["jsonl", "json", "parquet", "csv", "save_to_disk", "save_to_disk_dict", "hub"]
+SOURCES = ["jsonl", "json", "parquet", "csv", "save_to_disk", "save_to_disk_dict", "hub", "folder_jsonl",
+           "folder_parquet"]
 
 
 @pytest.mark.parametrize("kind", SOURCES)
@@ -133,13 +156,56 @@ def test_source_checks_and_trains(kind, tmp_path, tiny_llama, hf_cache):
     assert ROWS[0]["prompt"] in tok.decode(trainer.pairs[0].prompt_ids)
 
 
-@pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "hub"])
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "hub", "folder_parquet"])
 def test_bad_row_is_named_by_row_index(kind, tmp_path, hf_cache):
     rows = ROWS[:3] + [{"prompt": "q", "chosen": "same", "rejected": "same"}]
     source = make_source(kind, tmp_path, rows, hf_cache)
     done = data_check(source)
     assert done.returncode == 1
     assert f"{source}: row 3: field 'rejected': identical" in done.stdout
+
+
+@pytest.mark.parametrize("kind", ["folder_jsonl", "folder_parquet"])
+def test_a_folder_of_data_files_gives_each_recipe_its_splits(kind, tmp_path, tiny_llama, hf_cache):
+    """Preference (DPO), reward and SFT readers all read a cloned dataset folder, by split."""
+    from align.data.sft import load_sft
+    from reward.pairs import read_margins
+    from reward.train import RewardConfig, RewardTrainer
+
+    folder = write_data_folder(tmp_path / "prefs", [{**r, "margin": float(i)} for i, r in enumerate(ROWS)], kind)
+    test = load_preferences(str(folder), split="test")
+    assert [(r.prompt, r.where) for r in test.rows] == [(r["prompt"], f"{folder}[test]: row {i}")
+                                                       for i, r in enumerate(ROWS[:2])]
+    assert read_margins(str(folder)) == {f"{folder}: row {i}": float(i) for i in range(len(ROWS))}
+    config = load_config(RewardConfig, REPO / "configs" / "reward_tiny.yaml", [
+        f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'rm'}", f"train_file={folder}",
+        f"eval_file={folder}"])
+    trainer = RewardTrainer(config)
+    trainer.setup()  # train_file reads the train split, eval_file the test split (TRL's dataset_test_split)
+    assert (len(trainer.pairs), len(trainer.eval_pairs)) == (len(ROWS), 2)
+    assert trainer.margin_of(trainer.pairs).tolist() == [float(i) for i in range(len(ROWS))]
+    trainer.close()
+
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in ROWS]
+    sft_folder = write_data_folder(tmp_path / "sft", sft_rows, kind)
+    rows, skipped = load_sft(str(sft_folder))
+    assert not skipped and [(r.prompt, r.completion, r.where) for r in rows] == [
+        (r["prompt"], r["completion"], f"{sft_folder}: row {i}") for i, r in enumerate(sft_rows)]
+    assert len(load_sft(str(sft_folder), split="test")[0]) == 2
+
+
+def test_a_folder_without_data_files_or_the_split_is_one_line(tmp_path, hf_cache):
+    empty = tmp_path / "notes"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not data")
+    with pytest.raises(DataError, match=r"notes: a folder, but neither written by save_to_disk .* nor holding "
+                                        r"data files \(\.jsonl"):
+        load_preferences(str(empty))
+    folder = write_data_folder(tmp_path / "repo", ROWS, "folder_jsonl")
+    with pytest.raises(DataError) as e:
+        load_preferences(str(folder), split="validation")
+    assert str(e.value) == (f"{folder}: could not load the folder of data files: Unknown split \"validation\". "
+                            f"Should be one of ['train', 'test'].")
 
 
 def test_python_api_takes_a_dataset_or_a_list(tmp_path, tiny_llama):

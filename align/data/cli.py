@@ -1,7 +1,7 @@
 """`align data check SOURCE`: validate a preference dataset without training.
 
 SOURCE is anything the trainers take: a .jsonl/.json/.parquet/.csv file, a save_to_disk
-folder, or a dataset name for `datasets.load_dataset` (`--dataset_config`, `--dataset_split`).
+folder, a folder of data files (a cloned dataset repository), or a dataset name for `datasets.load_dataset` (`--dataset_config`, `--dataset_split`).
 
 Lists every bad row (file:line, field, what was expected) and exits non-zero if
 there is any. With `--model_name_or_path`, rows are also tokenized to check that each prompt
@@ -21,8 +21,8 @@ def add_arguments(p) -> None:
                        description="Checks a preference dataset without training and lists every bad row (file:line, "
                                    "field, what was expected);\nit exits non-zero if there is any.\n\nexample:\n"
                                    "  align data check my_pairs.jsonl --model_name_or_path smollm2 --max_length 256")
-    c.add_argument("file", metavar="SOURCE", help=".jsonl/.json/.parquet/.csv file, save_to_disk folder or dataset "
-                                                 "name")
+    c.add_argument("file", metavar="SOURCE", help=".jsonl/.json/.parquet/.csv file, save_to_disk folder, folder of "
+                                                 "data files or dataset name")
     c.add_argument("--dataset_config", default=None, help="a dataset name's configuration")
     c.add_argument("--dataset_split", default="train", help="the split, for a dataset name or a DatasetDict")
     c.add_argument("--format", default="auto", choices=["auto", "standard", "conversational"])

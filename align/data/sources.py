@@ -6,6 +6,10 @@
   - a local file: .jsonl (where = "file:line"), .json (an array, or {"train": [...]}), .parquet, .csv
     (where = "file: row N");
   - a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (a dict gives `split`);
+  - a folder of data files, as a cloned hub dataset repository is (train.jsonl + test.jsonl,
+    data/train-00000-of-00001.parquet, a README.md naming configs): read as
+    `datasets.load_dataset(folder, config, split=split)` reads it (where = "FOLDER: row N", or
+    "FOLDER[SPLIT]: row N" for another split; N counts rows across the split's files);
   - a hub id ("org/name" or "name") for `datasets.load_dataset(source, config, split=split)`, which
     reads the local `datasets` cache when offline;
   - in Python, a `datasets.Dataset` / `DatasetDict` or a list of dicts (where = "LABEL: row N").
@@ -141,13 +145,41 @@ def _read_rows(rows, label: str):
         yield f"{label}: row {i}", record
 
 
-def _read_folder(path: Path, split: str):
+def _data_files(path: Path) -> list[Path]:
+    """The data files under `path`, hidden ones (.git, __pycache__) left out as `datasets` leaves them out."""
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        found += [Path(root, f) for f in files if Path(f).suffix.lower() in FILE_SUFFIXES and not f.startswith(".")]
+    return sorted(found)
+
+
+def _read_data_folder(path: Path, split: str, config: str | None):
+    """A folder of data files as `datasets.load_dataset(folder)` reads it (its split-name conventions, README configs)."""
+    import datasets
+
+    files = _data_files(path)
+    if not files:
+        raise DataError([DataIssue(str(path), None, "a folder, but neither written by save_to_disk (no state.json "
+                                                    "or dataset_dict.json) nor holding data files "
+                                                    f"({', '.join(FILE_SUFFIXES)}); expected a data file, a folder "
+                                                    "of them, a save_to_disk folder or a dataset name")])
+    # CSV cells stay text, as for a single .csv file (pandas would turn "70" into 70 and "" into NaN).
+    options = _csv_options(files[0]) if all(f.suffix.lower() == ".csv" for f in files) else {}
+    try:
+        ds = datasets.load_dataset(str(path), config, split=split, **options)
+    except Exception as e:  # unknown split or config, unreadable file, mismatched columns: the message says which
+        raise DataError([DataIssue(str(path), None, f"could not load the folder of data files: {_first_line(e)}")]
+                        ) from None
+    yield from _read_rows(ds, str(path) if split == "train" else f"{path}[{split}]")
+
+
+def _read_folder(path: Path, split: str, config: str | None = None):
     import datasets
 
     if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        raise DataError([DataIssue(str(path), None, "a folder, but not one written by save_to_disk (no state.json "
-                                                    "or dataset_dict.json); expected a data file, a save_to_disk "
-                                                    "folder or a dataset name")])
+        yield from _read_data_folder(path, split, config)
+        return
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
@@ -211,7 +243,7 @@ def read_source(source, split: str = "train", config: str | None = None, label: 
     if path.is_file():
         yield from _read_file(path)
     elif path.is_dir():
-        yield from _read_folder(path, split)
+        yield from _read_folder(path, split, config)
     elif _HUB_ID.fullmatch(text) and ".." not in text and Path(text).suffix.lower() not in FILE_SUFFIXES:
         name = text if split == "train" else f"{text}[{split}]"
         yield from _read_rows(load_hub(text, split, config), label or name)

@@ -103,8 +103,8 @@ class DPOTrainer(PreferenceTrainer):
         super().__init__(config, *args, **kwargs)
         # Checked here, not in DPOConfig: the Python API may pass train_dataset instead. Still before any model loads.
         if self.train_dataset is None and not config.train_source():
-            raise UserError("train_file: expected a preference data file, a save_to_disk folder or a dataset name "
-                            "(or dataset_name; or train_dataset= in Python)")
+            raise UserError("train_file: expected a preference data file, a folder (save_to_disk or of data files) or a "
+                            "dataset name (or dataset_name; or train_dataset= in Python)")
 
     def build(self) -> list[dict]:
         c = self.config

@@ -33,7 +33,8 @@ class SFTConfig(TrainConfig):
     output_dir: str = arg("runs/sft", "Run folder: adapter/, checkpoints/, metrics.jsonl, tb/.")
     learning_rate: float = arg(2e-4, "AdamW peak learning rate; ~10x TRL's full fine-tuning SFT default (2e-5).")
     adapter_name: str = arg("policy", "Name of the trained adapter.")
-    train_file: str = arg("", "SFT data: .jsonl/.json/.parquet, or a datasets name.")
+    train_file: str = arg("", "SFT data: .jsonl/.json/.parquet/.csv, a folder (save_to_disk or of data files), or a "
+                              "datasets name.")
     eval_file: str | None = arg(None, "Held-out SFT data (optional).")
     eval_fraction: float = arg(0.0, "Without eval_file: this fraction of the training rows is held out.")
     on_bad_rows: str = arg("error", "error (abort, listing every bad row) | skip (drop and count them).")

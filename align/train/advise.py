@@ -179,7 +179,7 @@ def render(report: dict) -> str:
 
 # -- CLI ----------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
-    p.add_argument("data", help="the training data: a file, a save_to_disk folder or a dataset name")
+    p.add_argument("data", help="the training data: a file, a folder (save_to_disk or of data files) or a dataset name")
     # `--model` was this flag's name before it took the recipes' name: kept as a hidden alias.
     p.add_argument("--model_name_or_path", "--model", dest="model", default="smollm2", metavar="MODEL",
                    help="model folder, 'smollm2' or hub id whose config and tokenizer to use")

@@ -229,8 +229,8 @@ class TrainConfig(ModelConfig):
 
 @dataclass
 class PreferenceDataConfig:
-    train_file: str = arg("", "Preference data: .jsonl/.json/.parquet/.csv, a save_to_disk folder, or a dataset "
-                              "name for datasets.load_dataset.")
+    train_file: str = arg("", "Preference data: .jsonl/.json/.parquet/.csv, a save_to_disk folder, a folder of "
+                              "data files, or a dataset name for datasets.load_dataset.")
     eval_file: str | None = arg(None, "Held-out preference data (optional; any source train_file takes; a "
                                       "dataset name or DatasetDict gives its 'test' split).")
     dataset_name: str = arg("", "Instead of train_file: a dataset name for datasets.load_dataset (TRL's name; "

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-from align.core.errors import UserError
 
 
 @dataclass
@@ -40,26 +37,11 @@ class Rollout:
 
 
 def load_rows(spec: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """Prompt rows {"prompt", "answer"}: the arithmetic task or a JSONL file (errors name file:line)."""
-    if spec == "arithmetic":
-        from align.tasks.arithmetic import make_prompts
+    """Prompt rows (a `PromptRows`, places beside the rows): the arithmetic task draws `n`; any other
+    source (align/data/prompt_rows.py) is read whole, as before, with every column kept."""
+    from align.data.prompt_rows import DEMO_TASK, load_prompt_rows
 
-        return make_prompts(n, seed, exclude=exclude)
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"prompts: {spec!r} is neither 'arithmetic' nor an existing JSONL file")
-    from align.data.preference import DataError, DataIssue, read_jsonl
-
-    rows = []
-    for where, row in read_jsonl(path):  # BOM, CRLF, blank lines and bad UTF-8 handled as for preference data
-        if isinstance(row, DataIssue):
-            raise DataError([row])
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UserError(f"{where}: expected an object with a string \"prompt\" (and optional \"answer\")")
-        rows.append({"prompt": row["prompt"], "answer": row.get("answer"), "row": where})
-    if not rows:
-        raise UserError(f"{path}: no prompt rows")
-    return rows
+    return load_prompt_rows(spec, n=n if spec == DEMO_TASK else None, seed=seed, exclude=exclude)
 
 
 def pack(samples: list[list], rows: list[dict], pad_id: int) -> Rollout:
