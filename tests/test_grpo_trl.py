@@ -103,14 +103,17 @@ def test_every_trl_grpo_key_is_a_field_or_has_a_stated_meaning():
 
 def test_defaults_are_trls_where_the_idea_is_trls():
     trl = pytest.importorskip("trl")
-    theirs, ours = trl.GRPOConfig(output_dir="x"), GRPOConfig()
+    theirs, ours = trl.GRPOConfig(output_dir="x", use_cpu=True, bf16=False), GRPOConfig()
     for name in ("beta", "epsilon", "epsilon_high", "num_iterations", "num_generations", "loss_type",
                  "importance_sampling_level", "scale_rewards", "mask_truncated_completions", "temperature",
                  "top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length", "log_completions",
                  "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
                  "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_mode",
-                 "steps_per_generation", "entropy_coef", "use_bias_correction_kl"):
+                 "entropy_coef", "use_bias_correction_kl"):
         assert getattr(ours, name) == getattr(theirs, name), name
+    # TRL resolves its batch shape in __post_init__; ours by the same rule when asked
+    assert ours.micro_batches_per_rollout() == theirs.steps_per_generation
+    assert ours.prompts_per_rollout() * ours.num_generations == theirs.generation_batch_size
 
 
 @pytest.mark.parametrize("old,new", [("kl_coef=0.1", "beta"), ("cliprange=0.2", "epsilon"),
@@ -177,8 +180,11 @@ def test_the_loss_type_reaches_the_loss(tiny_llama, tmp_path):
     """First step, one micro-batch: the ratio is 1, so each token's loss is -A. bnpo averages over the
     real tokens, dr_grpo divides the same sum by B x max_completion_length: their ratio is the mean
     completion length over max_completion_length."""
-    bnpo, _ = _first_step(tiny_llama, tmp_path / "a", "loss_type=bnpo")
-    dr, _ = _first_step(tiny_llama, tmp_path / "b", "loss_type=dr_grpo")
+    # vLLM stops at any of these ids: completions of different lengths (the tiny model rarely says EOS).
+    stop = ["use_vllm=true", "generation_kwargs={stop_token_ids: [" + ", ".join(map(str, range(3, 60))) + "]}"]
+    bnpo, _ = _first_step(tiny_llama, tmp_path / "a", "loss_type=bnpo", *stop)
+    dr, _ = _first_step(tiny_llama, tmp_path / "b", "loss_type=dr_grpo", *stop)
+    assert bnpo["completions/min_length"] < 6 == bnpo["completions/max_length"]
     assert bnpo["completions/mean_length"] == dr["completions/mean_length"]  # the same rollout (seeded)
     assert abs(bnpo["loss"]) > 1e-6
     assert dr["loss"] == pytest.approx(bnpo["loss"] * bnpo["completions/mean_length"] / 6, rel=1e-5)
@@ -196,3 +202,42 @@ def test_truncated_completions_are_masked_out_when_asked(tiny_llama, tmp_path):
     assert m["completions/clipped_ratio"] == 1.0 and not moved
     m, moved = _first_step(tiny_llama, tmp_path / "b", "max_completion_length=1")
     assert moved
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_llama, tmp_path_factory):
+    """Any AutoModelForSequenceClassification (TRL's reward_model_name_or_path), built with transformers alone."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_llama, num_labels=1)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model.config.pad_token_id = tok.pad_token_id
+    path = tmp_path_factory.mktemp("rm") / "my-rm"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_classifier_reward_model_beside_the_functions(classifier, tiny_llama, tmp_path, monkeypatch):
+    """reward_model_name_or_path + reward_funcs, weighted in TRL's order (the model first)."""
+    monkeypatch.setenv("GRPO_TEST_CALLS", str(tmp_path / "calls.jsonl"))
+    data, out = write_rows("conversational", tmp_path), tmp_path / "run"
+    code = align_main(["grpo", "--config", str(TRL_YAML), "--set", f"model_name_or_path={tiny_llama}",
+                       "--set", f"dataset_name={data}", "--set", f"output_dir={out}", "--set",
+                       f"reward_model_name_or_path={classifier}", "--set", "reward_weights=[0.5, 1.0, 0.5]",
+                       "--set", "max_steps=1"])
+    assert code == 0
+    (row,) = [r for r in read_metrics(out) if "reward" in r]
+    model = row["rewards/my-rm/mean"]
+    assert model != 0.0 and row["rewards/my-rm/std"] > 0  # the classifier scored, and told completions apart
+    expected = 0.5 * model + row["rewards/correct/mean"] + 0.5 * row["rewards/short/mean"]
+    assert row["reward"] == pytest.approx(expected, abs=1e-5)
+    # the classifier's weights are the ones saved: frozen, and not part of the policy adapter
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "policy" / "adapter_model.safetensors"))
+    assert not any("score" in k for k in saved)

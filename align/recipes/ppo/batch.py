@@ -24,6 +24,7 @@ class Rollout:
     rows: list[dict]          # the prompt row of each sequence (repeated per generation)
     texts: list[str]          # decoded completions
     stopped: torch.Tensor     # (B,) 1 where the completion ended with EOS
+    places: list[str] | None = None  # where each sequence's prompt row came from ("prompts.jsonl:3")
 
     def completion_ids(self) -> list[list[int]]:
         """Each completion's token ids, padding dropped (what TRL passes reward functions)."""

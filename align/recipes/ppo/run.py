@@ -15,7 +15,8 @@ import torch
 from align.core.errors import TrainingDiverged, UserError
 from align.core.logprobs import completion_logprobs
 from align.core.policy_init import attach_policy, reference_context
-from align.recipes.ppo.batch import Rollout, load_rows
+from align.data.prompt_rows import DEMO_TASK, PromptRows, load_prompt_rows
+from align.recipes.ppo.batch import Rollout
 from align.recipes.ppo.completions_log import CompletionsLog
 from align.recipes.ppo.config import PPOConfig
 from align.recipes.ppo.heads import ValueHead
@@ -52,17 +53,23 @@ class RLRun(Trainer):
     def load_prompts(self) -> None:
         """Training and held-out prompt rows, from the config's sources or the rows given in Python."""
         c = self.config
-        train = self.train_dataset if self.train_dataset is not None else c.train_source
-        self.train_rows = load_rows(train, c.num_train_prompts, c.seed, split=c.dataset_split,
-                                    config=c.dataset_config)
+        python = self.train_dataset is not None
+        train = self.train_dataset if python else c.train_source
+        demo = not python and train == DEMO_TASK
+        self.train_rows = load_prompt_rows(train, split=c.dataset_split, config=c.dataset_config,
+                                           n=c.num_train_prompts if demo else None, seed=c.seed,
+                                           label="train_dataset" if python else None)
         if self.eval_dataset is not None or c.eval_file is not None:
             held_out = self.eval_dataset if self.eval_dataset is not None else c.eval_file
-            self.eval_rows = load_rows(held_out, c.num_eval_prompts, c.seed + 1)
-        elif train == "arithmetic":
-            self.eval_rows = load_rows("arithmetic", c.num_eval_prompts, c.seed + 1,
-                                       exclude={r["prompt"] for r in self.train_rows})
+            # A dataset name or saved DatasetDict gives its "test" split (TRL's dataset_test_split), as for DPO.
+            self.eval_rows = load_prompt_rows(held_out, split="test", n=c.num_eval_prompts if held_out == DEMO_TASK
+                                              else None, seed=c.seed + 1,
+                                              label="eval_dataset" if self.eval_dataset is not None else None)
+        elif demo:
+            self.eval_rows = load_prompt_rows(DEMO_TASK, n=c.num_eval_prompts, seed=c.seed + 1,
+                                              exclude={r["prompt"] for r in self.train_rows})
         else:
-            self.eval_rows = []
+            self.eval_rows = PromptRows()
 
     def build(self) -> list[dict]:
         from align.data.prompts import encode_prompts
@@ -85,7 +92,7 @@ class RLRun(Trainer):
         tok = self.base.tokenizer
         # The built-in task is written for a chat model's user turn; a user's string prompt is used as
         # TRL uses it (align/data/prompts.py).
-        template_text = (self.train_dataset is None and c.train_source == "arithmetic")
+        template_text = (self.train_dataset is None and c.train_source == DEMO_TASK)
         self.train_ids = encode_prompts(tok, self.train_rows, c.system_prompt, c.max_prompt_length,
                                         chat_template_for_text=template_text)
         self.eval_ids = encode_prompts(tok, self.eval_rows, c.system_prompt, c.max_prompt_length,
@@ -147,7 +154,9 @@ class RLRun(Trainer):
         c = self.config
         options = c.rollout_engine_options()
         if c.rollout_engine == "vllm" or (c.rollout_engine == "auto" and vllm_available()):
-            options.setdefault("max_model_len", c.max_prompt_length + c.max_completion_length)
+            # The longest a sequence can be, but never past the model's own limit (vLLM refuses that).
+            limit = getattr(self.base.model.config, "max_position_embeddings", None) or 1 << 30
+            options.setdefault("max_model_len", min(c.max_prompt_length + c.max_completion_length, limit))
             options.setdefault("kv_cache_sequences", c.prompts_per_rollout(self.processes.world) * c.num_generations)
         return options
 
@@ -196,7 +205,7 @@ class RLRun(Trainer):
         samples = self.engine.generate(self.eval_ids, n=1, max_new_tokens=self.config.max_completion_length,
                                        temperature=0.0, adapter="policy")
         scores, _ = self.task_scorer.score(self.eval_rows, [s[0].text for s in samples],
-                                           [list(s[0].completion_ids) for s in samples])
+                                           [list(s[0].completion_ids) for s in samples], self.eval_rows.places)
         return {"eval/reward": scores.nanmean().item()}
 
     def summary_extra(self) -> dict:

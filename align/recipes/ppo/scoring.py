@@ -37,9 +37,11 @@ class Scorer:
         self.functions = RewardFunctions(funcs, weights)
         self.names = list(self.functions.names)
 
-    def score(self, rows: list[dict], texts: list[str], completion_ids: list[list[int]]):
+    def score(self, rows: list[dict], texts: list[str], completion_ids: list[list[int]],
+              places: list[str] | None = None):
         prompts = [r["prompt"] for r in rows]
-        per_func = self.functions.score(prompts, completions_for(rows, texts), completion_ids, columns_of(rows))
+        per_func = self.functions.score(prompts, completions_for(rows, texts), completion_ids, columns_of(rows),
+                                        places=places)
         return weighted_rewards(per_func, self.functions.weights), per_func
 
 

@@ -90,7 +90,9 @@ class PPOTrainer(RLRun):
         samples = self.engine.generate([self.train_ids[i] for i in idx], n=c.num_generations,
                                        max_new_tokens=c.max_completion_length, seed=self._seed(step) + self.processes.rank,
                                        adapter="policy", **c.sampling())
-        return pack(samples, [self.train_rows[i] for i in idx], self.base.tokenizer.pad_token_id)
+        batch = pack(samples, [self.train_rows[i] for i in idx], self.base.tokenizer.pad_token_id)
+        batch.places = [self.train_rows.places[i] for i in idx for _ in range(c.num_generations)]
+        return batch
 
     @torch.no_grad()
     def old_logprobs(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -220,4 +222,4 @@ class PPOTrainer(RLRun):
     # -- forward passes and rewards ----------------------------------------------------------------
     def score(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) total reward (NaN where no reward scored the row) and (B, F) each reward's values."""
-        return self.scorer.score(batch.rows, batch.texts, batch.completion_ids())
+        return self.scorer.score(batch.rows, batch.texts, batch.completion_ids(), batch.places)
