@@ -93,9 +93,9 @@ def test_ppo_from_init_adapter_kl_at_first_step(tiny_llama, tmp_path, init_adapt
     finally:
         tr.close()
     if reference == "init":
-        assert m1["kl/ref"] == 0.0 and m1["kl/ref_per_token"] == 0.0
+        assert m1["kl"] == 0.0 and m1["kl/sequence"] == 0.0
     else:
-        assert abs(m1["kl/ref"]) > 1e-3
+        assert abs(m1["kl/sequence"]) > 1e-3
 
 
 def test_bad_init_adapter_is_one_clear_line_before_any_model_loads(tmp_path, init_adapter, tiny_llama):

@@ -15,9 +15,9 @@ import torch
 from align.core.errors import TrainingDiverged, UserError
 from align.recipes.ppo.batch import prompt_indices
 from align.recipes.ppo.config import PPOConfig
+from align.recipes.ppo.scoring import Scorer
 from align.recipes.ppo.trainer import PPOTrainer
 from align.train.config_parser import ConfigError, load_config
-from reward.functions import RewardFunctions
 
 torch.set_num_threads(1)  # tiny tensors: thread hand-off costs more than it saves on a shared 2-core box
 
@@ -55,13 +55,14 @@ def test_first_step_kl_is_exactly_zero_then_the_policy_moves(tiny_llama, tmp_pat
     tr = make(tiny_llama, tmp_path)
     m1 = tr.ppo_step(1)
     # policy B = 0 at the start, so policy and reference log-probs are the same numbers
-    assert m1["kl/ref"] == 0.0 and m1["kl/ref_per_token"] == 0.0
+    assert m1["kl"] == 0.0 and m1["kl/sequence"] == 0.0
     # the training side recomputes the sampler's log-probs (same base, transformers engine)
     assert m1["logprob/mismatch_max"] < 1e-4
     m2 = tr.ppo_step(2)
-    assert m2["kl/ref"] != 0.0  # after one update the policy differs from the reference
-    for key in ("policy/clipfrac", "policy/approx_kl", "loss/value", "value/explained_variance", "policy/entropy",
-                "time/rollout", "time/sync", "time/score", "time/update", "tokens_per_s/rollout", "response/length"):
+    assert m2["kl"] != 0.0  # after one update the policy differs from the reference
+    for key in ("clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "loss/value",
+                "value/explained_variance", "entropy", "time/rollout", "time/sync", "time/score", "time/update",
+                "tokens_per_s/rollout", "completions/mean_length", "completions/clipped_ratio", "num_tokens"):
         assert key in m2, key
     tr.close()
 
@@ -83,7 +84,8 @@ def reward_adapter(tiny_llama, tmp_path_factory):
 
 
 def test_update_trains_policy_and_critic_only(tiny_llama, tmp_path, reward_adapter):
-    tr = make(tiny_llama, tmp_path, f"reward_model={reward_adapter}", "reward_model_weight=0.5")
+    tr = make(tiny_llama, tmp_path, f"reward_model_name_or_path={reward_adapter}",
+             "reward_weights=[0.5, 1.0]")
     before = {name: snapshot(tr.base.adapter_parameters(name)) for name in ("policy", "critic", "reward")}
     assert all(v.abs().sum() > 0 for v in before["reward"].values())
     base_before = snapshot(tr.base.base_parameters())
@@ -91,8 +93,9 @@ def test_update_trains_policy_and_critic_only(tiny_llama, tmp_path, reward_adapt
     rm_head_before = snapshot(dict(tr.reward_model.head.named_parameters()))
     m = tr.ppo_step(1)
     # the reward adapter scored the completions: total = arithmetic + 0.5 * reward model
-    assert m["reward/mean"] == pytest.approx(m["reward/arithmetic"] + 0.5 * m["reward/reward_model"], abs=1e-6)
-    assert m["reward/reward_model"] != 0.0
+    model = f"rewards/{reward_adapter.name}/mean"  # TRL names a reward model by its folder
+    assert m["reward"] == pytest.approx(m["rewards/arithmetic/mean"] + 0.5 * m[model], abs=1e-6)
+    assert m[model] != 0.0
     assert not same(before["policy"], snapshot(tr.base.adapter_parameters("policy")))
     assert not same(before["critic"], snapshot(tr.base.adapter_parameters("critic")))
     assert not same(head_before, snapshot(dict(tr.value_head.named_parameters())))
@@ -114,8 +117,8 @@ def broken_reward(completions, answer, **kwargs):
 
 
 def test_failing_reward_function_names_the_row(tiny_llama, tmp_path, monkeypatch):
-    tr = make(tiny_llama, tmp_path, "reward_functions={tests.test_ppo_trainer.broken_reward: 1.0}")
-    idx = prompt_indices(len(tr.train_rows), tr.config.prompts_per_step, tr.config.seed, 1)
+    tr = make(tiny_llama, tmp_path, "reward_funcs=[tests.test_ppo_trainer.broken_reward]")
+    idx = prompt_indices(len(tr.train_rows), tr.config.prompts_per_rollout(), tr.config.seed, 1)
     answers = [tr.train_rows[i]["answer"] for i in idx for _ in range(2)]
     monkeypatch.setenv("PPO_TEST_BAD_ANSWER", answers[-1])  # the second prompt's rows divide by zero
     bad = answers.index(answers[-1])
@@ -201,20 +204,20 @@ def test_long_prompt_names_its_row(tiny_llama, tmp_path):
     prompts.write_text('{"prompt": "What is 1+2?", "answer": "3"}\n\n'
                        + json.dumps({"prompt": "the quick brown fox " * 40, "answer": "0"}) + "\n")
     with pytest.raises(UserError, match=r"prompts\.jsonl:3: \d+ tokens .*max_prompt_length=64"):
-        make(tiny_llama, tmp_path, f"prompts={prompts}", "eval_prompts=null")
+        make(tiny_llama, tmp_path, f"train_file={prompts}")
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_critic_free_estimators_train_the_policy_only(tiny_llama, tmp_path, estimator):
     tr = make(tiny_llama, tmp_path, f"algorithm={estimator}", "whiten_advantages=false", "kl_in_reward=false",
-              "kl_estimator=k3", "num_generations=4", "prompts_per_step=1", "temperature=1.0")
+              "kl_estimator=k3", "num_generations=4", "steps_per_generation=2", "temperature=1.0")
     assert "critic" not in tr.base.adapters
     before = snapshot(tr.base.adapter_parameters("policy"))
     # the tiny random model never solves arithmetic: give it a reward that varies within a group
     def length(completions, **kwargs):
         return [float(len(x)) for x in completions]
 
-    tr.scorer = RewardFunctions([length], [1.0])
+    tr.scorer = Scorer([length], [1.0])
     m = tr.ppo_step(1)
     assert "loss/value" not in m
     assert not same(before, snapshot(tr.base.adapter_parameters("policy")))
@@ -257,13 +260,13 @@ def reference_forwards(trainer) -> list[int]:
 
 @pytest.mark.parametrize("kl_coef,log_kl,runs", [(0.0, False, False), (0.05, False, True), (0.0, True, True)])
 def test_reference_forward_runs_only_when_its_kl_is_used(tiny_llama, tmp_path, kl_coef, log_kl, runs):
-    tr = make(tiny_llama, tmp_path, "algorithm=grpo", f"kl_coef={kl_coef}", f"log_reference_kl={log_kl}",
+    tr = make(tiny_llama, tmp_path, "algorithm=grpo", f"beta={kl_coef}", f"log_reference_kl={log_kl}",
               "sampler_logprobs_as_old=false")  # the pi_old forward stays, as the yardstick of the timing check
     calls = reference_forwards(tr)
     m1 = tr.ppo_step(1)
     m2 = tr.ppo_step(2)
     assert (calls[0] > 0) == runs, calls
-    assert ("kl/ref" in m1 and "kl/ref" in m2) == runs
+    assert ("kl" in m1 and "kl" in m2) == runs
     for key in ("time/old_logprobs", "time/ref_logprobs", "time/update", "time/sync", "time/forward"):
         assert key in m2, key
     if not runs:
@@ -277,7 +280,7 @@ def test_pi_old_from_the_sampler_trains_like_the_trainers_forward(tiny_llama, tm
     adapters, metrics = {}, {}
     for flag in (True, False):
         tr = make(tiny_llama, tmp_path / str(flag), "algorithm=grpo", f"sampler_logprobs_as_old={flag}",
-                  "kl_coef=0", "reward_functions={length_penalty: 1.0}")
+                  "beta=0", "reward_funcs=[length_penalty]")
         assert tr.old_from_sampler() is flag
         metrics[flag] = [tr.ppo_step(s) for s in (1, 2, 3)]
         adapters[flag] = snapshot(tr.base.adapter_parameters("policy"))
@@ -287,9 +290,9 @@ def test_pi_old_from_the_sampler_trains_like_the_trainers_forward(tiny_llama, tm
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     for m in metrics[True]:
         assert m["logprob/mismatch_max"] < 1e-4 and m["time/old_logprobs"] < 0.01
-        assert m["policy/entropy"] > 0
+        assert m["entropy"] > 0
     # null (the default) means: an in-process engine sampling in the training dtype
-    for sets, expected in ((["kl_coef=0"], True), ([], False), (["kl_coef=0", "rollout_dtype=bfloat16"], False),
-                           (["kl_coef=0", "engine=remote", "engine_url=http://127.0.0.1:1"], False)):
+    for sets, expected in ((["beta=0"], True), ([], False), (["beta=0", "rollout_dtype=bfloat16"], False),
+                           (["beta=0", "engine=remote", "vllm_server_base_url=http://127.0.0.1:1"], False)):
         cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml", [f"model_name_or_path={tiny_llama}", *sets])
         assert PPOTrainer(cfg).old_from_sampler() is expected, sets

@@ -54,7 +54,7 @@ def trained_steps(out: Path) -> list[int]:
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["step"] for r in rows if "loss" in r or "reward/mean" in r]
+    return [r["step"] for r in rows if "loss" in r or "reward" in r]
 
 
 def run_to_end(cmd: list[str], cwd: Path) -> None:

@@ -171,10 +171,15 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def per_token_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """(B, 1) from one advantage per sequence, to broadcast over its tokens; (B, T) ones stay as they are."""
+    return advantages.reshape(-1, 1) if advantages.dim() == 1 else advantages
+
+
 def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,
                epsilon_high: float) -> dict[str, torch.Tensor]:
     """Fraction of tokens (or sequences) where clipping cut the gradient: below 1-ε_low with A<0, above 1+ε_high with A>0."""
-    ratio, adv = ratio.detach(), advantages.detach().reshape(-1, 1)
+    ratio, adv = ratio.detach(), per_token_advantages(advantages.detach())
     low = ((ratio < 1 - epsilon_low) & (adv < 0)).float()
     high = ((ratio > 1 + epsilon_high) & (adv > 0)).float()
     return {"clip_ratio/low_mean": _masked_mean(low, mask), "clip_ratio/high_mean": _masked_mean(high, mask),
@@ -189,7 +194,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's GRPO-family loss and TRL's metrics for it ("kl" when beta != 0, clip ratios).
 
-    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) one per sequence; is_ratio: the
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) one per sequence (or (B, T) per token, as PPO's
+    GAE gives them); is_ratio: the
     `sampler_correction` weight, multiplied into the surrogate (not the KL). With r the ratio
     (`importance_ratio`: per token, or per sequence for GSPO) and A the advantage, per token:
       l = -min(r A, clip(r, 1-ε_low, 1+ε_high) A) · is_ratio + β · KL_k3 · (r if use_bias_correction_kl)
@@ -208,7 +214,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     """
     _check_loss_args(loss_type, importance_sampling_level, beta, ref_logp, max_completion_length, tokens_normalizer)
     mask = mask.to(logp.dtype)
-    adv = advantages.reshape(-1, 1).to(logp.dtype)
+    adv = per_token_advantages(advantages).to(logp.dtype)
     ratio = importance_ratio(logp, old_logp, mask, importance_sampling_level)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)

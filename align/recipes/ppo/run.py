@@ -82,6 +82,7 @@ class RLRun(Trainer):
             self.base.add_adapter("critic", c.lora)
             self.value_head = ValueHead(self.base.hidden_size, seed=c.seed).to(self.device)
         self.scorer, self.task_scorer = build_scorers(c, self.base, self.device, self.dtype, self.reward_funcs)
+        self.reward_model = self.scorer.model
         self.base.set_active("policy")
         self.kl_coef = c.beta
 

@@ -36,6 +36,7 @@ class Scorer:
 
         self.functions = RewardFunctions(funcs, weights)
         self.names = list(self.functions.names)
+        self.model = None
 
     def score(self, rows: list[dict], texts: list[str], completion_ids: list[list[int]],
               places: list[str] | None = None):
@@ -64,7 +65,9 @@ def build_scorers(config, base, device, dtype, python_funcs: list | None = None)
     from reward.sources import load_reward_model
 
     model_fn = load_reward_model(config.reward_model_name_or_path, base, device, dtype)
-    return Scorer([model_fn, *funcs], weights), task
+    scorer = Scorer([model_fn, *funcs], weights)
+    scorer.model = model_fn.model  # the RewardModel on the shared base, or the classifier
+    return scorer, task
 
 
 def group_reward_stats(per_func: torch.Tensor, names: list[str]) -> dict[str, float]:
