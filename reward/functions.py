@@ -30,7 +30,9 @@ import functools
 import importlib
 import inspect
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -119,6 +121,19 @@ def _import_dotted(spec: str):
                       f"is it on PYTHONPATH?")
 
 
+# `trl grpo`'s own reward names (trl/scripts/grpo.py), read from TRL when it is installed.
+TRL_BUILTINS = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward")
+
+
+def _trl_builtin(spec: str) -> Callable:
+    try:
+        import trl.rewards
+    except ImportError:
+        raise RewardError(f"reward {spec!r}: TRL's built-in reward; install TRL (pip install trl) to use it, "
+                          f"or give your own by dotted path") from None
+    return getattr(trl.rewards, spec)
+
+
 def load_reward_func(spec: str | Callable) -> Callable:
     """A callable as is; a built-in name (optionally `name(key=literal, ...)`); or a user's function
     by dotted path `pkg.mod.fn` (also `pkg.mod.Class.method` and the older `pkg.mod:fn`)."""
@@ -129,7 +144,11 @@ def load_reward_func(spec: str | Callable) -> Callable:
                           f"or a function, got {spec!r}")
     spec = spec.strip()
     fn = _builtin(spec) if ":" not in spec else None
+    if fn is None and spec in TRL_BUILTINS:
+        fn = _trl_builtin(spec)
     if fn is None:
+        if os.getcwd() not in sys.path:  # as `trl grpo` does: my_rewards.py beside the config imports
+            sys.path.insert(0, os.getcwd())
         fn = _import_dotted(spec)
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: is a {type(fn).__name__}, expected a function "

@@ -241,3 +241,16 @@ def test_a_classifier_reward_model_beside_the_functions(classifier, tiny_llama, 
 
     saved = load_file(str(out / "policy" / "adapter_model.safetensors"))
     assert not any("score" in k for k in saved)
+
+
+def test_trls_own_reward_names_and_a_module_beside_the_config(tmp_path, monkeypatch):
+    """`reward_funcs: [think_format_reward]` is TRL's function; `my_rewards.fn` imports from the working
+    folder, as `trl grpo` imports it."""
+    trl_rewards = pytest.importorskip("trl.rewards")
+    from reward.functions import load_reward_func
+
+    assert load_reward_func("think_format_reward") is trl_rewards.think_format_reward
+    (tmp_path / "my_rewards_here.py").write_text("def fn(completions, **kw):\n    return [0.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert load_reward_func("my_rewards_here.fn")(completions=["a"]) == [0.0]
