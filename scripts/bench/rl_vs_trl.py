@@ -79,15 +79,21 @@ def run_align(model: str, seed: int, train_file: str, out: str, s: dict, rollout
     from align.recipes.ppo import GRPOConfig, PPOTrainer
     from align.train.config_parser import load_config
 
+    # The same conversational prompts TRL gets (system_prompt adds the system turn to each, as TRL's rows hold it).
+    chat_file = Path(out).parent / f"{Path(out).name}-prompts.jsonl"
+    rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()]
+    chat_file.write_text("".join(json.dumps({**r, "prompt": [{"role": "user", "content": r["prompt"]}]}) + "\n"
+                                 for r in rows))
     overrides = [
         f"model_name_or_path={model}", f"output_dir={out}", f"seed={seed}", "engine=vllm",
-        f"rollout_dtype={rollout_dtype}", "engine_options={sync_mode: fold}", f"train_file={train_file}",
+        f"rollout_dtype={rollout_dtype}", "engine_options={sync_mode: fold}", f"train_file={chat_file}",
         f"num_train_prompts={s['num_train_prompts']}", f"lora_r={s['lora_r']}", f"lora_alpha={s['lora_alpha']}",
         f"learning_rate={s['learning_rate']}", f"steps_per_generation={steps_per_generation(s)}",
         f"num_generations={s['num_generations']}", f"max_completion_length={s['max_completion_length']}",
         f"per_device_train_batch_size={s['per_device_train_batch_size']}", f"temperature={s['temperature']}",
         f"beta={s['beta']}", f"epsilon={s['epsilon']}", f"loss_type={s['loss_type']}",
-        f"max_grad_norm={s['max_grad_norm']}", f"max_steps={s['steps']}", "num_iterations=1", f"save_steps={s['steps']}", "eval_steps=0",
+        f"max_grad_norm={s['max_grad_norm']}", f"max_steps={s['steps']}", "num_iterations=1",
+        f"save_steps={s['steps']}", "eval_steps=0",
         "report_to=[none]", "system_prompt=" + ("null" if s["system_prompt"] is None else json.dumps(s["system_prompt"]))]
     cfg = load_config(GRPOConfig, ROOT / "configs" / "grpo_demo.yaml", overrides)
     step_s, phases = [], []
