@@ -15,7 +15,8 @@ def _record(name: str, completions, kwargs) -> None:
     if path:
         kinds = sorted({type(c).__name__ for c in completions})
         with open(path, "a") as f:
-            f.write(json.dumps({"fn": name, "keys": sorted(kwargs), "completion_types": kinds}) + "\n")
+            f.write(json.dumps({"fn": name, "keys": sorted(kwargs), "completion_types": kinds,
+                                "step": kwargs.get("step")}) + "\n")
 
 
 def correct(completions, solution, **kwargs):
@@ -25,7 +26,9 @@ def correct(completions, solution, **kwargs):
     return [None if s is None else float(str(s) in t) for t, s in zip(texts, solution, strict=True)]
 
 
-def short(completions, completion_ids, **kwargs):
-    """Fewer tokens score higher: -len(completion_ids) / 10."""
-    _record("short", completions, {"completion_ids": completion_ids, **kwargs})
+def short(completions, completion_ids, trainer_state, log_metric, log_extra, **kwargs):
+    """Fewer tokens score higher: -len(completion_ids) / 10. Uses TRL's trainer_state, log_metric and log_extra."""
+    _record("short", completions, {"completion_ids": completion_ids, "step": trainer_state.global_step, **kwargs})
+    log_metric("short/mean_ids", sum(map(len, completion_ids)) / len(completion_ids))
+    log_extra("n_ids", [len(ids) for ids in completion_ids])
     return [-len(ids) / 10 for ids in completion_ids]

@@ -81,6 +81,11 @@ def test_trl_grpo_yaml_runs_unchanged(kind, tiny_llama, tmp_path, monkeypatch, c
         assert c["completion_types"] == (["list"] if kind == "conversational" else ["str"])
     table = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert {t["step"] for t in table} == {1, 2} and {"correct", "short", "reward", "advantage"} <= set(table[0])
+    # TRL's extras reach the functions: trainer_state (the step before this one), log_metric, log_extra
+    assert [c["step"] for c in seen if c["fn"] == "short"] == [0, 1]
+    for r in steps:
+        assert r["short/mean_ids"] == pytest.approx(r["completions/mean_length"])
+    assert all(t["n_ids"] == round(-10 * t["short"]) for t in table)
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert (resolved["loss_type"], resolved["epsilon_high"], resolved["algorithm"]) == ("dapo", 0.28, "grpo")
     assert (out / "policy" / "adapter_model.safetensors").is_file()

@@ -26,13 +26,16 @@ def _number(v: float) -> float | None:
 
 
 def completion_rows(step: int, rows: list[dict], texts: list[str], rewards, per_func, names: list[str],
-                    advantages) -> list[dict]:
-    """The table: one dict per completion; a reward a function left unscored (None) stays null."""
+                    advantages, extra: dict[str, list] | None = None) -> list[dict]:
+    """The table: one dict per completion; a reward a function left unscored (None) stays null. `extra`:
+    columns reward functions added with log_extra (one value per completion; others are left out)."""
+    extra = {k: v for k, v in (extra or {}).items() if len(v) == len(texts)}
     table = []
     for i, (row, text) in enumerate(zip(rows, texts, strict=True)):
         entry = {"step": step, "prompt": _text(row["prompt"]), "completion": text,
                  "reward": _number(rewards[i].item()), "advantage": _number(advantages[i].item())}
         entry.update({name: _number(per_func[i, j].item()) for j, name in enumerate(names)})
+        entry.update({column: values[i] for column, values in extra.items()})
         table.append(entry)
     return table
 
@@ -60,7 +63,7 @@ class CompletionsLog:
 
     def write(self, table: list[dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in table))
+            f.write("".join(json.dumps(r, default=str) + "\n" for r in table))
         for tracker in self.trackers:
             tracker.log_table(table[0]["step"], "completions", table)
         shown = table if self.to_print is None else table[:self.to_print]

@@ -207,6 +207,7 @@ class RLRun(Trainer):
                                        temperature=0.0, adapter="policy")
         scores, _ = self.task_scorer.score(self.eval_rows, [s[0].text for s in samples],
                                            [list(s[0].completion_ids) for s in samples], self.eval_rows.places)
+        self.task_scorer.pop_logged()  # what reward functions log belongs to training steps
         return {"eval/reward": scores.nanmean().item()}
 
     def summary_extra(self) -> dict:

@@ -11,6 +11,9 @@ training signal, not a measure of the task.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
+
 import torch
 
 from align.recipes.ppo.grpo_losses import weighted_rewards
@@ -28,8 +31,22 @@ def columns_of(rows: list[dict], skip: tuple[str, ...] = ("prompt",)) -> dict[st
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
+@dataclass
+class RewardState:
+    """What a reward function gets as `trainer_state`: the fields of TRL's TrainerState it is read for
+    (a curriculum by step, say)."""
+
+    global_step: int
+    max_steps: int
+    epoch: float
+
+
 class Scorer:
-    """The weighted rewards of a run: `score(rows, texts, completion_ids) -> (total (B,), parts (B, F))`."""
+    """The weighted rewards of a run: `score(rows, texts, completion_ids) -> (total (B,), parts (B, F))`.
+
+    Reward functions also get TRL's `trainer_state`, `log_metric(name, value)` (averaged into the step's
+    metrics) and `log_extra(column, values)` (a column of the completions table); `pop_logged()` hands
+    what they logged to the step."""
 
     def __init__(self, funcs: list, weights: list[float] | None):
         from reward.functions import RewardFunctions
@@ -37,13 +54,30 @@ class Scorer:
         self.functions = RewardFunctions(funcs, weights)
         self.names = list(self.functions.names)
         self.model = None
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+        self.extra: dict[str, list] = defaultdict(list)
 
     def score(self, rows: list[dict], texts: list[str], completion_ids: list[list[int]],
-              places: list[str] | None = None):
+              places: list[str] | None = None, state: RewardState | None = None):
         prompts = [r["prompt"] for r in rows]
+        extras = {"trainer_state": state, "log_metric": self.log_metric, "log_extra": self.log_extra}
         per_func = self.functions.score(prompts, completions_for(rows, texts), completion_ids, columns_of(rows),
-                                        places=places)
+                                        places=places, extras=extras)
         return weighted_rewards(per_func, self.functions.weights), per_func
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[name].append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        self.extra[column].extend(values)
+
+    def pop_logged(self) -> tuple[dict[str, float], dict[str, list]]:
+        """(each logged metric's mean, the extra columns) since the last call."""
+        metrics = {k: sum(v) / len(v) for k, v in self.metrics.items() if v}
+        extra = dict(self.extra)
+        self.metrics.clear()
+        self.extra.clear()
+        return metrics, extra
 
 
 def build_scorers(config, base, device, dtype, python_funcs: list | None = None) -> tuple[Scorer, Scorer | None]:

@@ -31,6 +31,7 @@ from align.recipes.ppo.batch import Rollout, pack, prompt_indices
 from align.recipes.ppo.completions_log import completion_rows
 from align.recipes.ppo.metrics import Laps, advantages_per_sequence, step_metrics
 from align.recipes.ppo.run import RLRun
+from align.recipes.ppo.scoring import RewardState
 
 
 class PPOTrainer(RLRun):
@@ -73,14 +74,15 @@ class PPOTrainer(RLRun):
             self.kl_coef = A.adaptive_kl_coef(self.kl_coef, kl_mean, c.kl_target, c.kl_horizon,
                                               batch.mask.shape[0] * self.processes.world)
         self.num_tokens += int(batch.attention_mask.sum().item()) * self.processes.world
+        logged, extra = self.scorer.pop_logged()  # what reward functions logged (log_metric, log_extra)
         if self.completions_log is not None and step % c.logging_steps == 0:
             self.completions_log.write(completion_rows(step, batch.rows, batch.texts, scores, per_func,
-                                                       self.scorer.names, advantages_per_sequence(advantages)))
+                                                       self.scorer.names, advantages_per_sequence(advantages), extra))
         # The trainer's own pi_old log-probs and entropy: the forward above, or the first update's (before any step).
         trainer_view = (torch.arange(batch.mask.shape[0]), old_logp, entropy) if entropy is not None else first
-        return step_metrics(batch, scores, per_func, self.scorer.names, kl if ref_logp is not None else None,
-                            kl_mean, trainer_view, advantages, zero_std, updates, laps.times, old_values, returns,
-                            self.kl_coef, self.last_sync, self.num_tokens)
+        return {**step_metrics(batch, scores, per_func, self.scorer.names, kl if ref_logp is not None else None,
+                               kl_mean, trainer_view, advantages, zero_std, updates, laps.times, old_values, returns,
+                               self.kl_coef, self.last_sync, self.num_tokens), **logged}
 
     def rollout(self, step: int) -> Rollout:
         """G completions for each of this process's share of step `step`'s prompts, packed."""
@@ -222,4 +224,5 @@ class PPOTrainer(RLRun):
     # -- forward passes and rewards ----------------------------------------------------------------
     def score(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) total reward (NaN where no reward scored the row) and (B, F) each reward's values."""
-        return self.scorer.score(batch.rows, batch.texts, batch.completion_ids(), batch.places)
+        state = RewardState(global_step=self.step, max_steps=self.total_steps, epoch=self.epoch())
+        return self.scorer.score(batch.rows, batch.texts, batch.completion_ids(), batch.places, state)
