@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.core.adapter_files import scratch_dir
 from align.core.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from align.recipes.sft import SFTConfig, SFTTrainer
 from align.train.config_parser import load_config
@@ -78,6 +79,17 @@ def test_atomic_writes_give_the_umask_file_mode(umask, tmp_path):
     assert_modes(tmp_path / "sub", umask)
     assert stat.S_IMODE((tmp_path / "LATEST").stat().st_mode) == MODES[umask][1]
     assert (tmp_path / "LATEST").read_text() == "step-000004"
+
+
+def test_scratch_dir_for_servers_follows_the_umask_and_stays_private_in_ram(umask, tmp_path):
+    shared = scratch_dir(tmp_path / "adapters")  # `engine_adapter_dir`: a server may run as another account
+    ram = scratch_dir()  # /dev/shm is every account's: private whatever the umask
+    try:
+        assert stat.S_IMODE(shared.stat().st_mode) == MODES[umask][0]
+        assert shared.parent == tmp_path / "adapters" and shared.name.startswith("align-rollout-")
+        assert stat.S_IMODE(ram.stat().st_mode) == 0o700
+    finally:
+        ram.rmdir()
 
 
 def test_sft_run_outputs_follow_the_umask(umask, tiny_llama, tmp_path):
