@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from align.core.atomic import make_temp_dir
 from align.core.errors import UserError
 
 # PEFT's names for an adapter's tensors: "base_model.model.<module>.lora_A.weight".
@@ -101,14 +102,15 @@ class ZeroAdapter:
 
 # -- scratch folders -------------------------------------------------------------------------------
 def scratch_dir(parent: str | os.PathLike | None = None) -> Path:
-    """A fresh private folder for adapter files: under `parent`, else in RAM (/dev/shm) when writable."""
-    if parent is None:
-        # /dev/shm is RAM: saving and loading an adapter there costs no disk I/O.
-        shm = Path("/dev/shm")
-        parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    else:
+    """A fresh folder for adapter files: under `parent` with the umask's mode (servers, maybe another
+    account, read it there), else private (0700) in RAM (/dev/shm) when writable, or the temp folder."""
+    if parent is not None:
         Path(parent).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="align-rollout-", dir=parent))
+        return make_temp_dir(parent, "align-rollout-")
+    # /dev/shm is RAM: saving and loading an adapter there costs no disk I/O.
+    shm = Path("/dev/shm")
+    ram = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="align-rollout-", dir=ram))
 
 
 def folder_bytes(path: Path) -> int:
