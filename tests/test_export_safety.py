@@ -96,6 +96,15 @@ def test_reward_output_overlapping_the_run_is_refused(sources, capsys, given, wh
     assert sorted(p.name for p in reward.iterdir()) == ["checkpoints", "metrics.jsonl", "reward_model"]
 
 
+@pytest.mark.parametrize("flag", ["--merge", "--reward"])
+def test_the_base_is_never_an_output_even_with_overwrite(sources, tiny_llama, capsys, flag):
+    policy, reward = sources
+    before = folder_hash(tiny_llama)
+    source = ["--adapter", str(policy / "adapter"), "--merge"] if flag == "--merge" else ["--reward", str(reward)]
+    refused(["export", *source, str(tiny_llama), "--overwrite"], capsys, tiny_llama, "base model folder")
+    assert folder_hash(tiny_llama) == before
+
+
 # -- the output already exists -------------------------------------------------------------------------
 def test_an_output_that_is_a_file_is_refused(sources, tmp_path, capsys):
     policy, reward = sources

@@ -33,7 +33,7 @@ def source_folders(source: Path, label: str) -> list[tuple[str, Path]]:
     src = real(source)
     run = src.parent
     if any((run / m).exists() for m in RUN_MARKERS):
-        return [(label, src), ("its run folder", run)]
+        return [(label, src), (f"{label}'s run folder", run)]
     return [(label, src)]
 
 
