@@ -5,6 +5,8 @@
 
 Writes a full model (safetensors) plus the tokenizer, atomically, and only after the saved model's
 greedy output equals the adapter's on a few prompts; otherwise nothing is written and it fails.
+OUT must be new or empty (--overwrite replaces one that holds files) and apart from every folder
+the export reads; the sources are checked before any model loads (align/export/guard.py).
 With --reward, the model is a transformers sequence-classifier (align.export.reward) whose
 logits are checked against the reward model's own scores instead.
 """
@@ -12,6 +14,7 @@ logits are checked against the reward model's own scores instead.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from align.core.adapter_files import find_base
@@ -40,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=None,
                    help="A prompt for the greedy check (repeatable; default: three fixed prompts).")
     p.add_argument("--max-new-tokens", type=int, default=24, help="Greedy tokens compared per prompt.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace OUT when it already holds files (never a folder the export reads from).")
 
 
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -56,23 +61,16 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[li
     return out
 
 
-def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32",
-                  prompts: list[str] | None = None, max_new_tokens: int = 24) -> Path:
-    """Merge `adapter` into its base and write it to `out`; raise UserError if greedy outputs differ."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def checked_sources(adapter: Path, out: Path, base: str | Path | None, overwrite: bool) -> Path:
+    """Every check that needs no model: the output policy, the adapter's files, the base. Returns the base."""
     from align.core.adapter_files import BaseInfo
-    from align.core.loading import load_tokenizer, resolve_dtype
-    from align.serve.adapters import AdapterRefused, check_adapter, read_adapter
+    from align.export.guard import check_apart, check_output, checked_adapter, source_folders
+    from align.serve.adapters import AdapterRefused, check_adapter
 
-    adapter, out = Path(adapter), Path(out)
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    try:
-        info = read_adapter(adapter)
-    except AdapterRefused as e:
-        raise UserError(f"--adapter: {e.message}") from None
+    check_output(out, source_folders(adapter, "--adapter folder"), overwrite)
+    info = checked_adapter(adapter, "--adapter")
     base_path = find_base(adapter, None if base is None else str(base))
+    check_apart(out, [("base model folder", Path(os.path.realpath(base_path)))])
     try:
         base_info = BaseInfo.read(base_path)
     except (FileNotFoundError, ValueError) as e:
@@ -81,6 +79,23 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None 
         check_adapter(info, base_info, max_rank=info.rank)
     except AdapterRefused as e:
         raise UserError(e.message) from None
+    return base_path
+
+
+def export_merged(adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32",
+                  prompts: list[str] | None = None, max_new_tokens: int = 24, overwrite: bool = False) -> Path:
+    """Merge `adapter` into its base and write it to `out`; raise UserError if greedy outputs differ.
+
+    `out` must be new or empty (or `overwrite`), and apart from the adapter, its run folder and the base.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.core.loading import load_tokenizer, resolve_dtype
+
+    adapter, out = Path(adapter), Path(out)
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    base_path = checked_sources(adapter, out, base, overwrite)
 
     torch_dtype = resolve_dtype(dtype)
     tokenizer = load_tokenizer(str(base_path))
@@ -109,13 +124,14 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or args.merge
         if not out or args.adapter:
             raise UserError("export --reward RUN_OR_REWARD_DIR OUT: expected an output folder and no --adapter")
-        done, bias = export_reward(args.reward, out, args.base, args.dtype)
+        done, bias = export_reward(args.reward, out, args.base, args.dtype, overwrite=args.overwrite)
         print(f"wrote sequence-classification reward model to {done} (logits checked against the reward model"
               + (f"; its head bias {bias:.4g} is left out, which shifts every reward equally)" if bias else ")"))
         return 0
     if not args.adapter or not (args.merge or args.out):
         raise UserError("export: expected --adapter ADAPTER --merge OUT, or --reward RUN_OR_REWARD_DIR OUT")
     args.merge = args.merge or args.out
-    out = export_merged(args.adapter, args.merge, args.base, args.dtype, args.prompt, args.max_new_tokens)
+    out = export_merged(args.adapter, args.merge, args.base, args.dtype, args.prompt, args.max_new_tokens,
+                        args.overwrite)
     print(f"wrote merged model to {out} (greedy output checked on {len(args.prompt or DEFAULT_PROMPTS)} prompts)")
     return 0

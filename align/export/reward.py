@@ -22,12 +22,12 @@ align_export.json (0.0 for a bias-free head; the command prints a non-zero one).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from align.core.errors import UserError
+from align.export import guard
 from align.export.checked import write_checked
 
 PAD_TOKEN = "<|align_pad|>"
@@ -110,21 +110,42 @@ def reward_scores(base_path: Path, reward_dir: Path, dtype: str, seqs: list[list
     return rm.score_ids(ids, mask).float()
 
 
+def checked_sources(reward: str | Path, out: Path, base: str | Path | None,
+                    overwrite: bool) -> tuple[Path, Path, dict]:
+    """Every check that needs no model: the output policy, the reward folder's files, the base.
+
+    Returns (reward model folder, base folder, reward_meta.json).
+    """
+    from align.core.adapter_files import BaseInfo, find_base
+    from reward.model import HEAD, META
+
+    reward_dir = find_reward_dir(reward)
+    guard.check_output(out, guard.source_folders(reward_dir, "reward model folder"), overwrite)
+    guard.checked_adapter(reward_dir, "--reward")
+    meta = guard.check_reward_meta(reward_dir / META)
+    base_path = find_base(reward_dir, None if base is None else str(base))
+    guard.check_apart(out, [("base model folder", guard.real(base_path))])
+    try:
+        hidden_size = BaseInfo.read(base_path).field("hidden_size")
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"base model folder: {e}") from None
+    guard.check_head(reward_dir / HEAD, hidden_size)
+    return reward_dir, base_path, meta
+
+
 def export_reward(reward: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32",
-                  tol: float = 1e-4) -> tuple[Path, float]:
+                  tol: float = 1e-4, overwrite: bool = False) -> tuple[Path, float]:
     """Write the reward model at `reward` as a sequence-classification model to `out`, checked, atomically.
 
+    `out` must be new or empty (or `overwrite`), and apart from the reward folder, its run folder and the base.
     Returns (out, the head bias left out: exported logit = RewardModel score - bias; 0.0 for a bias-free head).
     """
     from transformers import AutoModelForSequenceClassification
 
-    from align.core.adapter_files import find_base
     from align.core.loading import load_tokenizer, resolve_dtype
-    from reward.model import META, encode
+    from reward.model import encode
 
-    reward_dir = find_reward_dir(reward)
-    base_path = find_base(reward_dir, None if base is None else str(base))
-    meta = json.loads((reward_dir / META).read_text())
+    reward_dir, base_path, meta = checked_sources(reward, Path(out), base, overwrite)
     tokenizer = load_tokenizer(str(base_path))
     seqs = [encode(tokenizer, p, c, meta.get("chat_template", True), meta.get("max_length")) for p, c in CHECK_PAIRS]
     want = reward_scores(base_path, reward_dir, dtype, seqs)

@@ -26,11 +26,7 @@ def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: b
     Only the main process (`main`) deletes; the others apply the same checks and read.
     `dry_run` (--check-config): every check, nothing deleted.
     """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir: {out} is a file; expected a folder (new or holding a run)")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"output_dir: {out} is inside {blocking}, which is a file")
+    check_not_a_file(out, "output_dir", "new or holding a run")
     held = [m for m in RUN_MARKERS if (out / m).exists()]
     if resume:
         if overwrite:
@@ -43,11 +39,25 @@ def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: b
         if not overwrite:
             raise UserError(f"output_dir: {out} already holds a run ({', '.join(held)}); pass --resume to "
                             f"continue it or --overwrite to delete it and start over")
-        if out.resolve() in (Path.cwd().resolve(), Path.home().resolve(), Path("/")):
-            raise UserError(f"--overwrite: refusing to delete {out.resolve()}; choose a run folder of its own")
+        check_deletable(out, "a run folder")
         if main and not dry_run:
             shutil.rmtree(out)
     return None
+
+
+def check_not_a_file(out: Path, field: str, expected: str) -> None:
+    """An output folder cannot be a file, nor sit inside one: refused, never moved aside."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{field}: {out} is a file; expected a folder ({expected})")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{field}: {out} is inside {blocking}, which is a file")
+
+
+def check_deletable(out: Path, what: str) -> None:
+    """--overwrite never deletes the working folder, the home folder or /."""
+    if out.resolve() in (Path.cwd().resolve(), Path.home().resolve(), Path("/")):
+        raise UserError(f"--overwrite: refusing to delete {out.resolve()}; choose {what} of its own")
 
 
 def check_model_available(name: str, resolved: str) -> None:
