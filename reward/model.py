@@ -164,6 +164,7 @@ class RewardModel:
         meta = json.loads((path / "align_meta.json").read_text())
         rmeta = json.loads((path / META).read_text())
         _check_base(base, meta, path)
+        base.check_adapter_base(path, "reward model")  # whole files, exactly the tensors its config implies
         if name in base.adapters:
             raise RewardModelError(f"adapter {name!r} already exists on this base; attach under another name")
         device = next(base.model.parameters()).device

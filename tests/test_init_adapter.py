@@ -132,5 +132,6 @@ def test_adapter_of_another_base_is_refused(tiny_llama, tmp_path, init_adapter):
     meta = json.loads((other / "align_meta.json").read_text())
     meta["base_fingerprint"]["weights_sha256"] = "0" * 64
     (other / "align_meta.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match=r"init_adapter: .*other was trained on another base \(weights_sha256"):
+    with pytest.raises(UserError, match=r"init_adapter: .*other: trained on another base: align_meta.json "
+                                        r"base_fingerprint.weights_sha256"):
         dpo(tiny_llama, tmp_path / "run", init_adapter=other)

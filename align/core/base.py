@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from align.core.atomic import atomic_dir
-from align.core.errors import UserError
 from align.core.loading import FourBit, load_tokenizer, require_bitsandbytes, resolve_dtype
 from align.core.lora import LoraSettings, lora_targets, peft_config, saved_lora_settings
 from align.core.lora_forward import use_lean_lora_forward
@@ -162,21 +161,15 @@ class SharedBase:
         self.set_active(name)
 
     def check_adapter_base(self, path: str | os.PathLike, field: str) -> None:
-        """Refuse an adapter folder saved for another base (its align_meta.json fingerprint, when it has one)."""
-        meta_path = Path(path) / "align_meta.json"
-        if not meta_path.is_file():
-            return
+        """Verify an adapter folder before it is loaded here: whole files, exactly the LoRA tensors its config
+        implies on this base's linears, and its align_meta.json fingerprint (align.core.adapter_verify)."""
+        from align.core.adapter_verify import AdapterInvalid, model_linears, verify_adapter
+
         try:
-            saved = json.loads(meta_path.read_text()).get("base_fingerprint")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise UserError(f"{field}: {meta_path} is not a valid JSON object") from None
-        if not saved:
-            return
-        mine = self.fingerprint()
-        diff = [k for k in mine if saved.get(k) != mine[k]]
-        if diff:
-            raise UserError(f"{field}: {path} was trained on another base ({diff[0]}: {saved.get(diff[0])!r}, "
-                            f"this base has {mine[diff[0]]!r}); expected an adapter of {self.name_or_path}")
+            verify_adapter(path, model_linears(self._plain_model()), self.fingerprint(),
+                           f"the base {self.name_or_path}")
+        except AdapterInvalid as e:
+            raise AdapterInvalid(f"{field}: {e}") from None
 
     def _plain_model(self) -> nn.Module:
         return self.peft.get_base_model() if self.peft is not None else self.model

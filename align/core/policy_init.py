@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from align.core.adapter_verify import AdapterInvalid, read_adapter_files
+
 REFERENCE_ADAPTER = "reference"
 REFERENCES = ("init", "base")
 
@@ -41,6 +43,12 @@ def check_adapter_folder(path: str, field: str) -> None:
     if not (folder / "adapter_model.safetensors").is_file():
         extra = " (only safetensors weights are loaded)" if (folder / "adapter_model.bin").exists() else ""
         raise ValueError(f"{field}: {path} has no adapter_model.safetensors{extra}")
+    # The file-level checks need no model: a broken adapter is refused before the base loads
+    # (a ValueError, as every config check, so the config loader names the YAML line).
+    try:
+        read_adapter_files(folder)
+    except AdapterInvalid as e:
+        raise ValueError(f"{field}: {e}") from None
 
 
 def attach_policy(base, name: str, lora, init_adapter: str | None, reference: str) -> str | None:
@@ -51,6 +59,7 @@ def attach_policy(base, name: str, lora, init_adapter: str | None, reference: st
             base.add_adapter(name, lora)
         base.set_active(name)
         return None
+    # Verified against this base's linears and fingerprint before PEFT loads it (PEFT only warns).
     base.check_adapter_base(init_adapter, "init_adapter")
     if name not in base.adapters:
         base.load_adapter(name, init_adapter, trainable=True)

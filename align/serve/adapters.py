@@ -9,27 +9,34 @@ server's private folder, the copy is checked, and vLLM loads the copy, which nob
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.core.adapter_files import PEFT_PREFIX, BaseInfo, content_digest, vllm_max_lora_rank, weight_files
+from align.core.adapter_files import BaseInfo, content_digest, vllm_max_lora_rank, weight_files
+from align.core.adapter_verify import (
+    CONFIG,
+    META,
+    WEIGHTS,
+    AdapterInvalid,
+    check_config,
+    check_fingerprint,
+    check_meta,
+    check_tensors,
+    header_linears,
+    header_shapes,
+    json_object,
+)
 from align.serve.fs import JSON_FILE_LIMIT, copy_regular, inside, open_regular, read_regular, short
 from align.serve.refusal import AdapterRefused
 
 __all__ = ["AdapterInfo", "AdapterRefused", "check_adapter", "check_name", "read_adapter", "resolve_in_folder",
            "snapshot_adapter"]
 
-CONFIG, WEIGHTS, META = "adapter_config.json", "adapter_model.safetensors", "align_meta.json"
-HEADER_LIMIT = 8 << 20  # a safetensors header of 8 MiB lists ~50,000 tensors
 # Model names clients may use: ASCII letters, digits and . _ : - (no look-alike letters, no paths).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def check_name(name: object, field: str) -> str:
@@ -42,56 +49,28 @@ def check_name(name: object, field: str) -> str:
 # -- reading folders -------------------------------------------------------------------------------
 def parse_json_object(data: bytes, where: Path) -> dict:
     """A JSON object from bytes; AdapterRefused(400) naming the file and line when it is not one."""
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise AdapterRefused(400, f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise AdapterRefused(400, f"{where}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    except (ValueError, RecursionError) as e:  # huge integers, nesting deeper than Python recurses
-        raise AdapterRefused(400, f"{where}: not usable JSON ({type(e).__name__}: {short(str(e), 80)})") from None
-    if not isinstance(value, dict):
-        raise AdapterRefused(400, f"{where}: expected a JSON object, got {type(value).__name__}")
-    return value
+    with refused(400):
+        return json_object(data, where)
 
 
 def read_safetensors_header(path: Path, root: Path | None) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors header, every field checked against the file's size."""
+    """Tensor name -> shape from a safetensors header, every field checked against the file's size
+    (align.core.adapter_verify.header_shapes, on a confined regular file)."""
     fd = open_regular(path, root, WEIGHTS)
     try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise AdapterRefused(400, f"{path}: {size} bytes, too short for a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > HEADER_LIMIT or n > size - 8:
-            raise AdapterRefused(400, f"{path}: safetensors header length {n} does not fit the file "
-                                      f"({size} bytes; headers over {HEADER_LIMIT} bytes are refused)")
-        header = parse_json_object(os.pread(fd, n, 8), path)
+        with refused(400):
+            return header_shapes(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size, path)
     finally:
         os.close(fd)
-    data_size = size - 8 - n
-    shapes = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        shapes[key] = _tensor_shape(path, key, entry, data_size)
-    return shapes
 
 
-def _tensor_shape(path: Path, key: str, entry: object, data_size: int) -> list[int]:
-    def ints(v, n=None):
-        return (isinstance(v, list) and (n is None or len(v) == n)
-                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
-
-    if not isinstance(entry, dict) or not ints(entry.get("shape")) or not ints(entry.get("data_offsets"), 2):
-        raise AdapterRefused(400, f"{path}: tensor {short(key)}: expected dtype, shape and data_offsets")
-    shape, (begin, end) = entry["shape"], entry["data_offsets"]
-    item = DTYPE_SIZES.get(entry.get("dtype"))
-    if item is None or not begin <= end <= data_size or end - begin != math.prod(shape) * item:
-        raise AdapterRefused(400, f"{path}: tensor {short(key)}: dtype {short(entry.get('dtype'))}, shape "
-                                  f"{short(shape)} and data_offsets {[begin, end]} do not fit the file")
-    return shape
+@contextmanager
+def refused(status: int):
+    """The shared verification's AdapterInvalid as this server's refusal with `status`."""
+    try:
+        yield
+    except AdapterInvalid as e:
+        raise AdapterRefused(status, str(e)) from None
 
 
 @dataclass
@@ -142,6 +121,10 @@ def read_adapter(path: str | os.PathLike, root: Path | None = None) -> AdapterIn
     meta = None
     if os.path.lexists(folder / META):
         meta = parse_json_object(read_regular(folder / META, root, META, JSON_FILE_LIMIT), folder / META)
+    with refused(400):
+        check_config(config, folder / CONFIG)
+        if meta is not None:
+            check_meta(meta, folder / META)
     return AdapterInfo(folder, _rank(folder, config, shapes), config, meta, shapes)
 
 
@@ -159,7 +142,9 @@ def _rank(folder: Path, config: dict, shapes: dict[str, list[int]]) -> int:
         if not key.endswith(".lora_A.weight"):
             continue
         b = shapes.get(key.replace(".lora_A.weight", ".lora_B.weight"))
-        if len(a) != 2 or b is None or len(b) != 2 or a[0] != b[1]:
+        if b is None:  # missing and unexpected tensors are named by check_adapter's shared check_tensors
+            continue
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise AdapterRefused(400, f"{folder / WEIGHTS}: {short(key)} {a} has no matching lora_B "
                                       f"(shape {b}) of the same rank")
         if a[0] > rank or (not pattern and a[0] != r):
@@ -190,8 +175,11 @@ def snapshot_adapter(src: Path, root: Path | None, dest: Path, limit: int) -> Ad
             if e.status == 413 and name == WEIGHTS:
                 raise AdapterRefused(413, f"{e.message} (--max_adapter_mib)") from None
             raise
-    info = read_adapter(dest, dest)
-    info.path = folder  # messages name the client's folder
+    try:
+        info = read_adapter(dest, dest)
+    except AdapterRefused as e:  # messages name the client's folder, not the private copy
+        raise AdapterRefused(e.status, e.message.replace(str(dest), str(folder))) from None
+    info.path = folder
     info.snapshot = dest
     return info
 
@@ -202,7 +190,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, max_rank: int) -> None:
 
     Three independent signs of another base, each cheap:
     1. align_meta.json's base_fingerprint disagrees with the base's config.json (architecture, sizes);
-    2. the adapter's LoRA matrices do not fit the base's weight shapes;
+    2. the adapter does not hold exactly the LoRA tensors its config implies on the base's linears;
     3. the folder recorded in adapter_config.json's base_model_name_or_path exists here, is not the
        served folder, and holds different weights (content_digest).
     """
@@ -212,14 +200,10 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, max_rank: int) -> None:
             if adapter.rank <= 512 else "vLLM serves ranks up to 512"
         raise AdapterRefused(422, f"{where}: rank {adapter.rank} exceeds this server's --max_lora_rank {max_rank}; "
                                   f"{hint}")
-    fp = (adapter.meta or {}).get("base_fingerprint") or {}
-    if not isinstance(fp, dict):
-        raise AdapterRefused(400, f"{where}/{META}: field 'base_fingerprint': expected an object")
-    for key, served in base.fingerprint().items():
-        if key in fp and served is not None and fp[key] != served:
-            raise AdapterRefused(422, f"{where}: trained on another base: {META} base_fingerprint.{key} "
-                                      f"is {short(fp[key])}, the served base {base.path} has {served!r}")
-    _check_shapes(adapter, base)
+    with refused(422):
+        check_fingerprint(adapter.meta, base.fingerprint(), where, f"the served base {base.path}")
+        check_tensors(adapter.config, adapter.shapes, header_linears(base.shapes), where / WEIGHTS,
+                      f"the served base {base.path}")
     other = _recorded_base(adapter.config.get("base_model_name_or_path"))
     if other is not None and other != base.path and weight_files(other):
         try:
@@ -240,20 +224,6 @@ def _recorded_base(recorded: object) -> Path | None:
         return path if path.is_dir() else None
     except (OSError, ValueError, RuntimeError):
         return None
-
-
-def _check_shapes(adapter: AdapterInfo, base: BaseInfo) -> None:
-    # PEFT key "base_model.model.<module>.lora_A.weight" (r, in) / ".lora_B.weight" (out, r) belongs to the
-    # base weight "<module>.weight" (out, in). Keys that map to no base weight (MoE fused experts) are skipped.
-    for key, shape in adapter.shapes.items():
-        for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
-            if not key.endswith(part) or len(shape) != 2:
-                continue
-            module = key.removeprefix(PEFT_PREFIX)[: -len(part)]
-            base_shape = base.shapes.get(module + ".weight")
-            if base_shape is not None and len(base_shape) == 2 and shape[dim] != base_shape[dim]:
-                raise AdapterRefused(422, f"{adapter.path}: trained on another base: {key} has shape {shape}, "
-                                          f"which does not fit the served base's {module}.weight {base_shape}")
 
 
 def resolve_in_folder(requested: str, folder: Path) -> Path:

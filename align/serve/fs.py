@@ -18,6 +18,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+from align.core.adapter_verify import short
 from align.serve.refusal import AdapterRefused
 
 FS_TIMEOUT_S = 10.0
@@ -43,12 +44,6 @@ def check_path_text(text: object, field: str) -> str:
     if bad is not None:
         raise AdapterRefused(400, f"{field!r}: path contains the character U+{ord(bad):04X}, which is not allowed")
     return text
-
-
-def short(value: object, limit: int = 120) -> str:
-    """repr() cut to `limit` characters: error messages must not echo megabytes back."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _fd_path(fd: int) -> Path | None:
