@@ -209,3 +209,15 @@ def test_config_fields_are_checked(good, tiny_llama, tmp_path):
             json.dumps({**json.loads((good / CONFIG).read_text()), f: v})))
         with pytest.raises(AdapterInvalid, match=f"{folder / CONFIG}: {words}"):
             verify_adapter(folder, modules, None, "the tiny base")
+
+
+def test_moe_adapter_with_expert_parameters_passes(tiny_models, tmp_path):
+    """target_parameters (fused experts) are PEFT tensors the linear-based check does not derive: allowed."""
+    path = tiny_models["qwen3_moe"]
+    base = SharedBase.load(str(path))
+    base.add_adapter("p")
+    adapter = base.save_adapter("p", tmp_path / "moe")
+    assert json.loads((adapter / CONFIG).read_text())["target_parameters"]
+    SharedBase.load(str(path)).check_adapter_base(adapter, "init_adapter")  # loaded model's linears
+    info = BaseInfo.read(path)
+    verify_adapter(adapter, header_linears(info.shapes), info.fingerprint(), "the MoE base")  # weight headers
