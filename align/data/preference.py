@@ -23,7 +23,8 @@ import torch
 
 from align.data.issues import DataError, DataIssue, collect_rows
 from align.data.prompt_extraction import extract_prompt
-from align.data.sources import describe, read_jsonl, read_source
+from align.data.readers import read_jsonl
+from align.data.sources import describe, read_source
 
 __all__ = ["DataError", "DataIssue", "read_jsonl", "read_records"]
 read_records = read_source  # the name other modules know
