@@ -145,9 +145,8 @@ def _next_value(text: _Text, path: Path):
                 continue
             why = f" within {MAX_ROW_BYTES >> 20} MiB: a broken row or a longer one" if held > MAX_ROW_BYTES else ""
             return None, DataIssue(text.where(path, e.pos), None, f"not valid JSON ({e.msg}){why}")
-        issue = _too_deep(text.where(path), text.buf[text.pos:end]) if not isinstance(value, str) else None
-        if issue:
-            return None, issue
+        if not isinstance(value, str) and nesting_depth(text.buf[text.pos:end]) > MAX_DEPTH:
+            return None, _too_deep(text.where(path), text.buf[text.pos:end])
         text.pos = end
         return value, None
 
