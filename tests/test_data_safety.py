@@ -88,8 +88,8 @@ def test_deep_nesting_is_a_bad_row_named_by_its_line(tmp_path, depth):
             load(str(path))
         assert [i.where for i in e.value.issues] == [f"{path}:2"]
         assert "nested deeper than 64" in str(e.value)
-        rows, skipped = load(str(path), on_bad_rows="skip")[:2] if load is load_sft else \
-            (lambda d: (d.rows, d.skipped))(load(str(path), on_bad_rows="skip"))
+        kept = load(str(path), on_bad_rows="skip")
+        rows, skipped = kept if load is load_sft else (kept.rows, kept.skipped)
         assert (len(rows), len(skipped)) == (2, 1)
 
 

@@ -104,18 +104,17 @@ class _Text:
         """Append about `at_least` more characters; False at the end of the file."""
         if self.eof:
             return False
-        self.line += self.buf.count("\n", 0, self.pos)  # what is dropped is done
         data = self.f.read(max(at_least, self.chunk))
-        self.eof = not data
-        self.buf = self.buf[self.pos:] + self.decoder.decode(data, final=self.eof)
-        self.pos = 0
+        decoded = self.decoder.decode(data, final=not data)  # first: bad UTF-8 leaves the place as it was
+        self.line += self.buf.count("\n", 0, self.pos)  # what is dropped is done
+        self.buf, self.pos, self.eof = self.buf[self.pos:] + decoded, 0, not data
         return True
 
     def rest(self) -> None:
         """Read the whole rest of the file into the buffer (for a value that cannot be streamed)."""
+        decoded = self.decoder.decode(self.f.read(), final=True)
         self.line += self.buf.count("\n", 0, self.pos)
-        self.buf = self.buf[self.pos:] + self.decoder.decode(self.f.read(), final=True)
-        self.pos, self.eof = 0, True
+        self.buf, self.pos, self.eof = self.buf[self.pos:] + decoded, 0, True
 
     def peek(self) -> str:
         """The next non-space character ('' at the end), with pos on it."""
@@ -145,6 +144,8 @@ def _next_value(text: _Text, path: Path):
                 continue
             why = f" within {MAX_ROW_BYTES >> 20} MiB: a broken row or a longer one" if held > MAX_ROW_BYTES else ""
             return None, DataIssue(text.where(path, e.pos), None, f"not valid JSON ({e.msg}){why}")
+        if end == len(text.buf) and text.more(text.chunk):  # a number may go on in the next chunk
+            continue
         if not isinstance(value, str) and nesting_depth(text.buf[text.pos:end]) > MAX_DEPTH:
             return None, _too_deep(text.where(path), text.buf[text.pos:end])
         text.pos = end
@@ -152,15 +153,21 @@ def _next_value(text: _Text, path: Path):
 
 
 def _whole(path: Path, text: _Text):
-    """A .json that is not an array ({"train": [...]}): parsed whole, as it cannot be streamed row by row."""
+    """Rows of a .json that is not an array ({"train": [...]}): parsed whole, as it cannot be streamed."""
     text.rest()
     issue = _too_deep(f"{path}:1", text.buf)
     if issue:
-        return None, issue
+        yield issue.where, issue
+        return
     try:
-        return json.loads(text.buf), None
+        records = json.loads(text.buf)
     except json.JSONDecodeError as e:
-        return None, DataIssue(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg})")
+        yield f"{path}:{e.lineno}", DataIssue(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg})")
+        return
+    if not (isinstance(records, dict) and isinstance(records.get("train"), list)):
+        yield str(path), DataIssue(str(path), None, "expected a JSON array of row objects (or JSONL)")
+        return
+    yield from ((f"{path}: row {i}", r) for i, r in enumerate(records["train"]))
 
 
 def read_json(path: Path, chunk_chars: int = _CHUNK):
@@ -169,42 +176,29 @@ def read_json(path: Path, chunk_chars: int = _CHUNK):
         text = _Text(f, chunk_chars)
         try:
             first = text.peek()
+            if first:
+                yield from _array_rows(path, text) if first == "[" else _whole(path, text)
         except UnicodeDecodeError:
-            yield str(path), DataIssue(str(path), None, "invalid UTF-8; expected UTF-8 text")
-            return
-        if first == "":
-            return
-        if first != "[":
-            records, issue = _whole(path, text)
-            if isinstance(records, dict) and isinstance(records.get("train"), list):
-                yield from ((f"{path}: row {i}", r) for i, r in enumerate(records["train"]))
-            elif issue or not isinstance(records, list):
-                issue = issue or DataIssue(str(path), None, "expected a JSON array of row objects (or JSONL)")
-                yield issue.where, issue
-            return
-        yield from _array_rows(path, text)
+            yield text.where(path), DataIssue(text.where(path), None, "invalid UTF-8; expected UTF-8 text")
 
 
 def _array_rows(path: Path, text: _Text):
     text.pos += 1  # the "["
     i = 0
-    try:
-        while text.peek() != "]":
-            if i and text.peek() != ",":
-                issue = DataIssue(text.where(path), None, f"expected ',' or ']' after row {i - 1} of the array")
-                yield issue.where, issue
-                return
-            if i:
-                text.pos += 1
-                text.peek()
-            value, issue = _next_value(text, path)
-            if issue:
-                yield issue.where, issue
-                return
-            yield f"{path}: row {i}", value
-            i += 1
-    except UnicodeDecodeError:
-        yield text.where(path), DataIssue(text.where(path), None, "invalid UTF-8; expected UTF-8 text")
+    while text.peek() != "]":
+        if i and text.peek() != ",":
+            issue = DataIssue(text.where(path), None, f"expected ',' or ']' after row {i - 1} of the array")
+            yield issue.where, issue
+            return
+        if i:
+            text.pos += 1
+            text.peek()
+        value, issue = _next_value(text, path)
+        if issue:
+            yield issue.where, issue
+            return
+        yield f"{path}: row {i}", value
+        i += 1
 
 
 # -- CSV ----------------------------------------------------------------------------------------------

@@ -116,10 +116,15 @@ class SFTTrainer(Trainer):
     def read_data(self) -> None:
         """Read and validate the rows before the base loads: a data error never waits for a model."""
         c = self.config
-        self.rows, self.skipped = load_sft(c.train_file, c.dataset_text_field, c.on_bad_rows,
-                                           max_bad_fraction=c.max_bad_fraction)
-        self.report_skipped(c.train_file, self.skipped, len(self.rows) + bad_rows(self.skipped), c.max_bad_fraction)
-        self.eval_rows = load_sft(c.eval_file, c.dataset_text_field, c.on_bad_rows)[0] if c.eval_file else []
+        self.rows, self.skipped = self.read_rows(c.train_file)
+        self.eval_rows = self.read_rows(c.eval_file)[0] if c.eval_file else []
+
+    def read_rows(self, source: str) -> tuple[list, list]:
+        """(rows, skipped issues) of one source; what `on_bad_rows: skip` dropped is shown and bounded."""
+        c = self.config
+        rows, skipped = load_sft(source, c.dataset_text_field, c.on_bad_rows, max_bad_fraction=c.max_bad_fraction)
+        self.report_skipped(source, skipped, len(rows) + bad_rows(skipped), c.max_bad_fraction)
+        return rows, skipped
 
     def build(self) -> list[dict]:
         c = self.config
