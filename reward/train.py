@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from align.data.preference import TokenizedPair, collate_pairs
+from align.data.preference import PreferenceSet, TokenizedPair, collate_pairs
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
 from align.train.preference import PreferenceTrainer
@@ -99,12 +99,15 @@ def length_baseline_accuracy(pairs: list[TokenizedPair]) -> float:
 class RewardTrainer(PreferenceTrainer):
     name = "reward"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.margins: dict[str, float] = {}  # by row place; read with the rows, before the base loads
+
     # -- setup --------------------------------------------------------------------------------
     def build(self) -> list[dict]:
         c = self.config
         train_file, eval_file = self.data_sources() if c.train_source() else self._demo_files()
         self.rm = RewardModel.create(self.base, c.adapter_name, c.lora, c.chat_template, c.max_length, seed=c.seed)
-        self.margins: dict[str, float] = {}
         self.load_pairs(train_file, eval_file)
         head_lr = c.head_learning_rate or c.learning_rate
         return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate},
@@ -113,13 +116,16 @@ class RewardTrainer(PreferenceTrainer):
     def heads(self) -> dict[str, torch.nn.Module]:
         return {"score": self.rm.head}
 
-    def tokenize(self, source, split: str = "train", label: str | None = None) -> tuple[list[TokenizedPair], int]:
+    def has_sources(self) -> bool:
+        return bool(self.config.train_source())
+
+    def read(self, source, split: str = "train", label: str | None = None) -> PreferenceSet:
         from reward.pairs import read_margins
 
-        pairs, skipped = super().tokenize(source, split, label)
+        data = super().read(source, split, label)
         if self.config.use_margins:
             self.margins.update(read_margins(source, split, self.config.dataset_config, label))
-        return pairs, skipped
+        return data
 
     def demo_stamp(self, model_path: str) -> str:
         """What sampled demo pairs depend on; stored next to them as data/demo.json."""

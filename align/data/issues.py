@@ -45,3 +45,32 @@ def collect_rows(records, validate) -> tuple[list, list[DataIssue], bool]:
         if row is not None:
             rows.append(row)
     return rows, issues, seen_any
+
+
+def bad_rows(issues: list[DataIssue]) -> int:
+    """How many rows `issues` name (a row may have several)."""
+    return len({i.where for i in issues})
+
+
+def skipped_report(name: str, issues: list[DataIssue], total: int, shown: int = 5) -> str:
+    """What `on_bad_rows: skip` dropped, for the console: the count, then the first few reasons."""
+    first = f"; the first {shown}:" if len(issues) > shown else ":"
+    return "\n  ".join([f"{name}: skipped {bad_rows(issues)} of {total} rows (on_bad_rows: skip){first}"]
+                       + [str(i) for i in issues[:shown]])
+
+
+class TooManyBadRows(DataError):
+    """More than `max_bad_fraction` of a source's rows are bad: skipping them would train on what is left."""
+
+    def __init__(self, name: str, issues: list[DataIssue], total: int, max_bad_fraction: float, shown: int = 5):
+        self.issues = issues
+        bad = bad_rows(issues)
+        head = (f"{name}: {bad} of {total} rows are bad ({bad / total:.0%}), more than max_bad_fraction="
+                f"{max_bad_fraction:g}; fix them or raise max_bad_fraction. The first {min(shown, len(issues))}:")
+        UserError.__init__(self, "\n  ".join([head] + [str(i) for i in issues[:shown]]))
+
+
+def check_bad_fraction(name: str, issues: list[DataIssue], total: int, max_bad_fraction: float | None) -> None:
+    """Raise TooManyBadRows when more than `max_bad_fraction` of `total` rows are bad (None: no limit)."""
+    if max_bad_fraction is not None and total and bad_rows(issues) / total > max_bad_fraction:
+        raise TooManyBadRows(name, issues, total, max_bad_fraction)

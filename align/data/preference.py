@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.data.issues import DataError, DataIssue, collect_rows
+from align.data.issues import DataError, DataIssue, bad_rows, check_bad_fraction, collect_rows
 from align.data.prompt_extraction import extract_prompt
-from align.data.sources import describe, read_jsonl, read_source
+from align.data.readers import read_jsonl
+from align.data.sources import describe, read_source
 
 __all__ = ["DataError", "DataIssue", "read_jsonl", "read_records"]
 read_records = read_source  # the name other modules know
@@ -141,10 +142,12 @@ def validate_record(record, where: str, fmt: str = "auto") -> tuple[PreferenceRo
 
 
 def load_preferences(source, fmt: str = "auto", on_bad_rows: str = "error", split: str = "train",
-                     config: str | None = None, label: str | None = None) -> PreferenceSet:
+                     config: str | None = None, label: str | None = None,
+                     max_bad_fraction: float | None = None) -> PreferenceSet:
     """Read and validate every row of any source `read_source` takes.
 
-    Raises DataError listing all bad rows unless `on_bad_rows="skip"`.
+    Raises DataError listing all bad rows unless `on_bad_rows="skip"`; skipping, TooManyBadRows when
+    more than `max_bad_fraction` of the rows are bad (None: no limit).
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows: expected 'error' or 'skip', got {on_bad_rows!r}")
@@ -156,6 +159,7 @@ def load_preferences(source, fmt: str = "auto", on_bad_rows: str = "error", spli
                                                  "expected at least one preference row")])
     if issues and on_bad_rows == "error":
         raise DataError(issues)
+    check_bad_fraction(name, issues, len(rows) + bad_rows(issues), max_bad_fraction)
     if not rows:
         raise DataError(issues + [DataIssue(name, None, "no valid rows left")])
     return PreferenceSet(rows, issues, name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data.issues import collect_rows
+from align.data.issues import bad_rows, check_bad_fraction, collect_rows
 from align.data.preference import DataError, DataIssue, _check_text, read_records, tokenize_answers
 
 KINDS = ("language_modeling", "prompt_completion", "conversational")
@@ -77,15 +77,17 @@ def validate_sft_record(record, where: str, text_field: str = "text") -> tuple[S
                                          f"completion, or messages; got fields {sorted(record)}")]
 
 
-def load_sft(source: str, text_field: str = "text", on_bad_rows: str = "error",
-             split: str = "train") -> tuple[list[SFTRow], list[DataIssue]]:
-    """Read and validate every row -> (rows, skipped issues). Raises DataError listing all bad rows unless skip."""
+def load_sft(source: str, text_field: str = "text", on_bad_rows: str = "error", split: str = "train",
+             max_bad_fraction: float | None = None) -> tuple[list[SFTRow], list[DataIssue]]:
+    """Read and validate every row -> (rows, skipped issues). Raises DataError listing all bad rows unless skip;
+    skipping, TooManyBadRows when more than `max_bad_fraction` of the rows are bad (None: no limit)."""
     rows, issues, seen_any = collect_rows(read_records(source, split),
                                           lambda record, where: validate_sft_record(record, where, text_field))
     if not seen_any:
         raise DataError([DataIssue(str(source), None, "empty file; expected at least one SFT row")])
     if issues and on_bad_rows == "error":
         raise DataError(issues)
+    check_bad_fraction(str(source), issues, len(rows) + bad_rows(issues), max_bad_fraction)
     if not rows:
         raise DataError(issues + [DataIssue(str(source), None, "no valid rows left")])
     return rows, issues

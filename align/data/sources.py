@@ -4,7 +4,8 @@
 
 `source` may be
   - a local file: .jsonl (where = "file:line"), .json (an array, or {"train": [...]}), .parquet, .csv
-    (where = "file: row N");
+    (where = "file: row N"); .jsonl, .json and .csv are read row by row in bounded memory
+    (align/data/readers.py: a line too long or nested too deep is a bad row, a ragged CSV row names its line);
   - a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (a dict gives `split`);
   - a folder of data files, as a cloned hub dataset repository is (train.jsonl + test.jsonl,
     data/train-00000-of-00001.parquet, a README.md naming configs): read as
@@ -21,12 +22,12 @@ recipes both read through here, so every recipe accepts the same sources with th
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from align.data.issues import DataError, DataIssue
+from align.data.readers import read_csv, read_json, read_jsonl
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # "name" or "org/name", as the hub spells dataset ids.
@@ -43,54 +44,6 @@ def describe(source) -> str:
 
 
 # -- local files ----------------------------------------------------------------------------------
-def read_jsonl(path: Path):
-    """Yield (where, record | DataIssue). Accepts a BOM, CRLF and blank lines."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        raw = raw.rstrip(b"\r")
-        where = f"{path}:{lineno}"
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield where, DataIssue(where, None, f"invalid UTF-8 at byte {e.start} of the line; expected UTF-8 text")
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield where, DataIssue(where, None, f"not valid JSON ({e.msg} at column {e.colno}); "
-                                                f"expected one JSON object per line")
-            continue
-        yield where, record
-
-
-def read_json(path: Path):
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        yield f"{path}:{line}", DataIssue(f"{path}:{line}", None, "invalid UTF-8; expected UTF-8 text")
-        return
-    if not text.strip():
-        return
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        yield f"{path}:{e.lineno}", DataIssue(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg})")
-        return
-    if isinstance(records, dict) and isinstance(records.get("train"), list):
-        records = records["train"]
-    if not isinstance(records, list):
-        yield str(path), DataIssue(str(path), None, "expected a JSON array of row objects (or JSONL)")
-        return
-    for i, record in enumerate(records):
-        yield f"{path}: row {i}", record
-
-
 def _csv_options(path: Path) -> dict:
     """Every CSV column read as text: pandas would turn an answer "70" into the number 70, "" into NaN."""
     import csv
@@ -103,14 +56,13 @@ def _csv_options(path: Path) -> dict:
             "keep_default_na": False}
 
 
-def _read_table(path: Path, builder: str):
+def _read_parquet(path: Path):
     import datasets
 
     try:
-        options = _csv_options(path) if builder == "csv" else {}
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as e:  # pyarrow and pandas raise many types; the message is what matters
-        raise DataError([DataIssue(str(path), None, f"could not read it as {builder}: {_first_line(e)}")]) from None
+        raise DataError([DataIssue(str(path), None, f"could not read it as parquet: {_first_line(e)}")]) from None
     yield from _read_rows(ds, str(path))
 
 
@@ -120,8 +72,10 @@ def _read_file(path: Path):
         yield from read_jsonl(path)
     elif suffix == ".json":
         yield from read_json(path)
-    elif suffix in (".parquet", ".csv"):
-        yield from _read_table(path, suffix[1:])
+    elif suffix == ".csv":
+        yield from read_csv(path)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path)
     else:
         raise DataError([DataIssue(str(path), None, f"unknown file type {suffix!r}; expected "
                                                     f"{', '.join(FILE_SUFFIXES)}, a save_to_disk folder or a "

@@ -18,10 +18,11 @@ from torch.utils.checkpoint import checkpoint
 
 from align.core.errors import UserError
 from align.core.fsdp import full_tensor
+from align.data.issues import bad_rows
 from align.data.preference import split_held_out
 from align.data.sft import collate_sft, load_sft, pack_examples, tokenize_sft
 from align.train.cli import adapter_recipe
-from align.train.config import TrainConfig
+from align.train.config import TrainConfig, check_fraction
 from align.train.config_parser import arg
 from align.train.lifecycle import StepBatches, Trainer
 
@@ -38,6 +39,8 @@ class SFTConfig(TrainConfig):
     eval_file: str | None = arg(None, "Held-out SFT data (optional).")
     eval_fraction: float = arg(0.0, "Without eval_file: this fraction of the training rows is held out.")
     on_bad_rows: str = arg("error", "error (abort, listing every bad row) | skip (drop and count them).")
+    max_bad_fraction: float = arg(0.1, "With on_bad_rows: skip, stop before training when more than this fraction "
+                                       "of the rows are bad.")
     dataset_text_field: str = arg("text", "The field holding the text of language-modelling rows.")
     chat_template: bool = arg(True, "Apply the tokenizer's chat template to string prompt-completion rows (as DPO "
                                     "does), so the adapter learns the format DPO and PPO use.")
@@ -59,6 +62,7 @@ class SFTConfig(TrainConfig):
             raise ValueError(f"eval_fraction: expected in [0, 1), got {self.eval_fraction}")
         if self.on_bad_rows not in ("error", "skip"):
             raise ValueError(f"on_bad_rows: expected 'error' or 'skip', got {self.on_bad_rows!r}")
+        check_fraction(self.max_bad_fraction)
         if self.max_length < 2:
             raise ValueError(f"max_length: expected at least 2, got {self.max_length}")
         if not self.dataset_text_field:
@@ -109,16 +113,30 @@ class SFTTrainer(Trainer):
     name = "sft"
     fsdp_ready = True
 
+    def read_data(self) -> None:
+        """Read and validate the rows before the base loads: a data error never waits for a model."""
+        c = self.config
+        self.rows, self.skipped = self.read_rows(c.train_file)
+        self.eval_rows = self.read_rows(c.eval_file)[0] if c.eval_file else []
+
+    def read_rows(self, source: str) -> tuple[list, list]:
+        """(rows, skipped issues) of one source; what `on_bad_rows: skip` dropped is shown and bounded."""
+        c = self.config
+        rows, skipped = load_sft(source, c.dataset_text_field, c.on_bad_rows, max_bad_fraction=c.max_bad_fraction)
+        self.report_skipped(source, skipped, len(rows) + bad_rows(skipped), c.max_bad_fraction)
+        return rows, skipped
+
     def build(self) -> list[dict]:
         c = self.config
         tok = self.base.tokenizer
-        rows, skipped = load_sft(c.train_file, c.dataset_text_field, c.on_bad_rows)
-        examples, dropped = tokenize_sft(rows, tok, c.max_length, c.completion_only_loss, c.assistant_only_loss,
+        examples, dropped = tokenize_sft(self.rows, tok, c.max_length, c.completion_only_loss, c.assistant_only_loss,
                                          c.chat_template, c.on_bad_rows)
-        self.skipped_rows = len(skipped) + len(dropped)
+        self.skipped_rows = len(self.skipped) + len(dropped)
+        if dropped:  # rows with no trained token left count against max_bad_fraction too
+            everything = self.skipped + dropped
+            self.report_skipped(c.train_file, everything, len(self.rows) + bad_rows(self.skipped), c.max_bad_fraction)
         if c.eval_file:
-            eval_rows, _ = load_sft(c.eval_file, c.dataset_text_field, c.on_bad_rows)
-            self.eval_examples, _ = tokenize_sft(eval_rows, tok, c.max_length, c.completion_only_loss,
+            self.eval_examples, _ = tokenize_sft(self.eval_rows, tok, c.max_length, c.completion_only_loss,
                                                  c.assistant_only_loss, c.chat_template, c.on_bad_rows)
         else:  # one row is all training
             examples, self.eval_examples = split_held_out(examples, c.eval_fraction if len(examples) > 1 else 0, c.seed)

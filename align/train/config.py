@@ -227,6 +227,11 @@ class TrainConfig(ModelConfig):
         return self.warmup_steps or math.ceil(self.warmup_ratio * total_steps)
 
 
+def check_fraction(max_bad_fraction: float) -> None:
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction: expected in [0, 1], got {max_bad_fraction}")
+
+
 @dataclass
 class PreferenceDataConfig:
     train_file: str = arg("", "Preference data: .jsonl/.json/.parquet/.csv, a save_to_disk folder, a folder of "
@@ -240,6 +245,8 @@ class PreferenceDataConfig:
     eval_fraction: float = arg(0.0, "Without eval_file: this fraction of the training rows is held out.")
     format: str = arg("auto", "auto | standard | conversational.")
     on_bad_rows: str = arg("error", "error (abort, listing every bad row) | skip (drop and count them).")
+    max_bad_fraction: float = arg(0.1, "With on_bad_rows: skip, stop before training when more than this fraction "
+                                       "of the rows are bad.")
     chat_template: bool = arg(True, "Apply the tokenizer's chat template to string rows.")
     max_length: int = arg(256, "Token budget for prompt + answer; answers are truncated to fit.")
 
@@ -254,6 +261,7 @@ class PreferenceDataConfig:
             raise ValueError(f"eval_fraction: expected in [0, 1), got {self.eval_fraction}")
         if self.on_bad_rows not in ("error", "skip"):
             raise ValueError(f"on_bad_rows: expected 'error' or 'skip', got {self.on_bad_rows!r}")
+        check_fraction(self.max_bad_fraction)
         if self.format not in ("auto", "standard", "conversational"):
             raise ValueError(f"format: expected auto, standard or conversational, got {self.format!r}")
         if self.max_length < 2:

@@ -2,6 +2,7 @@
 
 A recipe (DPO, reward model, PPO, ...) is a subclass that fills in a few hooks:
 
+    read_data()           read and validate the rows before any model loads (a data error comes first)
     build()               adapters, heads and data on the loaded base; returns the optimizer's param groups
     num_steps()           how many steps the run has
     optimizer_steps()     how many optimizer steps those take (the learning-rate schedule's length)
@@ -150,6 +151,17 @@ class Trainer:
     def progress(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss']:.3f}"} if "loss" in stats else {}
 
+    def read_data(self) -> None:
+        """Read and validate the data before the base loads, so that a data error never waits for a model."""
+
+    def report_skipped(self, name: str, issues: list, total: int, max_bad_fraction: float) -> None:
+        """Stop when more than max_bad_fraction of `total` rows are bad; else say what on_bad_rows: skip dropped."""
+        from align.data.issues import check_bad_fraction, skipped_report
+
+        check_bad_fraction(name, issues, total, max_bad_fraction)
+        if issues and self.processes.is_main:
+            print(f"[align] {skipped_report(name, issues, total)}")
+
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         """Resolve where the run lives and claim its folder, then build in order: the base, the recipe's
@@ -162,6 +174,7 @@ class Trainer:
             refuse_unsupported(c, self.name, self.fsdp_ready)
         self.device, self.dtype = resolve_placement(c, self.processes.device, self.base)
         main = self.processes.is_main
+        self.read_data()
         self.model_path = resolve_model(c.model_name_or_path)  # a wrong path fails before anything is touched
         check_model_available(c.model_name_or_path, self.model_path)
         checkpoint = self.claim_output_dir()

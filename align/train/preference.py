@@ -12,7 +12,14 @@ accumulation would cut it; process r takes micro-batches r, r+N, ... (docs/scali
 from __future__ import annotations
 
 from align.core.errors import UserError
-from align.data.preference import TokenizedPair, load_preferences, split_held_out, tokenize_preferences
+from align.data.issues import bad_rows
+from align.data.preference import (
+    PreferenceSet,
+    TokenizedPair,
+    load_preferences,
+    split_held_out,
+    tokenize_preferences,
+)
 from align.train.lifecycle import StepBatches, Trainer
 
 
@@ -30,6 +37,7 @@ class PreferenceTrainer(Trainer):
         place of train_file / eval_file, for the Python API."""
         super().__init__(config, resume, overwrite, base)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.preference_data: tuple[PreferenceSet, PreferenceSet | None] | None = None
 
     def data_sources(self) -> tuple:
         """(training source, held-out source or None): the objects given, else the config's files or name."""
@@ -43,29 +51,45 @@ class PreferenceTrainer(Trainer):
         raise NotImplementedError
 
     # -- data ----------------------------------------------------------------------------------
-    def tokenize(self, source, split: str = "train", label: str | None = None) -> tuple[list[TokenizedPair], int]:
-        """(pairs, skipped rows) of one preference source, tokenised as every recipe does."""
+    def has_sources(self) -> bool:
+        """Whether the data exist before the base loads (a reward model's demo pairs are sampled from it)."""
+        return True
+
+    def read_data(self) -> None:
+        self.preference_data = self.read_sets(*self.data_sources()) if self.has_sources() else None
+
+    def read(self, source, split: str = "train", label: str | None = None) -> PreferenceSet:
+        """One preference source's validated rows; the rows `on_bad_rows: skip` dropped are shown and bounded."""
         c = self.config
-        data = load_preferences(source, c.format, c.on_bad_rows, split, c.dataset_config, label)
-        pairs = tokenize_preferences(data.rows, self.base.tokenizer, c.max_length, c.chat_template, c.on_bad_rows)
-        return pairs, len(data.skipped)
+        data = load_preferences(source, c.format, c.on_bad_rows, split, c.dataset_config, label, c.max_bad_fraction)
+        self.report_skipped(data.source, data.skipped, len(data.rows) + bad_rows(data.skipped), c.max_bad_fraction)
+        return data
+
+    def read_sets(self, train_file, eval_file) -> tuple[PreferenceSet, PreferenceSet | None]:
+        """(training rows, held-out rows or None). A dataset name or a saved DatasetDict gives `dataset_split` for
+        training and "test" (TRL's dataset_test_split default) for evaluation."""
+        named = isinstance(train_file, str)
+        train = self.read(train_file, self.config.dataset_split, None if named else "train_dataset")
+        if eval_file is None or (isinstance(eval_file, str) and not eval_file):
+            return train, None
+        return train, self.read(eval_file, "test", None if isinstance(eval_file, str) else "eval_dataset")
+
+    def tokenize(self, data: PreferenceSet) -> list[TokenizedPair]:
+        c = self.config
+        return tokenize_preferences(data.rows, self.base.tokenizer, c.max_length, c.chat_template, c.on_bad_rows)
 
     def load_pairs(self, train_file, eval_file) -> None:
-        """Set self.pairs, self.eval_pairs and self.skipped_rows (sources: any that align.data.sources reads).
-
-        A dataset name or a saved DatasetDict gives `dataset_split` for training and "test" (TRL's
-        dataset_test_split default) for evaluation.
-        """
+        """Set self.pairs, self.eval_pairs and self.skipped_rows from the rows read_data read (or from these
+        sources, when they were made after the base loaded)."""
         c = self.config
-        named = isinstance(train_file, str)
-        pairs, self.skipped_rows = self.tokenize(train_file, c.dataset_split, None if named else "train_dataset")
-        if eval_file is not None and (not isinstance(eval_file, str) or eval_file):
-            label = None if isinstance(eval_file, str) else "eval_dataset"
-            self.eval_pairs, _ = self.tokenize(eval_file, "test", label)
+        train, held_out = self.preference_data or self.read_sets(train_file, eval_file)
+        pairs, self.skipped_rows = self.tokenize(train), len(train.skipped)
+        if held_out is not None:
+            self.eval_pairs = self.tokenize(held_out)
         else:
             pairs, self.eval_pairs = split_held_out(pairs, c.eval_fraction, c.seed)
         if not pairs:
-            raise UserError(f"{train_file if named else 'train_dataset'}: no training pairs left")
+            raise UserError(f"{train.source}: no training pairs left")
         self.pairs = pairs
 
     def num_steps(self) -> int:
