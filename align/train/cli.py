@@ -3,6 +3,7 @@
     align dpo --config configs/dpo_tiny.yaml --learning_rate 1e-4 --set beta=0.2
     align dpo --config ... --resume                 # continue from the latest checkpoint
     align dpo --config ... --resume step-000020     # or from a named one
+    align dpo --config ... --resume --resume_changed  # resume although training settings changed (recorded)
     align dpo --config ... --overwrite              # delete the run in output_dir and start over
     align dpo --config ... --check_config           # validate and print the resolved config, load nothing
 
@@ -23,6 +24,10 @@ def add_recipe_arguments(p: argparse.ArgumentParser, cls: type) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue the run in output_dir from its latest checkpoint (or the one named: "
                         "step-000010 or a checkpoint folder)")
+    p.add_argument("--resume_changed", action="store_true",
+                   help="with --resume: train on although settings that change the training differ from the "
+                        "checkpoint's (listed, and recorded in config_history.yaml); without it such a resume is "
+                        "refused")
     p.add_argument("--overwrite", action="store_true",
                    help="output_dir holds a run: delete it and start over")
     p.add_argument("--check_config", action="store_true",
@@ -62,7 +67,8 @@ def train_from_args(config_cls: type, trainer_cls: type, args: argparse.Namespac
     config = config_or_check(config_cls, args)
     if config is None:
         return None
-    trainer = trainer_cls(config, resume=args.resume, overwrite=args.overwrite)
+    trainer = trainer_cls(config, resume=args.resume, overwrite=args.overwrite,
+                          resume_changed=getattr(args, "resume_changed", False))
     try:
         return trainer, trainer.train()
     finally:
