@@ -159,3 +159,22 @@ def test_a_process_count_that_cannot_keep_the_global_batch_is_refused_in_one_lin
     now = config()
     entry = check_resume(now, state, world=3, accept=True, name="step-000003", say=print)
     assert entry["changed"] == {"world_size": [1, 3]} and now.gradient_accumulation_steps == 1
+
+
+def test_two_processes_resumed_on_one_keep_the_global_batch(tiny_llama, tmp_path):
+    """A real 2-process run (accelerate launch, gloo) resumed from its step-2 checkpoint by 1 process with the
+    same flags trains step 3 on the same global batch: equal to a 1-process run at twice the accumulation."""
+    from test_distributed import align_run, common, max_diff, metrics, tensors
+
+    sets = ["per_device_train_batch_size=2", "max_steps=3", "save_steps=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    align_run("sft", "sft_tiny.yaml", common(tiny_llama, one, *sets, "gradient_accumulation_steps=2", data=DATA), 1)
+    align_run("sft", "sft_tiny.yaml", common(tiny_llama, two, *sets, "gradient_accumulation_steps=1", data=DATA), 2)
+    done = align_run("sft", "sft_tiny.yaml", common(tiny_llama, two, *sets, "gradient_accumulation_steps=1",
+                                                    data=DATA), 1, "--resume", "step-000002")
+    assert "gradient_accumulation_steps 1 -> 2 keeps the global batch of 4" in done.stdout
+    rel = "adapter/adapter_model.safetensors"
+    assert max_diff(tensors(one / rel), tensors(two / rel)) <= 1e-5
+    assert [r["step"] for r in metrics(two)] == [1, 2, 3]
+    assert yaml.safe_load((two / HISTORY).read_text()) == [
+        {"step": 2, "changed": {"world_size": [2, 1], "gradient_accumulation_steps": [1, 2]}}]
