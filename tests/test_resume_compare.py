@@ -172,9 +172,18 @@ def test_two_processes_resumed_on_one_keep_the_global_batch(tiny_llama, tmp_path
     align_run("sft", "sft_tiny.yaml", common(tiny_llama, two, *sets, "gradient_accumulation_steps=1", data=DATA), 2)
     done = align_run("sft", "sft_tiny.yaml", common(tiny_llama, two, *sets, "gradient_accumulation_steps=1",
                                                     data=DATA), 1, "--resume", "step-000002")
-    assert "gradient_accumulation_steps 1 -> 2 keeps the global batch of 4" in done.stdout
     rel = "adapter/adapter_model.safetensors"
-    assert max_diff(tensors(one / rel), tensors(two / rel)) <= 1e-5
+    assert max_diff(tensors(one / rel), tensors(two / rel)) <= 1e-5  # before: step 3 on half the batch
+    assert "gradient_accumulation_steps 1 -> 2 keeps the global batch of 4" in done.stdout
     assert [r["step"] for r in metrics(two)] == [1, 2, 3]
     assert yaml.safe_load((two / HISTORY).read_text()) == [
         {"step": 2, "changed": {"world_size": [2, 1], "gradient_accumulation_steps": [1, 2]}}]
+
+
+def test_two_spellings_of_one_file_are_no_change(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    state = {"step": 1, "world": 1, "config": config_record(config(train_file="tests/data/sft_tiny.jsonl"))}
+    assert check_resume(config(train_file=str(DATA)), state, 1, False, "step-000001", print) is None
+    with pytest.raises(UserError, match="train_file: was 'tests/data/sft_tiny.jsonl', now '.*prefs_tiny.jsonl'"):
+        check_resume(config(train_file=str(ROOT / "tests" / "data" / "prefs_tiny.jsonl")), state, 1, False,
+                     "step-000001", print)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -59,13 +60,25 @@ def extended(field: str, old, new, recorded: dict) -> bool:
     return False
 
 
+def same(old, new) -> bool:
+    """Equal values, or two spellings of one existing file or folder (relative and absolute, say)."""
+    if old == new:
+        return True
+    if not (isinstance(old, str) and isinstance(new, str) and old and new):
+        return False
+    try:
+        return os.path.samefile(old, new)
+    except (OSError, ValueError):
+        return False
+
+
 def differences(recorded: dict, current: dict) -> dict[str, list]:
     """{field: [old, new]} for the fields both configs have, outside HARMLESS, whose values differ.
 
     A field only one side has (a config written by another version of align) is not a difference.
     """
     return {k: [recorded[k], current[k]] for k in current
-            if k in recorded and k not in HARMLESS and recorded[k] != current[k]}
+            if k in recorded and k not in HARMLESS and not same(recorded[k], current[k])}
 
 
 def keep_global_batch(config, recorded: dict, old_world: int, world: int, accept: bool, name: str, say) -> dict:
