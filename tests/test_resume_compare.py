@@ -71,6 +71,8 @@ def test_changed_training_settings_are_refused_listing_each(tiny_llama, run, cap
     assert "learning_rate: was 0.001, now 0.0005" in err
     assert "completion_only_loss: was None, now False" in err
     assert "--resume_changed" in err and err.count("error:") == 1
+    assert main(sft(tiny_llama, run, "--resume", "--packing", "true", "--check_config")) == 2  # checked up front
+    assert "1 setting(s) differ from checkpoint step-000002's:\n  packing: was False, now True" in capsys.readouterr().err
     assert (run / "config.yaml").read_bytes() == config_before  # nothing rewritten
     assert not (run / HISTORY).exists() and latest_state(run) == state_before
 
@@ -86,8 +88,12 @@ def test_resume_changed_accepts_records_and_keeps_config_yaml_loadable(tiny_llam
         {"step": 2, "changed": {"learning_rate": [1e-3, 5e-4], "max_steps": [2, 3]}}]
     assert latest_state(run)["step"] == 3 and latest_state(run)["config"]["learning_rate"] == 5e-4
     assert load_config(SFTConfig, run / "config.yaml").learning_rate == 1e-3  # --config takes it as is
-    assert main(["sft", "--config", str(run / "config.yaml"), "--output_dir", str(run), "--resume",
+    assert main(["sft", "--config", str(run / "config.yaml"), "--output_dir", str(run.parent / "again"),
                  "--check_config"]) == 0
+    # Resuming with the original config now lists what --resume_changed changed since.
+    assert main(["sft", "--config", str(run / "config.yaml"), "--output_dir", str(run), "--resume",
+                 "--check_config"]) == 2
+    assert "learning_rate: was 0.0005, now 0.001" in capsys.readouterr().err
     # The next resume compares with the newest checkpoint: the accepted settings are no change any more.
     assert main(sft(tiny_llama, run, "--resume", "--learning_rate", "5e-4", "--max_steps", "3")) == 0
 

@@ -38,20 +38,26 @@ def config_or_check(cls: type, args: argparse.Namespace):
     """The config the arguments describe; with --check_config, check it fully, print it and return None."""
     config = config_from_args(cls, args)
     if args.check_config:
-        preflight(config, getattr(args, "resume", None), getattr(args, "overwrite", False))
+        preflight(config, getattr(args, "resume", None), getattr(args, "overwrite", False),
+                  getattr(args, "resume_changed", False))
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         print(f"# config OK: {cls.__name__}")
         return None
     return config
 
 
-def preflight(config, resume=None, overwrite: bool = False) -> None:
+def preflight(config, resume=None, overwrite: bool = False, resume_changed: bool = False) -> None:
     """What a run checks before it loads a model, without loading or changing anything.
 
-    The model path (a local folder, 'smollm2', or a hub id cached when offline) and the output
-    folder policy (a file, a finished run without --resume/--overwrite, a damaged checkpoint).
+    The model path (a local folder, 'smollm2', or a hub id cached when offline), the output
+    folder policy (a file, a finished run without --resume/--overwrite, a damaged checkpoint) and
+    what a resume compares with its checkpoint (align/train/resume_check.py; processes: WORLD_SIZE).
     """
+    import os
     from pathlib import Path
+
+    from align.train.resume_check import check_resume
+    from align.train.state import read_state
 
     from align.core.loading import resolve_model
     from align.train.run_folder import check_model_available, prepare_output_dir
@@ -59,7 +65,10 @@ def preflight(config, resume=None, overwrite: bool = False) -> None:
     name = config.model_name_or_path
     if name != "smollm2":  # resolving 'smollm2' may build it: that is the run's job, not a check's
         check_model_available(name, resolve_model(name))
-    prepare_output_dir(Path(config.output_dir), resume, overwrite, dry_run=True)
+    checkpoint = prepare_output_dir(Path(config.output_dir), resume, overwrite, dry_run=True)
+    if checkpoint is not None:
+        check_resume(config, read_state(checkpoint), int(os.environ.get("WORLD_SIZE", "1")), resume_changed,
+                     checkpoint.name)
 
 
 def train_from_args(config_cls: type, trainer_cls: type, args: argparse.Namespace):

@@ -34,6 +34,7 @@ HARMLESS = frozenset({
     "per_device_eval_batch_size", "num_threads", "heap_mmap_threshold_mb", "device", "gradient_checkpointing",
     "checkpoint_keep_last", "log_completions", "num_completions_to_print", "engine_api_key_env",
     "engine_adapter_dir", "vllm_server_base_url", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode",
+    "num_eval_prompts",
 })
 # Fields a run may grow on resume without --resume_changed: extending a run is a common wish.
 EXTENDABLE = ("max_steps", "num_train_epochs")
