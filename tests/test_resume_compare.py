@@ -193,3 +193,14 @@ def test_two_spellings_of_one_file_are_no_change(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="train_file: was 'tests/data/sft_tiny.jsonl', now '.*prefs_tiny.jsonl'"):
         check_resume(config(train_file=str(ROOT / "tests" / "data" / "prefs_tiny.jsonl")), state, 1, False,
                      "step-000001", print)
+
+
+def test_python_api_refuses_and_accepts_the_same_way(tiny_llama, run):
+    from align.recipes.sft import train_sft
+
+    changed = config(model_name_or_path=tiny_llama, train_file=DATA, output_dir=run, report_to="[none]",
+                     save_steps=1, max_steps=2, lora_alpha=16)
+    with pytest.raises(UserError, match=r"lora_alpha: was 32, now 16\n.*resume_changed=True in Python"):
+        train_sft(changed, resume=True)
+    train_sft(changed, resume=True, resume_changed=True)
+    assert yaml.safe_load((run / HISTORY).read_text()) == [{"step": 2, "changed": {"lora_alpha": [32, 16]}}]

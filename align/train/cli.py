@@ -56,11 +56,10 @@ def preflight(config, resume=None, overwrite: bool = False, resume_changed: bool
     import os
     from pathlib import Path
 
-    from align.train.resume_check import check_resume
-    from align.train.state import read_state
-
     from align.core.loading import resolve_model
+    from align.train.resume_check import check_resume
     from align.train.run_folder import check_model_available, prepare_output_dir
+    from align.train.state import read_state
 
     name = config.model_name_or_path
     if name != "smollm2":  # resolving 'smollm2' may build it: that is the run's job, not a check's

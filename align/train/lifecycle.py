@@ -48,8 +48,8 @@ from align.data.preference import global_step_batches
 from align.train.gradient_step import GradientStep
 from align.train.optim import adamw
 from align.train.placement import apply_cpu_settings, check_precision, resolve_placement
-from align.train.run_folder import check_model_available, last_good, prepare_output_dir
 from align.train.resume_check import check_resume, config_record, record_history
+from align.train.run_folder import check_model_available, last_good, prepare_output_dir
 from align.train.state import TrainState, optimizer_tensors, read_state, sweep_run_temps
 
 

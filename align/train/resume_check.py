@@ -128,8 +128,8 @@ def check_resume(config, state: dict, world: int, accept: bool, name: str, say=p
     listed = "\n  ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in refused.items())
     if refused and not accept:
         raise UserError(f"--resume: {len(refused)} setting(s) differ from checkpoint {name}'s:\n  {listed}\n"
-                        f"Resume with the checkpoint's settings, or pass --resume_changed to train on with the new "
-                        f"ones (recorded in {HISTORY})")
+                        f"Resume with the checkpoint's settings, or pass --resume_changed (resume_changed=True in "
+                        f"Python) to train on with the new ones (recorded in {HISTORY})")
     if refused:
         say(f"[align] --resume_changed: training on from {name} with changed settings (recorded in {HISTORY}):"
             f"\n  {listed}")
