@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from align.core.distributed import Processes, resolve_device
@@ -132,7 +133,11 @@ def test_reward_two_processes_equal_one_and_resume_with_another_process_count(ti
     for rel in ("reward_model/adapter_model.safetensors", "reward_model/head.safetensors"):
         assert max_diff(tensors(one / rel), tensors(two / rel)) <= 1e-5, rel
     assert [r["step"] for r in metrics(two)] == [1, 2, 3]
-    assert files(two) == files(one)  # nothing written by a second process, nothing missing
+    # The resume says what it changed (tests/test_resume_compare.py): the process count, with the accumulation
+    # that keeps the global batch, and the longer run.
+    assert yaml.safe_load((two / "config_history.yaml").read_text()) == [{"step": 2, "changed": {
+        "world_size": [2, 1], "gradient_accumulation_steps": [1, 2], "max_steps": [2, 3]}}]
+    assert files(two) == files(one) | {"config_history.yaml"}  # nothing written by a second process, nothing missing
 
 
 def test_ppo_two_processes_run_write_once_and_sync(tiny_llama, tmp_path):

@@ -53,6 +53,8 @@ def test_dpo_fsdp_equals_one_process_and_resumes(tiny_llama, tmp_path):
     assert [r["step"] for r in metrics(two)] == [1, 2]
     done = fsdp_run("dpo", "dpo_tiny.yaml", common(tiny_llama, two, *sets, "max_steps=3"), "--resume")
     assert "resumed from" in done.stdout and "step-000002" in done.stdout
+    assert "max_steps: 2 -> 3, extending the run" in done.stdout  # recorded, and the only difference in files
+    (two / "config_history.yaml").unlink()
     compare_runs(one, two, "adapter/adapter_model.safetensors", 3)
     assert metrics(two)[-1]["eval/loss"] == pytest.approx(metrics(one)[-1]["eval/loss"], abs=1e-5)
     # checkpoints hold full tensors, as 1 process writes them: the adapter and the Adam moments

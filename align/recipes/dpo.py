@@ -234,10 +234,10 @@ class DPOTrainer(PreferenceTrainer):
 
 
 def train_dpo(config: DPOConfig, resume: bool | str | None = None, overwrite: bool = False,
-              train_dataset=None, eval_dataset=None) -> Path:
+              train_dataset=None, eval_dataset=None, resume_changed: bool = False) -> Path:
     """Run DPO end to end and return the saved adapter folder (datasets: a Dataset or a list of dicts)."""
     return DPOTrainer(config, resume=resume, overwrite=overwrite, train_dataset=train_dataset,
-                      eval_dataset=eval_dataset).train()
+                      eval_dataset=eval_dataset, resume_changed=resume_changed).train()
 
 
 # -- CLI ----------------------------------------------------------------------------------------

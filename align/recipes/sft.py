@@ -211,9 +211,10 @@ class SFTTrainer(Trainer):
                 "train_rows": len(self.items), "num_tokens": self.num_tokens}
 
 
-def train_sft(config: SFTConfig, resume: bool | str | None = None, overwrite: bool = False) -> Path:
+def train_sft(config: SFTConfig, resume: bool | str | None = None, overwrite: bool = False,
+              resume_changed: bool = False) -> Path:
     """Run SFT end to end and return the saved adapter folder."""
-    return SFTTrainer(config, resume=resume, overwrite=overwrite).train()
+    return SFTTrainer(config, resume=resume, overwrite=overwrite, resume_changed=resume_changed).train()
 
 
 # -- CLI ----------------------------------------------------------------------------------------

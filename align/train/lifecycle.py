@@ -49,8 +49,9 @@ from align.data.preference import global_step_batches
 from align.train.gradient_step import GradientStep
 from align.train.optim import adamw
 from align.train.placement import apply_cpu_settings, check_precision, resolve_placement
+from align.train.resume_check import check_resume, config_record, record_history
 from align.train.run_folder import check_model_available, last_good, prepare_output_dir
-from align.train.state import TrainState, optimizer_tensors, sweep_run_temps
+from align.train.state import TrainState, optimizer_tensors, read_state, sweep_run_temps
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,15 @@ class Trainer:
     name = "train"
     fsdp_ready = False  # whether the recipe runs on a base sharded by FSDP (align/core/fsdp.py)
 
-    def __init__(self, config, resume: bool | str | None = None, overwrite: bool = False, base=None):
-        """`base`: train on a SharedBase already in memory (e.g. the demo's) instead of loading one."""
+    def __init__(self, config, resume: bool | str | None = None, overwrite: bool = False, base=None,
+                 resume_changed: bool = False):
+        """`base`: train on a SharedBase already in memory (e.g. the demo's) instead of loading one.
+        `resume_changed`: resume even where training settings differ from the checkpoint's (recorded)."""
         self.config = config
         self.out = Path(config.output_dir)
         self.resume = resume
+        self.resume_changed = resume_changed
+        self.history = self.recorded = None  # what a resume changed; whether its checkpoint recorded a config
         self.overwrite = overwrite
         self.base = base
         self.device = self.dtype = None  # resolved in setup; the config keeps what the user wrote
@@ -178,6 +183,8 @@ class Trainer:
         self.model_path = resolve_model(c.model_name_or_path)  # a wrong path fails before anything is touched
         check_model_available(c.model_name_or_path, self.model_path)
         checkpoint = self.claim_output_dir()
+        if checkpoint is not None:
+            self.compare_settings(checkpoint)  # before anything is loaded: may set gradient_accumulation_steps
         apply_cpu_settings(c, self.device, main)
         check_precision(self.device, self.dtype, c.dtype, main)
         seed_everything(c.seed)
@@ -187,7 +194,8 @@ class Trainer:
         self.scheduler = self.learning_rate_schedule(self.optimizer_steps())
         self.gradient_step = GradientStep(self.optimizer, self.scheduler, self.processes, self.base,
                                           c.max_grad_norm, self.out)
-        self.state = TrainState(self.base, self.trained_adapters(), self.optimizer, self.scheduler, self.heads())
+        self.state = TrainState(self.base, self.trained_adapters(), self.optimizer, self.scheduler, self.heads(),
+                                record={"config": config_record(c), "world": self.processes.world})
         if checkpoint is not None:
             self.step, extra = self.state.load(checkpoint)
             self.load_extra(extra)
@@ -210,6 +218,14 @@ class Trainer:
         checkpoint = prepare_output_dir(self.out, self.resume, self.overwrite, main)
         self.processes.barrier()  # the main process's --overwrite deletion is done before anyone goes on
         return checkpoint
+
+    def compare_settings(self, checkpoint: Path) -> None:
+        """Refuse (or, with resume_changed, record) training settings that differ from the checkpoint's."""
+        state = read_state(checkpoint)
+        self.recorded = isinstance(state.get("config"), dict)
+        say = print if self.processes.is_main else (lambda _: None)
+        self.history = check_resume(self.config, state, self.processes.world, self.resume_changed, checkpoint.name,
+                                    say)
 
     def build_on_base(self) -> list[dict]:
         """Load the base (unless one was handed in), let the recipe build on it; returns the param groups."""
@@ -238,7 +254,8 @@ class Trainer:
                              num_training_steps=total_updates)
 
     def open_metrics(self):
-        """The main process writes config.yaml (as given) and metrics; the others log nothing."""
+        """The main process writes config.yaml (as the run started: a resume that compared settings keeps it,
+        recording what it changed in config_history.yaml) and metrics; the others log nothing."""
         from dataclasses import asdict
 
         from align.train.config_parser import dump_config
@@ -247,7 +264,10 @@ class Trainer:
         if not self.processes.is_main:
             return NullLogger()
         self.out.mkdir(parents=True, exist_ok=True)
-        dump_config(self.config, self.out / "config.yaml")
+        if not (self.recorded and (self.out / "config.yaml").is_file()):
+            dump_config(self.config, self.out / "config.yaml")
+        if self.history:
+            record_history(self.out, self.history)
         return MetricsLogger(self.out, self.config.report_to, config=asdict(self.config))
 
     # -- one training step -------------------------------------------------------------------------

@@ -32,10 +32,10 @@ class PreferenceTrainer(Trainer):
     fsdp_ready = True
 
     def __init__(self, config, resume: bool | str | None = None, overwrite: bool = False, base=None,
-                 train_dataset=None, eval_dataset=None):
+                 train_dataset=None, eval_dataset=None, resume_changed: bool = False):
         """`train_dataset` / `eval_dataset` (TRL's names): a datasets.Dataset or a list of row dicts, in
         place of train_file / eval_file, for the Python API."""
-        super().__init__(config, resume, overwrite, base)
+        super().__init__(config, resume, overwrite, base, resume_changed)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.preference_data: tuple[PreferenceSet, PreferenceSet | None] | None = None
 

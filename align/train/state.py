@@ -302,12 +302,14 @@ class TrainState:
     """Adapters, heads, optimizer, scheduler and RNG of one run, saved together and restored exactly."""
 
     def __init__(self, base, adapters: list[str], optimizer: torch.optim.Optimizer, scheduler=None,
-                 heads: dict[str, nn.Module] | None = None):
+                 heads: dict[str, nn.Module] | None = None, record: dict | None = None):
+        """`record`: what else state.json keeps (the run's resolved config and process count, compared on resume)."""
         self.base = base
         self.adapters = adapters
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.heads = heads or {}
+        self.record = record or {}
 
     def save(self, run_dir: str | os.PathLike, step: int, extra: dict | None = None, keep: int = 2,
              optim: tuple[dict, dict] | None = None) -> Path:
@@ -329,7 +331,7 @@ class TrainState:
                                    f"checkpoint not written")
         state = {"step": step, "adapters": self.adapters, "optimizer": opt_meta, "rng": rng_meta,
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                 "extra": extra or {}}
+                 "extra": extra or {}, **self.record}
         ckdir = Path(run_dir) / CHECKPOINTS
         final = ckdir / f"step-{step:06d}"
         with atomic_dir(final) as tmp:

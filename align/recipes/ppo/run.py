@@ -28,12 +28,13 @@ class RLRun(Trainer):
     name = "ppo"
 
     def __init__(self, config: PPOConfig, resume: bool | str | None = None, overwrite: bool = False,
-                 engine=None, base=None, train_dataset=None, eval_dataset=None, reward_funcs: list | None = None):
+                 engine=None, base=None, train_dataset=None, eval_dataset=None, reward_funcs: list | None = None,
+                 resume_changed: bool = False):
         """`engine`: a rollout engine already built (tests, benchmarks); default: config's.
         `train_dataset` / `eval_dataset` / `reward_funcs` (TRL's names): rows (a datasets.Dataset or a
         list of dicts) and reward functions (callables or dotted paths) given in Python instead of
         the config's train_file / eval_file / reward_funcs."""
-        super().__init__(config, resume, overwrite, base)
+        super().__init__(config, resume, overwrite, base, resume_changed)
         self.engine = engine
         self.name = config.algorithm
         self.kl_coef = config.beta  # the adaptive controller moves it; a checkpoint restores it
