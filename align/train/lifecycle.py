@@ -75,19 +75,6 @@ def rank_step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 31)
 
 
-class NullLogger:
-    """What a process other than the main one logs to: nothing (only the main process writes)."""
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def truncate_after(self, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class Trainer:
     """The shared lifecycle; see the module docstring for the hooks a recipe fills in."""
 
@@ -259,7 +246,7 @@ class Trainer:
         from dataclasses import asdict
 
         from align.train.config_parser import dump_config
-        from align.train.metrics import MetricsLogger
+        from align.train.metrics import MetricsLogger, NullLogger
 
         if not self.processes.is_main:
             return NullLogger()

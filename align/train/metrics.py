@@ -65,6 +65,19 @@ class MetricsLogger:
             tracker.close()
 
 
+class NullLogger:
+    """What a process other than the main one logs to: nothing (only the main process writes)."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if path.is_dir():
