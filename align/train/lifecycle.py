@@ -166,7 +166,8 @@ class Trainer:
         check_model_available(c.model_name_or_path, self.model_path)
         checkpoint = self.claim_output_dir()
         apply_cpu_settings(c, self.device, main)
-        check_precision(self.device, self.dtype, c.dtype, main)
+        # A base handed in (the demo's) keeps its dtype: --bf16 would not apply, so no note.
+        check_precision(self.device, self.dtype, c.dtype, main and self.base is None, self.name)
         seed_everything(c.seed)
         groups = self.build_on_base()
         self.optimizer = adamw(groups, weight_decay=c.weight_decay)
