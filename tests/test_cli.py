@@ -203,3 +203,16 @@ def test_precision_note_names_its_recipe_and_claims_only_what_was_measured(recip
     # The ~2x was measured on DPO steps (docs/scaling.md): another recipe is told it was not measured for it.
     assert ("ran DPO ~2x faster" in note) == (recipe == "dpo")
     assert recipe == "dpo" or f"{recipe} speed not measured" in note
+
+
+@pytest.mark.parametrize("recipe", ["sft", "reward"])
+def test_a_run_prints_its_own_recipes_precision_note(recipe, tiny_llama, tmp_path, capsys):
+    """The note a run prints is its recipe's; where this CPU emulates bfloat16 there is none to print."""
+    from align.core.hardware import fast_bfloat16
+    from align.train.placement import precision_note
+
+    argv = [recipe, "--config", f"configs/{recipe}_tiny.yaml", "--model_name_or_path", str(tiny_llama),
+            "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--save_steps", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert (precision_note("cpu", recipe) in out) == fast_bfloat16("cpu") and "ran DPO" not in out
