@@ -110,6 +110,8 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
     installed, bfloat16 where the hardware has it; adapters off) until `n` pairs exist. Prompts in `exclude`
     are not used (keep held-out prompts out of training).
     """
+    from tqdm import tqdm
+
     from align.core.hardware import fast_bfloat16
     from align.data.prompts import encode_prompts
     from align.engines import make_engine, vllm_available
@@ -119,19 +121,24 @@ def sampled_arithmetic_pairs(base, model_path: str, n: int, seed: int, samples_p
     # bfloat16 samples ~2.4x faster where the CPU has it natively, and several times slower where not.
     fast = kind == "vllm" and fast_bfloat16(str(next(base.model.parameters()).device))
     eng = make_engine(kind, model_path, base, seed=seed, **({"dtype": "bfloat16"} if fast else {}))
-    try:
-        pairs: list[dict] = []
-        batch = max(64, n)  # prompts per round; about a third of SmolLM2's prompts yield pairs
-        for r in range(max_rounds):
-            rows = [row for row in make_prompts(batch, seed=seed * 1000 + r) if row["prompt"] not in exclude]
-            if not rows:
-                continue
-            outs = eng.generate(encode_prompts(base.tokenizer, rows), n=samples_per_prompt,
-                                max_new_tokens=max_new_tokens, temperature=temperature, adapter=None)
-            pairs += pairs_from_samples(rows, [[o.text for o in group] for group in outs])
-            if len(pairs) >= n:
-                return pairs[:n]
-    finally:
-        eng.close()
+    pairs: list[dict] = []
+    batch = max(64, n)  # prompts per round; about a third of SmolLM2's prompts yield pairs
+    # Rounds take minutes on a busy CPU: the bar counts pairs made, one update per sampled and scored round.
+    with tqdm(total=n, desc="demo pairs (sample, score)", unit="pair") as bar:
+        try:
+            for r in range(max_rounds):
+                rows = [row for row in make_prompts(batch, seed=seed * 1000 + r) if row["prompt"] not in exclude]
+                if not rows:
+                    continue
+                outs = eng.generate(encode_prompts(base.tokenizer, rows), n=samples_per_prompt,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, adapter=None)
+                new = pairs_from_samples(rows, [[o.text for o in group] for group in outs])
+                bar.update(min(len(new), n - len(pairs)))
+                bar.set_postfix(round=r + 1)
+                pairs += new
+                if len(pairs) >= n:
+                    return pairs[:n]
+        finally:
+            eng.close()
     raise RuntimeError(f"only {len(pairs)} of {n} demo pairs after {max_rounds} rounds of {batch} prompts: the "
                        "model's answers to a prompt rarely differ in reward; try demo_source: synthetic")

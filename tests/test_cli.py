@@ -166,3 +166,53 @@ def test_plot_a_folder_of_runs(tmp_path, capsys):
     assert "holds 2 runs" in capsys.readouterr().err and not (tmp_path / "two.png").exists()
     assert main(["plot", str(runs / "empty")]) == 2
     assert "no metrics.jsonl in it or in any folder below it" in capsys.readouterr().err
+
+
+def test_plot_a_parent_folder_with_one_run_below(tmp_path, capsys):
+    """`align plot runs/demo`: the demo's folder holds its run one level down (dpo/) beside files that are not runs."""
+    demo = tmp_path / "demo"
+    write_metrics(demo / "dpo", [0.69, 0.6])
+    (demo / "pairs.jsonl").write_text("{}\n")
+    (demo / "tiny-model").mkdir()
+    assert main(["plot", str(demo)]) == 0
+    assert (demo / "dpo" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(demo / "dpo" / "metrics.png") in capsys.readouterr().out
+
+
+def test_data_check_resolves_smollm2_like_the_recipes(tmp_path, tiny_llama, monkeypatch, capsys):
+    """'smollm2' is a name only align knows: `data check` routes it through resolve_model to the cached folder
+    (a tiny model stands in for the converted SmolLM2 in a fresh ALIGN_CACHE), never to the hub."""
+    import shutil
+
+    from align.core.smollm import MODEL_DIRNAME
+
+    shutil.copytree(tiny_llama, tmp_path / "cache" / "models" / MODEL_DIRNAME)
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    rows = Path(__file__).parent / "data" / "prefs_tiny.jsonl"
+    for flag in ("--model_name_or_path", "--model"):  # the README's spelling and the old one
+        assert main(["data", "check", str(rows), flag, "smollm2", "--max_length", "256"]) == 0
+        assert ", OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "sft", "reward", "ppo", "grpo"])
+def test_precision_note_names_its_recipe_and_claims_only_what_was_measured(recipe):
+    from align.train.placement import precision_note
+
+    note = precision_note("cpu", recipe)
+    assert note.startswith(f"[align] {recipe}: ") and "--bf16 true" in note
+    # The ~2x was measured on DPO steps (docs/scaling.md): another recipe is told it was not measured for it.
+    assert ("ran DPO ~2x faster" in note) == (recipe == "dpo")
+    assert recipe == "dpo" or f"{recipe} speed not measured" in note
+
+
+@pytest.mark.parametrize("recipe", ["sft", "reward"])
+def test_a_run_prints_its_own_recipes_precision_note(recipe, tiny_llama, tmp_path, capsys):
+    """The note a run prints is its recipe's; where this CPU emulates bfloat16 there is none to print."""
+    from align.core.hardware import fast_bfloat16
+    from align.train.placement import precision_note
+
+    argv = [recipe, "--config", f"configs/{recipe}_tiny.yaml", "--model_name_or_path", str(tiny_llama),
+            "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--save_steps", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert (precision_note("cpu", recipe) in out) == fast_bfloat16("cpu") and "ran DPO" not in out

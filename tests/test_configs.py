@@ -66,3 +66,19 @@ def test_accelerate_configs_parse_with_accelerate(name):
 
     config = ClusterConfig.from_yaml_file(str(ROOT / "accelerate" / name))
     assert config.distributed_type.value == ("MULTI_GPU" if name == "ddp.yaml" else "FSDP")
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("*_tiny.yaml")), ids=lambda p: p.name)
+def test_tiny_config_says_how_to_run_it_on_the_tiny_model(path, tiny_llama, tmp_path, capsys):
+    """A *_tiny.yaml ships `smollm2` (runs as is) and says on top how to build and pass the tiny model it is
+    sized for; its command, with the tiny model the tests build in place of runs/tiny-model, checks out."""
+    import shlex
+
+    from align.cli import main
+
+    head = path.read_text().splitlines()[:4]
+    assert any("build_tiny_model('runs/tiny-model')" in line for line in head), f"{path.name}: no build line"
+    command = next(line for line in head if line.startswith("#   align "))
+    argv = [str(tiny_llama) if w == "runs/tiny-model" else w for w in shlex.split(command[len("#   align "):])]
+    assert main([*argv, "--output_dir", str(tmp_path / "run"), "--check_config"]) == 0, capsys.readouterr().err
+    assert f"model_name_or_path: {tiny_llama}" in capsys.readouterr().out

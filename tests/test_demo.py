@@ -23,6 +23,11 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert {"metric", "before", "after", "adapter"} <= result.keys()
     assert result["engine"] == "VLLMEngine"
+    # Every long phase shows a bar, in the order it runs: nothing is silent between the engine line and the pairs.
+    place = 0
+    for mark in ["[demo] engine:", "evaluate before", "sample x4", " pairs from ", "dpo", "evaluate after"]:
+        place = res.stderr.find(mark, place)
+        assert place >= 0, f"{mark!r} missing or out of order in:\n{res.stderr[-3000:]}"
     adapter = Path(result["adapter"])
     assert (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((out / "demo_result.json").read_text()) == result

