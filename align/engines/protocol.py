@@ -261,7 +261,8 @@ def generate_with_progress(engine, prompt_ids: list[list[int]], desc: str, n: in
     size = max(1, -(-len(prompt_ids) // parts), -(-min_sequences // n))
     adapter = kwargs.pop("adapter", "policy")
     out: list[list[Sample]] = []
-    with tqdm(total=len(prompt_ids), desc=desc, unit="prompt") as bar:
+    # mininterval 0: a handful of updates, each shown (tqdm's default skips redraws closer than 0.1 s).
+    with tqdm(total=len(prompt_ids), desc=desc, unit="prompt", mininterval=0) as bar:
         for i in range(0, len(prompt_ids), size):
             part = adapter[i:i + size] if isinstance(adapter, list) else adapter
             out += engine.generate(prompt_ids[i:i + size], n=n, adapter=part, **kwargs)
