@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "align rloo --config configs/grpo_demo.yaml --output_dir runs/rloo"),
     "ppo": ("align.recipes.ppo.cli", "Trains a policy adapter with PPO (a critic adapter + value head) on one "
             "frozen base.", "align ppo --config configs/ppo_demo.yaml --max_steps 20"),
-    "data": ("align.data.cli", "Checks a preference dataset and lists every bad row.",
+    "data": ("align.data.cli", "Checks a dataset as a recipe reads it (preference, SFT or RL prompt rows) and lists every bad row.",
              "align data check my_pairs.jsonl --model_name_or_path smollm2 --max_length 256"),
     "advise": ("align.train.advise", "Weighs a dataset against an adapter's capacity and suggests a rank and lr.",
                "align advise my_pairs.jsonl --model_name_or_path smollm2 --recipe dpo"),

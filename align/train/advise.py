@@ -126,6 +126,11 @@ def advise(source, model: str = "smollm2", recipe: str = "dpo", lora_r: int = 8,
     tokenizer = load_tokenizer(path)
     counts = (count_dpo(source, tokenizer, max_length, split, config) if recipe == "dpo"
               else count_sft(source, tokenizer, split, config))
+    if not counts["training_tokens"]:  # advice on nothing would still print a rank and a learning rate
+        from align.core.errors import UserError
+
+        raise UserError(f"{source}: none of its rows has tokens a {recipe} run trains on (check the columns "
+                        f"with `align data check {source}`); no advice")
     params = lora_parameters(shapes, lora_r)
     capacity = BITS_PER_PARAM * params
     rank, fits = recommend_rank(shapes, counts["information_bits"], recipe)
