@@ -62,9 +62,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from align.data.issues import DataError
+
     recipe = args.recipe
     if recipe == "auto":
-        recipe = detect_recipe(first_record(args.file, args.dataset_split, args.dataset_config))
+        try:
+            first = first_record(args.file, args.dataset_split, args.dataset_config)
+        except DataError as e:  # the source itself cannot be read: said as every recipe's check says it
+            return check_rows(args, 0, list(e.issues))
+        recipe = detect_recipe(first)
         if recipe is None:
             print(f"{args.file}: no row with the columns of any recipe (chosen/rejected, messages, completion, "
                   f"text or prompt); give --recipe", file=sys.stderr)
