@@ -12,6 +12,26 @@ import os
 from pathlib import Path
 
 
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Keep the lines of a per-step JSONL log (metrics.jsonl, completions.jsonl) up to `step`.
+
+    A line torn by a kill mid-write is dropped too; step -1 (a fresh start) drops everything.
+    """
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
+            keep.append(line)
+    from align.core.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
 class MetricsLogger:
     """Appends `{"step": N, **metrics}` to `<run>/metrics.jsonl` and logs it to align.train.trackers' backends."""
 
@@ -27,23 +47,8 @@ class MetricsLogger:
         self.trackers = open_trackers(report_to, self.run_dir, config)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the curve has no duplicates.
-
-        A line torn by a kill mid-write is dropped too; step -1 (a fresh start) drops everything.
-        """
-        if not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
-                keep.append(line)
-        from align.core.atomic import atomic_write_text
-
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        """On resume, drop lines logged after the checkpoint so the curve has no duplicates."""
+        truncate_jsonl_after(self.path, step)
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step}

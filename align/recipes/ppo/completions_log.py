@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from align.train.metrics import truncate_jsonl_after
+
 COLUMNS = ("step", "prompt", "completion", "reward", "advantage")
 
 
@@ -47,19 +49,7 @@ class CompletionsLog:
         self.to_print = to_print
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        from align.core.atomic import atomic_write_text
-
-        keep = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                keep.append(line)
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        truncate_jsonl_after(self.path, step)
 
     def write(self, table: list[dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

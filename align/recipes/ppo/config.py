@@ -212,11 +212,18 @@ class PPOConfig(TrainConfig):
             return self.max_steps
         return max(1, math.ceil(self.num_train_epochs * num_prompts / self.prompts_per_rollout(world)))
 
+    def optimizer_steps_per_rollout(self, world: int = 1) -> int:
+        """num_iterations passes over a process's completions, per_device_train_batch_size x
+        gradient_accumulation_steps of them per optimizer step."""
+        per_update = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        local = self.prompts_per_rollout(world) // world * self.num_generations
+        return self.num_iterations * math.ceil(local / per_update)
+
     def describe_batches(self, world: int, steps: int) -> str:
         """One line: what a rollout step holds and how it is cut, in TRL's terms."""
         prompts = self.prompts_per_rollout(world)
         per_update = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        updates = self.num_iterations * math.ceil(prompts // world * self.num_generations / per_update)
+        updates = self.optimizer_steps_per_rollout(world)
         return (f"{self.algorithm}: each step samples {prompts} prompts x {self.num_generations} generations = "
                 f"{prompts * self.num_generations} completions on {world} process(es), then takes {updates} "
                 f"optimizer step(s) of {per_update} completions per process ({self.num_iterations} pass(es)); "

@@ -112,10 +112,7 @@ class RLRun(Trainer):
         return self.config.rollout_steps(len(self.train_rows), self.processes.world)
 
     def optimizer_steps(self) -> int:
-        c = self.config
-        per_update = c.per_device_train_batch_size * c.gradient_accumulation_steps
-        local = c.prompts_per_rollout(self.processes.world) // self.processes.world * c.num_generations
-        return self.num_steps() * c.num_iterations * math.ceil(local / per_update)
+        return self.num_steps() * self.config.optimizer_steps_per_rollout(self.processes.world)
 
     def trained_adapters(self) -> list[str]:
         return ["policy", "critic"] if self.critic else ["policy"]
