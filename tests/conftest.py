@@ -38,3 +38,42 @@ def tiny_models(tmp_path_factory):
 
     return {arch: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch)
             for arch in ("llama", "qwen3_moe", "mixtral")}
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """A private, empty, offline datasets cache (in this process and in subprocesses)."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets"
+    cache.mkdir()
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+# The directly built classifier's own template: scoring with the policy's template would read other tokens.
+OWN_TEMPLATE = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="session")
+def own_classifier(tiny_llama, tmp_path_factory):
+    """A sequence classifier (TRL's reward_model_name_or_path) built with transformers alone, with a chat
+    template of its own, saved as `my-rm`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_llama, num_labels=1)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)  # scores of order 1, so rows differ clearly
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = OWN_TEMPLATE
+    model.config.pad_token_id = tok.pad_token_id
+    path = tmp_path_factory.mktemp("own") / "my-rm"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -148,22 +148,9 @@ def test_a_broken_json_array_names_the_line(tmp_path):
 
 
 # -- data errors before the model ------------------------------------------------------------------
-@pytest.fixture
-def empty_hf_cache(tmp_path, monkeypatch):
-    import datasets
-
-    cache = tmp_path / "hf-datasets"
-    cache.mkdir()
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 @pytest.mark.parametrize("recipe", ["sft", "dpo", "reward"])
 @pytest.mark.parametrize("source", ["missing_file", "uncached_name"])
-def test_a_data_error_comes_before_the_model(recipe, source, tmp_path, empty_hf_cache):
+def test_a_data_error_comes_before_the_model(recipe, source, tmp_path, hf_cache):
     missing = str(tmp_path / "nowhere" / "train.jsonl") if source == "missing_file" else "someorg/not_cached"
     no_model = tmp_path / "no-such-model"  # loading it would fail loudly, naming model_name_or_path
     cfg = config(recipe, no_model, tmp_path / "run", train_file=missing)

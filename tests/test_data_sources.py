@@ -48,20 +48,6 @@ def build_hub_cache(cache: Path, rows: list[dict], repo_id: str = HUB_ID) -> Pat
     return cache
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """A private, offline datasets cache holding HUB_ID (in this process and in subprocesses)."""
-    import datasets
-
-    cache = tmp_path / "hf-datasets"
-    cache.mkdir()
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def make_source(kind: str, tmp_path: Path, rows: list[dict], hf_cache: Path) -> str:
     import datasets
 

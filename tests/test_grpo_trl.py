@@ -209,31 +209,13 @@ def test_truncated_completions_are_masked_out_when_asked(tiny_llama, tmp_path):
     assert moved
 
 
-@pytest.fixture(scope="module")
-def classifier(tiny_llama, tmp_path_factory):
-    """Any AutoModelForSequenceClassification (TRL's reward_model_name_or_path), built with transformers alone."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(tiny_llama, num_labels=1)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0, 1.0)
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    model.config.pad_token_id = tok.pad_token_id
-    path = tmp_path_factory.mktemp("rm") / "my-rm"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_a_classifier_reward_model_beside_the_functions(classifier, tiny_llama, tmp_path, monkeypatch):
+def test_a_classifier_reward_model_beside_the_functions(own_classifier, tiny_llama, tmp_path, monkeypatch):
     """reward_model_name_or_path + reward_funcs, weighted in TRL's order (the model first)."""
     monkeypatch.setenv("GRPO_TEST_CALLS", str(tmp_path / "calls.jsonl"))
     data, out = write_rows("conversational", tmp_path), tmp_path / "run"
     code = align_main(["grpo", "--config", str(TRL_YAML), "--set", f"model_name_or_path={tiny_llama}",
                        "--set", f"dataset_name={data}", "--set", f"output_dir={out}", "--set",
-                       f"reward_model_name_or_path={classifier}", "--set", "reward_weights=[0.5, 1.0, 0.5]",
+                       f"reward_model_name_or_path={own_classifier}", "--set", "reward_weights=[0.5, 1.0, 0.5]",
                        "--set", "max_steps=1"])
     assert code == 0
     (row,) = [r for r in read_metrics(out) if "reward" in r]

@@ -8,7 +8,6 @@ import types
 from pathlib import Path
 
 import pytest
-import test_data_sources
 from test_data_sources import HUB_ID, build_hub_cache, write_data_folder
 
 from align.core.errors import UserError
@@ -16,8 +15,6 @@ from align.core.loading import load_tokenizer
 from align.data.issues import DataError
 from align.data.prompt_rows import PromptRows, load_prompt_rows
 from align.data.prompts import encode_prompt, encode_prompts
-
-hf_cache = test_data_sources.hf_cache  # the fixture: a private, offline datasets cache
 
 # A "row" column of the user's own must come back untouched: our bookkeeping lives in `places`.
 TEXT = [{"prompt": f"What is {a}+{b}?", "solution": str(a + b), "row": f"id-{a}"} for a, b in

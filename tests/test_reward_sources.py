@@ -16,8 +16,6 @@ PROMPTS = [[{"role": "user", "content": "What is 2+3?"}],
 COMPLETIONS = [[{"role": "assistant", "content": "5"}],
                [{"role": "assistant", "content": "Blue, I think, or maybe red."}],
                [{"role": "assistant", "content": "one, two, three, and that is all of them"}]]
-# The directly built classifier's own template: scoring with the policy's template would read other tokens.
-OWN_TEMPLATE = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +32,6 @@ def align_reward(tiny_llama, tmp_path_factory):
     path = rm.save(root / "reward_model")
     exported, bias = export_reward(path, root / "exported")
     return path, exported, bias
-
-
-@pytest.fixture(scope="module")
-def own_classifier(tiny_llama, tmp_path_factory):
-    """A sequence classifier built with transformers alone, with a chat template of its own."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(tiny_llama, num_labels=1)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0, 1.0)  # scores of order 1, so rows differ clearly
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    tok.chat_template = OWN_TEMPLATE
-    model.config.pad_token_id = tok.pad_token_id
-    path = tmp_path_factory.mktemp("own") / "my-rm"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def trl_rewards(policy: str, reward_funcs: list, tmp_path) -> tuple[torch.Tensor, list[str]]:
