@@ -168,14 +168,22 @@ def test_loss_type_takes_trls_one_element_list(loss_type, expected):
     assert DPOConfig(train_file="x.jsonl", loss_type=loss_type).loss_type == expected
 
 
-def test_several_losses_are_refused_in_one_line_with_the_rpo_equivalent(tmp_path):
+def test_a_list_of_losses_loads_and_bad_ones_are_one_line_naming_the_field(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train_file: x.jsonl\nloss_type: [sigmoid, sft]\n")
+    cfg.write_text("train_file: x.jsonl\nloss_type: [sigmoid, bco_pair, sft]\nloss_weights: [0.8, 0.2, 1.0]\n")
+    config = load_config(DPOConfig, cfg)
+    assert (config.loss_types(), config.loss_weights) == (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])
+    cfg.write_text("train_file: x.jsonl\nloss_type: [sigmoid, sft]\nloss_weights: [1.0]\n")
     with pytest.raises(ConfigError) as caught:
         load_config(DPOConfig, cfg)
     message = str(caught.value)
-    assert "\n" not in message and message.startswith(f"{cfg}:2: loss_type: ['sigmoid', 'sft']: combining")
-    assert "loss_type: sigmoid with rpo_alpha" in message
+    assert "\n" not in message and message.startswith(f"{cfg}:3: loss_weights: expected one weight per loss_type")
+    cfg.write_text("train_file: x.jsonl\nloss_type: [sigmoid, cdpo]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(DPOConfig, cfg)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{cfg}:2: loss_type: expected each in (")
+    assert message.endswith("got 'cdpo'")
 
 
 @pytest.mark.parametrize("cls,argument", [(DPOConfig, "train_dataset="), (RewardConfig, "train_dataset="),

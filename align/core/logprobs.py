@@ -50,7 +50,8 @@ def logit_transform(config) -> tuple[float, float | None]:
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    with_entropy: bool, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+                    with_entropy: bool, scale: float = 1.0, softcap: float | None = None,
+                    with_sum_sq: bool = False) -> torch.Tensor:
     logits = torch.nn.functional.linear(hidden, weight)
     if scale != 1.0:  # in the model's dtype, as its forward does
         logits = logits * scale
@@ -59,20 +60,24 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         logits = torch.tanh(logits / softcap) * softcap
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logz
-    if not with_entropy:
+    if not with_entropy and not with_sum_sq:
         return logp
-    probs = torch.softmax(logits, dim=-1)
-    entropy = logz - (probs * logits).sum(-1)
-    return torch.stack([logp, entropy], dim=-1)
+    columns = [logp]
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)
+        columns.append(logz - (probs * logits).sum(-1))
+    if with_sum_sq:  # log Σ_v p_v² (WPO's weights): from the logits this chunk holds anyway; no gradient
+        columns.append((torch.logsumexp(2 * logits, dim=-1) - 2 * logz).detach())
+    return torch.stack(columns, dim=-1)
 
 
 def gather_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
                     chunk_size: int = 512, with_entropy: bool = False,
-                    transform: tuple[float, float | None] = (1.0, None)) -> torch.Tensor:
+                    transform: tuple[float, float | None] = (1.0, None), with_sum_sq: bool = False) -> torch.Tensor:
     """log p(labels | hidden) for flat `hidden` (N, H) and `labels` (N,).
 
     `transform`: (scale, softcap) of the logits, from `logit_transform(model.config)`.
-    Returns (N,), or (N, 2) holding (logprob, entropy) when `with_entropy`.
+    Returns (N,), or (N, 1 + k) holding (logprob, [entropy], [log Σ_v p_v²]) when asked for k of them.
     """
     if getattr(lm_head, "bias", None) is not None:
         raise NotImplementedError("lm_head with a bias is not supported")
@@ -81,18 +86,19 @@ def gather_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torc
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            outs.append(checkpoint(_chunk_logprobs, h, weight, y, with_entropy, *transform,
+            outs.append(checkpoint(_chunk_logprobs, h, weight, y, with_entropy, *transform, with_sum_sq,
                                    use_reentrant=False))
         else:
-            outs.append(_chunk_logprobs(h, weight, y, with_entropy, *transform))
+            outs.append(_chunk_logprobs(h, weight, y, with_entropy, *transform, with_sum_sq))
     if not outs:
-        return hidden.new_zeros((0, 2) if with_entropy else (0,), dtype=torch.float32)
+        extra = int(with_entropy) + int(with_sum_sq)
+        return hidden.new_zeros((0, 1 + extra) if extra else (0,), dtype=torch.float32)
     return torch.cat(outs)
 
 
 def completion_logprobs(base, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         completion_mask: torch.Tensor, with_entropy: bool = False,
-                        chunk_size: int = 512):
+                        chunk_size: int = 512, with_sum_sq: bool = False):
     """Per-token log-probs of the completion tokens under the active adapter of `base`.
 
     Args:
@@ -101,16 +107,16 @@ def completion_logprobs(base, input_ids: torch.Tensor, attention_mask: torch.Ten
         completion_mask: (B, T) 1 on completion tokens that are scored.
     Returns:
         logprobs (B, T-1) float32 aligned with `input_ids[:, 1:]`, zero where not scored;
-        with `with_entropy`, also entropy (B, T-1) of the full next-token distribution.
+        with `with_entropy`, also entropy (B, T-1) of the full next-token distribution; with `with_sum_sq`,
+        also log Σ_v p_v² (B, T-1) of it (no gradient), after the entropy when both are asked.
     """
     hidden = base.hidden(input_ids, attention_mask)[:, :-1]
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:].bool()
     transform = logit_transform(base.model.config)
-    picked = gather_logprobs(hidden[mask], base.lm_head, labels[mask], chunk_size, with_entropy, transform)
+    picked = gather_logprobs(hidden[mask], base.lm_head, labels[mask], chunk_size, with_entropy, transform,
+                             with_sum_sq)
     shape = labels.shape
-    if with_entropy:
-        logp = picked.new_zeros(shape).masked_scatter(mask, picked[:, 0])
-        ent = picked.new_zeros(shape).masked_scatter(mask, picked[:, 1])
-        return logp, ent
+    if with_entropy or with_sum_sq:
+        return tuple(picked.new_zeros(shape).masked_scatter(mask, picked[:, i]) for i in range(picked.shape[1]))
     return picked.new_zeros(shape).masked_scatter(mask, picked)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,20 @@ import torch
 from align.core.base import SharedBase
 from align.core.errors import UserError
 from align.core.fsdp import full_tensor
-from align.core.logprobs import completion_logprobs
 from align.core.policy_init import attach_policy, check_init_fields, reference_context
 from align.data.preference import TokenizedPair, collate_pairs
-from align.recipes.dpo_losses import LOSS_TYPES, chosen_nll, dpo_loss, single_loss
+from align.recipes.dpo_losses import (
+    F_DIVERGENCE_LOSSES,
+    LOSS_TYPES,
+    SMOOTHED_LOSSES,
+    LossSettings,
+    PairLogps,
+    check_losses,
+    chosen_nll,
+    loss_list,
+    preference_loss,
+)
+from align.recipes.dpo_scoring import score_pairs
 from align.train.cli import adapter_recipe
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
@@ -45,10 +56,23 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     per_device_train_batch_size: int = arg(4, "Preference pairs per forward pass.")
     per_device_eval_batch_size: int = arg(4, "Preference pairs per forward pass in evaluation.")
     adapter_name: str = arg("policy", "Name of the trained adapter.")
-    loss_type: str | list[str] = arg("sigmoid", f"One of {LOSS_TYPES}; TRL's list form ([sigmoid]) takes one "
-                                                "loss.")
-    beta: float = arg(0.1, "Strength of the KL anchor to the reference.")
-    label_smoothing: float = arg(0.0, "Assumed label noise (sigmoid, robust).")
+    loss_type: str | list[str] = arg("sigmoid", f"One of {LOSS_TYPES}, or a list of them summed with "
+                                                "loss_weights (TRL's MPO form: [sigmoid, bco_pair, sft]).")
+    loss_weights: list[float] | None = arg(None, "One weight per loss_type (null: 1.0 each): the loss is "
+                                                 "Σ weight · mean over pairs.")
+    beta: float = arg(0.1, "Strength of the KL anchor to the reference (IPO's τ).")
+    label_smoothing: float = arg(0.0, "Assumed label noise ε in [0, 0.5): read by robust, exo_pair (needs > 0), aot "
+                                      "and aot_unpaired, as TRL 1.16. sigmoid ignores it (as TRL 1.16) unless cdpo.")
+    cdpo: bool = arg(False, "Conservative DPO (Mitchell 2023): sigmoid reads label_smoothing, "
+                            "-(1-ε)·log σ(βh) - ε·log σ(-βh), as TRL before 1.0 did. Opt-in: TRL 1.16 does not.")
+    use_weighting: bool = arg(False, "WPO: weight each pair by the policy's length-normalised probabilities of its "
+                                     "two completions (TRL's use_weighting; not with aot, aot_unpaired).")
+    ld_alpha: float | None = arg(None, "LD-DPO: completion tokens past the shorter answer's length count ld_alpha "
+                                       "times in the log-probs (0..1; null: plain sums).")
+    f_divergence_type: str = arg("reverse_kl", "f-DPO's divergence: reverse_kl | forward_kl | js_divergence | "
+                                               f"alpha_divergence (other than reverse_kl: {F_DIVERGENCE_LOSSES}).")
+    f_alpha_divergence_coef: float = arg(0.5, "α of f_divergence_type: alpha_divergence.")
+    discopop_tau: float = arg(0.05, "DiscoPOP's τ (loss_type: discopop).")
     rpo_alpha: float | None = arg(None, "Weight of the chosen completions' per-token NLL added to the loss (RPO, "
                                         "TRL's name; 1.0 in the paper): keeps the chosen answers likely while "
                                         "the margin grows. null: plain DPO.")
@@ -64,15 +88,7 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.loss_type = single_loss(self.loss_type)
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta: expected > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: expected in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing: only sigmoid and robust use it, not {self.loss_type}")
+        self.check_losses()
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha: expected >= 0 or null, got {self.rpo_alpha}")
         if self.precompute_ref_log_probs and self.ref_model_copy:
@@ -80,13 +96,42 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
         check_init_fields(self)
         self.check_batch()
 
+    def loss_types(self) -> list[str]:
+        return loss_list(self.loss_type)
 
-def sequence_logprobs(base: SharedBase, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of completion log-probs for each row of a collated pair batch -> (chosen, rejected)."""
-    logp = completion_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    per_row = logp.sum(-1)
-    half = per_row.shape[0] // 2
-    return per_row[:half], per_row[half:]
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(self.beta, self.label_smoothing, self.f_divergence_type, self.f_alpha_divergence_coef,
+                            self.discopop_tau, self.cdpo)
+
+    def check_losses(self) -> None:
+        """TRL's refusals plus ours (ranges), each one line naming the field, before any model loads."""
+        if isinstance(self.loss_type, list) and len(self.loss_type) == 1:
+            self.loss_type = self.loss_type[0]  # TRL's [sigmoid] is sigmoid
+        types = self.loss_types()
+        check_losses(types, self.loss_weights, self.f_divergence_type, self.use_weighting)
+        if self.beta <= 0:
+            raise ValueError(f"beta: expected > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: expected in [0, 0.5), got {self.label_smoothing}")
+        if "exo_pair" in types and self.label_smoothing == 0:
+            raise ValueError("label_smoothing: exo_pair needs ε > 0 (the EXO paper suggests 1e-3)")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ValueError(f"ld_alpha: expected in [0, 1] or null, got {self.ld_alpha}")
+        if self.discopop_tau <= 0:
+            raise ValueError(f"discopop_tau: expected > 0, got {self.discopop_tau}")
+        readers = set(SMOOTHED_LOSSES) | ({"sigmoid"} if self.cdpo else set())
+        if self.label_smoothing and not readers & set(types):
+            # TRL 1.16 ignores it too; said once rather than silently (cdpo: sigmoid reads it)
+            warnings.warn(f"label_smoothing: {self.label_smoothing} has no effect with loss_type {self.loss_type} "
+                          f"(read by {SMOOTHED_LOSSES}, and by sigmoid with cdpo: true)", stacklevel=2)
+
+
+def sequence_logprobs(base: SharedBase, batch: dict, ld_alpha: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of completion log-probs for each row of a collated pair batch -> (chosen, rejected); LD-DPO's
+    weighted sums with `ld_alpha` (align/recipes/dpo_scoring.py)."""
+    scores = score_pairs(base, batch, ld_alpha)
+    return scores.chosen, scores.rejected
 
 
 def completion_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,18 +170,21 @@ class DPOTrainer(PreferenceTrainer):
             idx = torch.tensor(indices)
             return self.ref_cache["chosen"][idx], self.ref_cache["rejected"][idx]
         if self.ref_copy is not None:
-            return sequence_logprobs(self.ref_copy, batch)
+            return sequence_logprobs(self.ref_copy, batch, self.config.ld_alpha)
         with reference_context(self.base, self.ref_adapter):
-            return sequence_logprobs(self.base, batch)
+            return sequence_logprobs(self.base, batch, self.config.ld_alpha)
 
     def reference_key(self) -> str:
-        """What cached reference log-probs depend on: the base, its dtype, max_length, loss type and the tokens.
+        """What cached reference log-probs depend on: the base, its dtype, max_length, loss type, ld_alpha and
+        the tokens.
 
-        The cache holds sums for every loss type ("sums": a cache of IPO's old averages never matches).
+        The cache holds sums for every loss type ("sums": a cache of IPO's old averages never matches); with
+        ld_alpha, LD-DPO's weighted sums.
         """
         c = self.config
         what = {"base": self.base.fingerprint(), "reference": self.reference_identity(), "dtype": self.dtype,
                 "max_length": c.max_length, "loss_type": c.loss_type, "sums": True,
+                **({"ld_alpha": c.ld_alpha} if c.ld_alpha is not None else {}),
                 "pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in self.pairs]}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
@@ -197,12 +245,12 @@ class DPOTrainer(PreferenceTrainer):
         ref_c, ref_r = self.reference_logprobs(batch, indices)
         len_c, len_r = completion_lengths(batch)
         with torch.set_grad_enabled(train):
-            pol_c, pol_r = sequence_logprobs(self.base, batch)
-            losses, r_c, r_r = dpo_loss(pol_c, pol_r, ref_c.to(pol_c), ref_r.to(pol_r), c.beta, c.loss_type,
-                                        c.label_smoothing, len_c, len_r)
-            loss = losses.mean()
+            scores = score_pairs(self.base, batch, c.ld_alpha, c.use_weighting)
+            nll = chosen_nll(scores.chosen_raw, len_c)
+            pol_c, pol_r = scores.chosen, scores.rejected
+            pairs_logps = PairLogps(pol_c, pol_r, ref_c.to(pol_c), ref_r.to(pol_r), len_c, len_r, nll, scores.weights)
+            loss, r_c, r_r = preference_loss(pairs_logps, c.loss_settings(), c.loss_types(), c.loss_weights)
             if c.rpo_alpha is not None:
-                nll = chosen_nll(pol_c, len_c)
                 loss = loss + c.rpo_alpha * nll
         stats = {
             "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
