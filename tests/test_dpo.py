@@ -171,3 +171,43 @@ def test_rpo_alpha_adds_the_chosen_nll(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="rpo_alpha"):
         tiny_config(tiny_llama, tmp_path / "bad", rpo_alpha=-1)
     trainer.close()
+
+
+MPO = {"loss_type": "[sigmoid,bco_pair,sft]", "loss_weights": "[0.8,0.2,1.0]", "use_weighting": "true",
+       "ld_alpha": 0.5, "precompute_ref_log_probs": "true"}
+
+
+def test_weighted_losses_with_wpo_and_ld_dpo_train_and_resume_exactly(tiny_llama, tmp_path, capsys):
+    """TRL's MPO list with WPO and LD-DPO trains end to end, and a run resumed from its step-2 checkpoint ends
+    bit-identical to the uninterrupted one (no loss keeps state between steps; the reference cache is keyed)."""
+    whole = tmp_path / "whole"
+    a = train_dpo(tiny_config(tiny_llama, whole, max_steps=4, save_steps=2, **MPO))
+    steps = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    trained = [s for s in steps if "loss" in s]
+    assert [s["step"] for s in trained] == [1, 2, 3, 4] and all(math.isfinite(s["loss"]) for s in trained)
+    assert {"rewards/chosen", "rewards/margins", "logps/rejected"} <= trained[0].keys()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "adapter")
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    (resumed / "checkpoints" / "LATEST").write_text("step-000002")
+    capsys.readouterr()
+    b = train_dpo(tiny_config(tiny_llama, resumed, max_steps=4, save_steps=2, **MPO), resume=True)
+    said = capsys.readouterr()
+    assert "resumed from" in said.out + said.err and "step-000002" in said.out + said.err
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    plain = adapter_tensors(train_dpo(tiny_config(tiny_llama, tmp_path / "plain", max_steps=4, save_steps=0)))
+    assert any(not torch.equal(ta[k], plain[k]) for k in ta)  # the options changed the training
+
+
+def test_ld_alpha_is_part_of_the_reference_cache_key(tiny_llama, tmp_path):
+    def key(**over) -> str:
+        trainer = DPOTrainer(tiny_config(tiny_llama, tmp_path / "run", precompute_ref_log_probs=True, **over),
+                             resume=True)
+        trainer.setup()
+        value = trainer.reference_key()
+        trainer.close()
+        return value
+
+    assert key() == key(use_weighting="true") != key(ld_alpha=0.5) != key(ld_alpha=0.25)
