@@ -151,3 +151,20 @@ def test_dpo_loss_keeps_its_signature_for_the_new_types():
                                 "sigmoid_norm", 0.0, ONE.chosen_lengths, ONE.rejected_lengths)
     assert losses.item() == pytest.approx(BY_HAND["sigmoid_norm"], abs=1e-6)
     assert (r_c.item(), r_r.item()) == (0.5, -0.5)
+
+
+def test_label_smoothing_nothing_reads_is_said_once_and_cdpo_reads_it():
+    import warnings
+
+    from align.recipes.dpo import DPOConfig
+
+    with pytest.warns(UserWarning, match=r"^label_smoothing: 0.1 has no effect with loss_type sigmoid"):
+        DPOConfig(train_file="x.jsonl", label_smoothing=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DPOConfig(train_file="x.jsonl", label_smoothing=0.1, cdpo=True)
+        DPOConfig(train_file="x.jsonl", label_smoothing=0.1, loss_type=["sigmoid", "robust"])
+    with pytest.raises(ValueError, match=r"^label_smoothing: exo_pair needs"):
+        DPOConfig(train_file="x.jsonl", loss_type="exo_pair")
+    with pytest.raises(ValueError, match=r"^ld_alpha: expected in \[0, 1\]"):
+        DPOConfig(train_file="x.jsonl", ld_alpha=1.5)
