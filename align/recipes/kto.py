@@ -24,7 +24,13 @@ from align.core.errors import UserError
 from align.core.logprobs import completion_logprobs
 from align.core.policy_init import attach_policy, check_init_fields, reference_context
 from align.data.issues import bad_rows
-from align.data.unpaired import TokenizedExample, UnpairedSet, collate_unpaired, load_unpaired, tokenize_unpaired
+from align.data.unpaired import (
+    TokenizedExample,
+    UnpairedSet,
+    collate_unpaired,
+    load_unpaired,
+    tokenize_unpaired,
+)
 from align.recipes.kto_losses import LOSS_TYPES, kl_estimate, kto_loss
 from align.train.cli import adapter_recipe
 from align.train.config import PreferenceDataConfig, TrainConfig
