@@ -43,6 +43,8 @@ CASES = {  # name -> (rows, TRL's KTOConfig fields)
     "kto-weighted": (STANDARD, {"desirable_weight": 1.3, "undesirable_weight": 0.7, "beta": 0.5}),
     "kto-conversational": (conversational(STANDARD), {}),
     "apo_zero_unpaired": (STANDARD, {"loss_type": "apo_zero_unpaired", "beta": 0.3}),
+    # prompts of 6-16 tokens: most sequences, matched and mismatched, are cut at 18
+    "kto-truncated": (STANDARD, {"max_length": 18}),
 }
 
 
@@ -54,8 +56,9 @@ def trl_trainer(model_path, out, rows, fields):
     from trl import KTOTrainer as TRLKTOTrainer
 
     torch.manual_seed(SEED)
-    args = TRLKTOConfig(output_dir=str(out), per_device_train_batch_size=4, max_length=40, report_to="none",
-                        use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False, **fields)
+    fields = {"max_length": 40, **fields}
+    args = TRLKTOConfig(output_dir=str(out), per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                        bf16=False, save_strategy="no", gradient_checkpointing=False, **fields)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     # init_lora_weights=False: B is random too, so the policy differs from the reference and KL, rewards are not 0
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
@@ -66,6 +69,7 @@ def trl_trainer(model_path, out, rows, fields):
 def our_trainer(model_path, out, rows, fields):
     sets = [f"model_name_or_path={model_path}", f"output_dir={out}", "report_to=[none]", "lora_r=4",
             "lora_alpha=8", "max_length=40", "per_device_train_batch_size=4", "dtype=float32", "save_steps=0"]
+    # later --set values win: a case's max_length replaces the 40
     sets += [f"{k}={v}" for k, v in fields.items()]
     trainer = KTOTrainer(load_config(KTOConfig, None, sets), train_dataset=rows)
     trainer.setup()
@@ -116,11 +120,14 @@ def test_tokens_and_batches_equal_trls(pair):
 
     for start in STARTS:
         theirs = trl.data_collator([prepared[i] for i in range(start, start + 4)])
-        mine = collate_unpaired(ours.pairs[start:start + 4], ours.base.tokenizer.pad_token_id, 40,
+        mine = collate_unpaired(ours.pairs[start:start + 4], ours.base.tokenizer.pad_token_id, ours.config.max_length,
                                 kl=name != "apo_zero_unpaired")
         assert mine.keys() == theirs.keys()
         for key in mine:
             assert torch.equal(mine[key], theirs[key]), key
+        cut = mine["attention_mask"].sum(1) < torch.tensor([len(e.prompt_ids) + len(e.completion_ids)
+                                                            for e in ours.pairs[start:start + 4]])
+        assert cut.any() == (name == "kto-truncated")
 
 
 def test_loss_kl_rewards_and_lora_gradients_equal_trls(pair):
