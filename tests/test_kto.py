@@ -240,3 +240,26 @@ def test_data_check_detects_kto_rows(tiny_llama, capsys):
     assert align_main(["data", "check", str(DATA), "--model_name_or_path", str(tiny_llama)]) == 0
     captured = capsys.readouterr()
     assert "checked as kto rows" in captured.err and "28 valid rows, OK" in captured.out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_without_kl_and_share_the_kl_point(tiny_llama, tmp_path):
+    """apo_zero_unpaired (no KL point): 2 processes at accumulation 1 equal 1 process at 2, as DPO does. kto:
+    the KL point is averaged over the processes (TRL gathers it), so both run the same update; the run
+    finishes, the adapter moved and the main process alone wrote."""
+    from test_distributed import align_run, common, compare_runs, files, metrics
+
+    steps = 3
+    sets = ["per_device_train_batch_size=2", f"max_steps={steps}", "save_steps=1", "learning_rate=1e-2"]
+    apo = [*sets, "loss_type=apo_zero_unpaired"]
+    align_run("kto", "kto_tiny.yaml", common(tiny_llama, tmp_path / "one", *apo, "gradient_accumulation_steps=2",
+                                             data=DATA), 1)
+    align_run("kto", "kto_tiny.yaml", common(tiny_llama, tmp_path / "two", *apo, "gradient_accumulation_steps=1",
+                                             data=DATA), 2)
+    compare_runs(tmp_path / "one", tmp_path / "two", "adapter/adapter_model.safetensors", steps)
+    moved = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert max(v.abs().max().item() for k, v in moved.items() if "lora_B" in k) > 1e-3
+    align_run("kto", "kto_tiny.yaml", common(tiny_llama, tmp_path / "kl", *sets, data=DATA), 2)
+    assert files(tmp_path / "kl") == files(tmp_path / "two")
+    logged = metrics(tmp_path / "kl")
+    assert [r["step"] for r in logged] == list(range(1, steps + 1)) and logged[-1]["kl"] >= 0
