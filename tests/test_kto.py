@@ -263,3 +263,23 @@ def test_two_processes_equal_one_without_kl_and_share_the_kl_point(tiny_llama, t
     assert files(tmp_path / "kl") == files(tmp_path / "two")
     logged = metrics(tmp_path / "kl")
     assert [r["step"] for r in logged] == list(range(1, steps + 1)) and logged[-1]["kl"] >= 0
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_without_kl_and_runs_with_it(tiny_llama, tmp_path):
+    """The base sharded over 2 processes (configs/accelerate/fsdp.yaml): apo_zero_unpaired equals 1 process at
+    the same global batch, evaluation (on every process under FSDP) included; kto runs with its KL point."""
+    from test_distributed import REPO, align_run, common, compare_runs, metrics
+
+    fsdp = REPO / "configs" / "accelerate" / "fsdp.yaml"
+    steps = 3
+    sets = ["per_device_train_batch_size=2", f"max_steps={steps}", "save_steps=1", "learning_rate=1e-2",
+            "eval_fraction=0.3"]  # 20 training examples: whole steps of 4 on 2 processes
+    apo = [*sets, "loss_type=apo_zero_unpaired"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    align_run("kto", "kto_tiny.yaml", common(tiny_llama, one, *apo, "gradient_accumulation_steps=2", data=DATA), 1)
+    align_run("kto", "kto_tiny.yaml", common(tiny_llama, two, *apo, data=DATA), 2, launch=fsdp)
+    compare_runs(one, two, "adapter/adapter_model.safetensors", steps)
+    assert metrics(two)[-1]["eval/loss"] == pytest.approx(metrics(one)[-1]["eval/loss"], abs=1e-5)
+    align_run("kto", "kto_tiny.yaml", common(tiny_llama, tmp_path / "kl", *sets, data=DATA), 2, launch=fsdp)
+    assert "eval/kl" in metrics(tmp_path / "kl")[-1]
