@@ -10,7 +10,7 @@ import importlib
 import sys
 import textwrap
 
-ABOUT = ("align is a toolkit that aligns language models with LoRA adapters (DPO, SFT, reward models, "
+ABOUT = ("align is a toolkit that aligns language models with LoRA adapters (DPO, KTO, SFT, reward models, "
          "PPO/GRPO/RLOO), with rollouts and serving by vLLM.")
 
 # name -> (module, what it does in one sentence, an example). Modules are imported only when their command runs.
@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "align demo --quick"),
     "dpo": ("align.recipes.dpo", "Trains a DPO adapter from a YAML config.",
             "align dpo --config configs/dpo_smollm2.yaml --beta 0.2"),
+    "kto": ("align.recipes.kto", "Trains a KTO adapter from thumbs up / down rows (TRL's KTO formats; pairs are "
+            "unpaired).", "align kto --config configs/kto_smollm2.yaml --train_file my_feedback.jsonl"),
     "sft": ("align.recipes.sft", "Trains a LoRA adapter by supervised fine-tuning on TRL's SFT formats.",
             "align sft --config configs/sft_smollm2.yaml --train_file my_rows.jsonl"),
     "reward": ("reward.cli", "Trains a reward model, or scores text with one (`align reward score`).",

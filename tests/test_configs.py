@@ -17,6 +17,7 @@ CONFIGS = sorted(ROOT.glob("*.yaml"))  # recipe configs; configs/accelerate/ hol
 # File-name prefix -> config dataclass that the file mirrors, and the command that runs it.
 KINDS = {
     "dpo": "align.recipes.dpo:DPOConfig",
+    "kto": "align.recipes.kto:KTOConfig",
     "ppo": "align.recipes.ppo.config:PPOConfig",
     "grpo": "align.recipes.ppo.config:PPOConfig",
     "reward": "reward.train:RewardConfig",

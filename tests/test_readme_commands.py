@@ -1,9 +1,9 @@
 """Every `align` command line of README.md's ```bash blocks runs, so the README cannot rot.
 
-Training recipes (dpo, sft, reward, ppo, grpo, rloo) run as written plus `--check_config`, on the tiny
+Training recipes (dpo, kto, sft, reward, ppo, grpo, rloo) run as written plus `--check_config`, on the tiny
 model (`--model_name_or_path`) and a fresh `--output_dir`: the config, every flag and the output folder
 policy are checked, nothing is trained. `data check`, `advise`, `--help` and `plot` run for real, on the
-tiny model and the repository's tiny data. Data files the reader brings (my_pairs.jsonl) or earlier
+tiny model and the repository's tiny data. Data files the reader brings (my_pairs.jsonl, my_feedback.jsonl) or earlier
 README steps write (runs/sft.jsonl, runs/pairs.jsonl) are the repository's tiny files of that kind, and
 the reader's `trl grpo` file (grpo.yaml) is the tests' own (tests/data/trl/grpo_lora.yaml).
 Folders earlier README steps write and later lines read (the SFT adapter, the reward model) are made by
@@ -25,9 +25,9 @@ import pytest
 from align.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING = {"dpo", "sft", "reward", "ppo", "grpo", "rloo"}
+TRAINING = {"dpo", "kto", "sft", "reward", "ppo", "grpo", "rloo"}
 DATA = ROOT / "tests" / "data"
-FILES = {"my_pairs.jsonl": DATA / "prefs_tiny.jsonl", "runs/pairs.jsonl": DATA / "prefs_tiny.jsonl",
+FILES = {"my_pairs.jsonl": DATA / "prefs_tiny.jsonl", "my_feedback.jsonl": DATA / "kto_tiny.jsonl", "runs/pairs.jsonl": DATA / "prefs_tiny.jsonl",
          "runs/sft.jsonl": DATA / "sft_tiny.jsonl", "grpo.yaml": DATA / "trl" / "grpo_lora.yaml"}
 EARLIER = ("runs/sft-smollm2/adapter", "runs/reward_demo/reward_model")  # see earlier_outputs
 # A part of a README line -> why that line is not run.

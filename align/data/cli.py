@@ -3,8 +3,8 @@
 SOURCE is anything the trainers take: a .jsonl/.json/.parquet/.csv file, a save_to_disk
 folder, a folder of data files (a cloned dataset repository), or a dataset name for `datasets.load_dataset` (`--dataset_config`, `--dataset_split`).
 
-Rows are checked as the recipe reads them (`--recipe dpo|reward|sft|grpo|rloo|ppo`, or `auto`: from the
-first row's columns: chosen/rejected -> dpo, messages/completion/text -> sft, a prompt alone -> grpo).
+Rows are checked as the recipe reads them (`--recipe dpo|kto|reward|sft|grpo|rloo|ppo`, or `auto`: from the
+first row's columns: label -> kto, chosen/rejected -> dpo, messages/completion/text -> sft, a prompt alone -> grpo).
 Lists every bad row (file:line, field, what was expected) and exits non-zero if
 there is any. With `--model_name_or_path`, rows are also tokenized to check that each prompt
 leaves room for an answer under `--max_length`.
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import sys
 
-RECIPES = ("dpo", "reward", "sft", "grpo", "rloo", "ppo")
+RECIPES = ("dpo", "kto", "reward", "sft", "grpo", "rloo", "ppo")
 
 
 def detect_recipe(record) -> str | None:
     """The recipe a row's columns are for: preference pairs, SFT rows, or RL prompts; None if none."""
     if not isinstance(record, dict):
         return None
+    if "label" in record:  # TRL's unpaired preference rows (prompt, completion, label)
+        return "kto"
     if "chosen" in record and "rejected" in record:
         return "dpo"
     if any(k in record for k in ("messages", "completion", "text")):
@@ -72,14 +74,16 @@ def run(args) -> int:
             return check_rows(args, 0, list(e.issues))
         recipe = detect_recipe(first)
         if recipe is None:
-            print(f"{args.file}: no row with the columns of any recipe (chosen/rejected, messages, completion, "
-                  f"text or prompt); give --recipe", file=sys.stderr)
+            print(f"{args.file}: no row with the columns of any recipe (label, chosen/rejected, messages, "
+                  f"completion, text or prompt); give --recipe", file=sys.stderr)
             return 1
         print(f"{args.file}: checked as {recipe} rows (--recipe to choose)", file=sys.stderr)
     if recipe == "sft":
         return check_rows(args, *_sft_rows(args))
     if recipe in ("grpo", "rloo", "ppo"):
         return check_rows(args, *_prompt_rows(args))
+    if recipe == "kto":
+        return check_rows(args, *_unpaired_rows(args))
     return check_preferences(args)
 
 
@@ -102,6 +106,28 @@ def _prompt_rows(args) -> tuple[int, list]:
         return len(load_prompt_rows(args.file, split=args.dataset_split, config=args.dataset_config)), []
     except DataError as e:
         return 0, list(e.issues)
+
+
+def _unpaired_rows(args) -> tuple[int, list]:
+    """KTO's rows (pairs count as their two unpaired rows); with a model, each prompt's room under max_length."""
+    from align.data.issues import DataError
+    from align.data.unpaired import load_unpaired, tokenize_unpaired
+
+    try:
+        data = load_unpaired(args.file, args.format, "skip", args.dataset_split, args.dataset_config)
+    except DataError as e:
+        return 0, list(e.issues)
+    issues, valid = list(data.skipped), len(data.rows)
+    if args.model:
+        from align.core.loading import load_tokenizer, resolve_model
+
+        tok = load_tokenizer(resolve_model(args.model))
+        try:
+            tokenize_unpaired(data.rows, tok, args.max_length, not args.no_chat_template, on_bad_rows="error")
+        except DataError as e:
+            issues.extend(e.issues)
+            valid -= len(e.issues)
+    return valid, issues
 
 
 def check_rows(args, valid: int, issues: list) -> int:
