@@ -1,0 +1,41 @@
+"""What a run trains, counted once at its start: the line every run prints and the figures its
+final_metrics.json keeps (`trainable_params`), so runs of different placements and ranks can be
+matched on parameters (align/core/lora_count.py predicts the same count from a config alone).
+"""
+
+from __future__ import annotations
+
+
+def _numel(p) -> int:
+    # A 4-bit base weight is packed two to a byte; its quant_state knows the unpacked shape.
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(shape.numel()) if shape is not None else p.numel()
+
+
+def trainable_counts(base, groups: list[dict], lora) -> dict:
+    """Counts of the optimizer's tensors (adapters plus any heads) and of the frozen base, and the placement."""
+    adapter_ids = {id(p) for n, p in base.model.named_parameters() if "lora_" in n}
+    params = {id(p): p for g in groups for p in g["params"]}  # a tensor listed twice is counted once
+    trainable = sum(p.numel() for p in params.values())
+    adapters = sum(p.numel() for i, p in params.items() if i in adapter_ids)
+    frozen = sum(_numel(p) for p in base.base_parameters().values())
+    return {"trainable_params": trainable, "adapter_params": adapters, "base_params": frozen,
+            "trainable_percent": 100.0 * trainable / max(1, trainable + frozen), "lora_placement": lora.describe()}
+
+
+def trainable_line(counts: dict) -> str:
+    """PEFT's print_trainable_parameters figures (percent of all parameters), then the adapters' placement."""
+    heads = counts["trainable_params"] - counts["adapter_params"]
+    extra = f" + heads {heads:,}" if heads else ""
+    return (f"trainable params: {counts['trainable_params']:,} || all params: "
+            f"{counts['trainable_params'] + counts['base_params']:,} || trainable%: {counts['trainable_percent']:.4f} "
+            f"(LoRA {counts['lora_placement']}: {counts['adapter_params']:,}{extra}; base params: "
+            f"{counts['base_params']:,})")
+
+
+def announce_trainable(base, groups: list[dict], lora, main: bool) -> dict:
+    """Count what the run trains; the main process prints it (one line). Returns the counts."""
+    counts = trainable_counts(base, groups, lora)
+    if main:
+        print(f"[align] {trainable_line(counts)}")
+    return counts
