@@ -7,6 +7,9 @@ Real tiny models (Llama, Qwen3-MoE, Mixtral), real PEFT, real runs of SFT, DPO, 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,6 +135,10 @@ def test_smollm2_placements_match_at_about_1_84m():
     counts = {t: count_lora_params(SMOLLM2, t, r) for t, r in (("attention", 16), ("mlp", 10), ("all", 6))}
     assert counts == {"attention": 1_843_200, "mlp": 1_900_800, "all": 1_831_680}
     assert max(counts.values()) / min(counts.values()) < 1.04
+    printed = subprocess.run([sys.executable, "-m", "align.core.lora_count"], capture_output=True, text=True,
+                             check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    for targets, rank in (("attention", 16), ("mlp", 10), ("all", 6)):
+        assert f"{targets} r={rank:<3} {counts[targets]:>12,} parameters" in printed, printed
 
 
 # -- every recipe: the placement, the printed line, final_metrics.json --------------------------------
@@ -171,3 +178,16 @@ def test_every_recipe_places_counts_and_reports(make, adapter, heads, tiny_llama
     line = f"[align] trainable params: {predicted + heads:,} || all params: {predicted + heads + base_params:,}"
     assert line in capsys.readouterr().out
     trainer.close()
+
+
+def test_a_loaded_init_adapter_is_counted_with_its_own_placement(tiny_llama, tmp_path, capsys):
+    base = SharedBase.load(str(tiny_llama))
+    base.add_adapter("sft", LoraSettings(rank=4, targets="mlp", layers=[0]))
+    folder = base.save_adapter("sft", tmp_path / "sft")
+    sets = [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "max_steps=1", "save_steps=0",
+            "report_to=[none]", f"init_adapter={folder}"]  # the config's own placement: all-linear, r=8
+    _dpo(tiny_llama, tmp_path, sets).train()
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    predicted = count_lora_params(AutoConfig.from_pretrained(tiny_llama), "mlp", 4, [0])
+    assert (final["trainable_params"], final["lora_placement"]) == (predicted, "r=4 on mlp, layers 0")
+    assert f"(LoRA r=4 on mlp, layers 0: {predicted:,}; base params" in capsys.readouterr().out

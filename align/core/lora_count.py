@@ -4,7 +4,7 @@
 (attention q/k/v/o, a dense MLP gate/up/down, or fused MoE experts as transformers >= 5 stores them)
 and sums r * (in + out) per adapted matrix, E copies for an expert tensor: the figure that lets
 placements be matched on trainable parameters (attention-only vs MLP-only vs all layers).
-`lora_param_count(model)` counts what PEFT actually built, for the printed line of every run.
+`python -m align.core.lora_count` prints SmolLM2-135M's matched placements (`MATCHED`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+# Placements at about the same parameters on SmolLM2-135M (~1.84M each): what the `layers` study compares.
+MATCHED = (("attention", 16), ("mlp", 10), ("all", 6))
 
 
 def _get(config, key: str, default=None):
@@ -80,6 +81,14 @@ def count_lora_params(model_config, targets: str | list[str], rank: int, layers:
     return total
 
 
-def lora_param_count(model) -> int:
-    """LoRA parameters PEFT built on `model` (every adapter), counted from its tensors."""
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+def matched_lines(model_config, pairs=MATCHED, layers=None) -> list[str]:
+    """One line per (placement, rank) of `pairs`: its adapter parameters on `model_config`."""
+    return [f"{targets:>9} r={rank:<3} {count_lora_params(model_config, targets, rank, layers):>12,} parameters"
+            for targets, rank in pairs]
+
+
+if __name__ == "__main__":
+    from align.core.smollm import CONFIG
+
+    print("SmolLM2-135M, LoRA on every decoder layer:")
+    print("\n".join(matched_lines(CONFIG)))

@@ -227,7 +227,7 @@ class Trainer:
                                         c.trust_remote_code, c.gradient_checkpointing, c.checkpoint_keep_last,
                                         load_in_4bit=getattr(c, "four_bit", None))
         groups = self.build()
-        self.param_counts = announce_trainable(self.base, groups, c.lora, self.processes.is_main)  # before any sharding
+        self.param_counts = announce_trainable(self.base, groups, self.trained_adapters(), self.processes.is_main)
         if self.processes.fsdp:
             groups = shard_base(self.base, self.processes, groups, self.heads())
         # Same seed, same adapters everywhere already; the broadcast makes it so whatever the device's kernels do.

@@ -12,15 +12,23 @@ def _numel(p) -> int:
     return int(shape.numel()) if shape is not None else p.numel()
 
 
-def trainable_counts(base, groups: list[dict], lora) -> dict:
-    """Counts of the optimizer's tensors (adapters plus any heads) and of the frozen base, and the placement."""
+def placement(base, adapters: list[str]) -> str:
+    """The trained adapters' shape and placement as they were built (an init_adapter's own, if loaded)."""
+    described = dict.fromkeys(base.settings[a].describe() for a in adapters if a in base.settings)
+    return "; ".join(described) or "none"
+
+
+def trainable_counts(base, groups: list[dict], adapters: list[str]) -> dict:
+    """Counts of the optimizer's tensors (adapters plus any heads) and of the frozen base, and the placement
+    of the trained `adapters`."""
     adapter_ids = {id(p) for n, p in base.model.named_parameters() if "lora_" in n}
     params = {id(p): p for g in groups for p in g["params"]}  # a tensor listed twice is counted once
     trainable = sum(p.numel() for p in params.values())
-    adapters = sum(p.numel() for i, p in params.items() if i in adapter_ids)
+    lora = sum(p.numel() for i, p in params.items() if i in adapter_ids)
     frozen = sum(_numel(p) for p in base.base_parameters().values())
-    return {"trainable_params": trainable, "adapter_params": adapters, "base_params": frozen,
-            "trainable_percent": 100.0 * trainable / max(1, trainable + frozen), "lora_placement": lora.describe()}
+    return {"trainable_params": trainable, "adapter_params": lora, "base_params": frozen,
+            "trainable_percent": 100.0 * trainable / max(1, trainable + frozen),
+            "lora_placement": placement(base, adapters)}
 
 
 def trainable_line(counts: dict) -> str:
@@ -33,9 +41,10 @@ def trainable_line(counts: dict) -> str:
             f"{counts['base_params']:,})")
 
 
-def announce_trainable(base, groups: list[dict], lora, main: bool) -> dict:
-    """Count what the run trains; the main process prints it (one line). Returns the counts."""
-    counts = trainable_counts(base, groups, lora)
+def announce_trainable(base, groups: list[dict], adapters: list[str], main: bool) -> dict:
+    """Count what the run trains (before FSDP shards it: whole tensors); the main process prints it (one line).
+    Returns the counts."""
+    counts = trainable_counts(base, groups, adapters)
     if main:
         print(f"[align] {trainable_line(counts)}")
     return counts
