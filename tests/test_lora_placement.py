@@ -191,3 +191,22 @@ def test_a_loaded_init_adapter_is_counted_with_its_own_placement(tiny_llama, tmp
     predicted = count_lora_params(AutoConfig.from_pretrained(tiny_llama), "mlp", 4, [0])
     assert (final["trainable_params"], final["lora_placement"]) == (predicted, "r=4 on mlp, layers 0")
     assert f"(LoRA r=4 on mlp, layers 0: {predicted:,}; base params" in capsys.readouterr().out
+
+
+def test_placement_that_names_cannot_separate_is_refused():
+    """A family whose attention and MLP share a leaf name: leaf matching cannot place one without the other."""
+    from torch import nn
+
+    from align.core.lora import lora_target_groups, lora_targets, peft_config
+
+    block = nn.Module()
+    block.self_attn, block.mlp = nn.Module(), nn.Module()
+    block.self_attn.proj, block.mlp.proj, block.mlp.fc = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8)
+    model = nn.Module()
+    model.layers = nn.ModuleList([block])
+    assert lora_targets(model) == (["fc", "proj"], [])  # all layers: no ambiguity
+    with pytest.raises(ValueError, match="share the names"):  # "mlp" would catch the attention's proj too
+        lora_targets(model, "mlp")
+    with pytest.raises(UserError, match=r"^lora_target_modules: attention: attention and MLP layers share the "
+                                        r"names \['proj'\]"):
+        peft_config(lora_target_groups(model), LoraSettings(targets="attention"))

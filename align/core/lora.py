@@ -147,8 +147,13 @@ def peft_config(groups: dict[str, tuple[set[str], set[str]]], lora: LoraSettings
 
     if isinstance(lora.targets, list):
         modules, parameters = list(lora.targets), []
+    elif lora.targets == "all":
+        modules, parameters = select_targets(groups, "all", model_name)
     else:
-        modules, parameters = select_targets(groups, lora.targets, model_name)
+        try:
+            modules, parameters = select_targets(groups, lora.targets, model_name)
+        except ValueError as e:  # a placement this model cannot take: one line, before any training
+            raise UserError(f"lora_target_modules: {lora.targets}: {e}") from None
     layers = lora.layer_list
     outside = [i for i in layers or [] if num_layers is not None and i >= num_layers]
     if outside:
