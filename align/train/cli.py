@@ -92,7 +92,8 @@ def adapter_recipe(config_cls: type, trainer_cls: type):
     def run(args: argparse.Namespace) -> int:
         done = train_from_args(config_cls, trainer_cls, args)
         if done is not None and done[0].processes.is_main:  # said once, by the process that wrote it
-            print(f"adapter saved to {done[1]}")
+            what = "adapter" if getattr(done[0].config, "use_peft", True) else "model"  # use_peft: false (SFT)
+            print(f"{what} saved to {done[1]}")
         return 0
 
     return add_arguments, run

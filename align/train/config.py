@@ -117,7 +117,11 @@ class ModelConfig:
     lora_alpha: int = arg(32, "LoRA alpha; updates are scaled by alpha/r. Keep it at 32 and tune the learning rate.")
     lora_dropout: float = arg(0.0, "Dropout on the adapter input.")
     lora_target_modules: str | list[str] = arg("all-linear", "'all-linear' (attention, MLP and every MoE expert of "
-                                                             "every block) or a list of module names.")
+                                                             "every block), 'attention' (q/k/v/o only), 'mlp' "
+                                                             "(gate/up/down and experts only) or a list of module "
+                                                             "names (PEFT's target_modules).")
+    lora_layers_to_transform: int | list[int] | None = arg(None, "Decoder layer index or list of indices that get "
+                                                                 "adapters (PEFT's layers_to_transform); null: all.")
     gradient_checkpointing: bool = arg(False, "Recompute decoder activations in backward: less memory, ~1/3 more "
                                               "compute.")
     checkpoint_keep_last: int = arg(0, "With gradient_checkpointing: the last N decoder layers keep their "
@@ -163,11 +167,12 @@ class ModelConfig:
             targets = targets[0]
         targets = "all" if targets in ("all", "all-linear") else targets
         try:
-            return LoraSettings(rank=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
+            return LoraSettings(rank=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets,
+                                layers=self.lora_layers_to_transform)
         except ValueError as e:
             raise ValueError(str(e).replace("lora.rank", "lora_r").replace("lora.alpha", "lora_alpha")
                              .replace("lora.dropout", "lora_dropout").replace("lora.targets", "lora_target_modules")
-                             ) from None
+                             .replace("lora.layers", "lora_layers_to_transform")) from None
 
 
 @dataclass

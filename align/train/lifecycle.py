@@ -52,6 +52,7 @@ from align.train.placement import apply_cpu_settings, check_precision, resolve_p
 from align.train.resume_check import check_resume, config_record, record_history
 from align.train.run_folder import check_model_available, last_good, prepare_output_dir
 from align.train.state import TrainState, optimizer_tensors, read_state, sweep_run_temps
+from align.train.trainable import announce_trainable
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ class Trainer:
                                         c.trust_remote_code, c.gradient_checkpointing, c.checkpoint_keep_last,
                                         load_in_4bit=getattr(c, "four_bit", None))
         groups = self.build()
+        self.param_counts = announce_trainable(self.base, groups, self.trained_adapters(), self.processes.is_main)
         if self.processes.fsdp:
             groups = shard_base(self.base, self.processes, groups, self.heads())
         # Same seed, same adapters everywhere already; the broadcast makes it so whatever the device's kernels do.
@@ -345,7 +347,7 @@ class Trainer:
         self.summary = {"step": self.step}  # a recipe's summary may read what only the main process evaluated
         with gathered_adapters(self.base, self.trained_adapters()):  # FSDP: every process gathers, main writes
             if main:
-                self.summary = {"step": self.step, **self.summary_extra(), **final}
+                self.summary = {"step": self.step, **self.param_counts, **self.summary_extra(), **final}
                 path = self.save_final(final)
                 from align.core.atomic import atomic_write_text
 
