@@ -11,6 +11,8 @@ accumulation would cut it; process r takes micro-batches r, r+N, ... (docs/scali
 
 from __future__ import annotations
 
+import torch
+
 from align.core.errors import UserError
 from align.data.issues import bad_rows
 from align.data.preference import (
@@ -45,6 +47,13 @@ class PreferenceTrainer(Trainer):
         train = self.train_dataset if self.train_dataset is not None else c.train_source()
         held_out = self.eval_dataset if self.eval_dataset is not None else c.eval_file
         return train, held_out
+
+    def require_train_source(self) -> None:
+        """Checked in the trainer, not the config: the Python API may pass train_dataset instead. Still before any
+        model loads."""
+        if self.train_dataset is None and not self.config.train_source():
+            raise UserError("train_file: expected a preference data file, a folder (save_to_disk or of data files) or a "
+                            "dataset name (or dataset_name; or train_dataset= in Python)")
 
     def pair_loss(self, pairs: list[TokenizedPair], indices: list[int] | None, train: bool):
         """(loss, stats) of one micro-batch of pairs; `indices` are their positions in self.pairs."""
@@ -99,6 +108,19 @@ class PreferenceTrainer(Trainer):
         size = self.config.per_device_eval_batch_size
         for start in range(0, len(self.eval_pairs), size):
             yield self.eval_pairs[start:start + size]
+
+    def evaluate(self) -> dict:
+        """Held-out means of the loss and of every statistic pair_loss gives (e.g. preference accuracy, margins)."""
+        if not self.eval_pairs:
+            return {}
+        self.base.model.eval()
+        sums: dict[str, float] = {}
+        with torch.no_grad():
+            for chunk in self.eval_chunks():
+                loss, stats = self.pair_loss(chunk, None, train=False)
+                for k, v in {"loss": loss.item(), **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(chunk)
+        return {f"eval/{k}": v / len(self.eval_pairs) for k, v in sums.items()}
 
     # -- one step ------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> StepBatches:
