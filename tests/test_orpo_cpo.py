@@ -116,3 +116,19 @@ def test_bad_data_is_one_line_before_any_model_loads(tmp_path, capsys):
                        str(tmp_path / "no-such-model"), "--output_dir", str(tmp_path / "run"), "--train_file", str(bad)])
     assert code == 2
     assert f"{bad}:2: field 'rejected': missing" in capsys.readouterr().err
+
+
+def test_a_trl_simpo_yaml_loads(tmp_path, capsys):
+    """A CPOConfig YAML as TRL's SimPO examples write it: TRL's own keys are fields or noted, none refused."""
+    cfg = tmp_path / "simpo.yaml"
+    cfg.write_text("model_name_or_path: smollm2\ndataset_name: org/pairs\nloss_type: simpo\ncpo_alpha: 0.0\n"
+                   "simpo_gamma: 0.5\nbeta: 2.0\nuse_peft: true\nlora_r: 8\nbf16: false\n"
+                   "generate_during_eval: false\nmax_completion_length: null\npadding_value: null\n"
+                   "gradient_checkpointing: true\n")
+    config = load_config(CPOConfig, cfg)
+    assert (config.loss_type, config.cpo_alpha, config.simpo_gamma, config.beta) == ("simpo", 0.0, 0.5, 2.0)
+    assert config.dataset_name == "org/pairs" and config.dtype == "float32"
+    assert "generate_during_eval: no effect here" in capsys.readouterr().err
+    cfg.write_text("train_file: x.jsonl\ngenerate_during_eval: true\n")
+    with pytest.raises(ValueError, match="generate_during_eval"):
+        load_config(ORPOConfig, cfg)

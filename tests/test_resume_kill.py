@@ -28,6 +28,10 @@ DATA = ROOT / "tests" / "data" / "prefs_tiny.jsonl"
 RECIPES = {
     "dpo": (["dpo", "--config", "configs/dpo_tiny.yaml", "--train_file", str(DATA)], 10,
             ["adapter/adapter_model.safetensors"]),
+    "orpo": (["orpo", "--config", "configs/orpo_tiny.yaml", "--train_file", str(DATA)], 10,
+             ["adapter/adapter_model.safetensors"]),
+    "simpo": (["cpo", "--config", "configs/cpo_tiny.yaml", "--train_file", str(DATA), "--loss_type", "simpo",
+               "--cpo_alpha", "0", "--beta", "2.0"], 10, ["adapter/adapter_model.safetensors"]),
     "reward": (["reward", "--config", "configs/reward_tiny.yaml", "--train_file", str(DATA)], 9,
                ["reward_model/adapter_model.safetensors", "reward_model/head.safetensors"]),
     "sft": (["sft", "--config", "configs/sft_tiny.yaml", "--train_file", str(ROOT / "tests" / "data" / "sft_tiny.jsonl")],
