@@ -103,6 +103,9 @@ def test_config_errors_name_the_field(tiny_llama, tmp_path):
         config("cpo", tiny_llama, tmp_path / "a", loss_type="kto_pair")
     with pytest.raises(ValueError, match="label_smoothing: only sigmoid and simpo"):
         config("cpo", tiny_llama, tmp_path / "b", loss_type="hinge", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="loss_type: expected one of"):
+        CPOConfig(train_file="x.jsonl", loss_type=["simpo", "sigmoid"])
+    assert CPOConfig(train_file="x.jsonl", loss_type=["simpo"]).loss_type == "simpo"
     with pytest.raises(ValueError, match="beta: expected > 0"):
         config("orpo", tiny_llama, tmp_path / "c", beta=0)
     alphapo = config("cpo", tiny_llama, tmp_path / "d", loss_type="alphapo", alpha=0.5)

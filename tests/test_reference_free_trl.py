@@ -3,7 +3,9 @@
 Both sides hold the same tiny Llama in float32 with the same LoRA adapter (rank 4, all linear layers),
 perturbed to seeded non-zero values so every gradient is non-trivial. TRL's trainer scores a batch built
 from our tokenised pairs with its own `get_batch_loss_metrics` (its forward, log-probs, loss and metrics);
-ours runs `pair_loss`. Loss, every metric both log, and every LoRA gradient agree within 1e-6 relative.
+ours runs `pair_loss`. Loss, every metric both log, and every LoRA gradient agree within 1e-6 relative, for
+ORPO and every CPO loss type (sigmoid with label smoothing, hinge, ipo, simpo with and without the NLL,
+alphapo).
 TRL logs `logits/chosen|rejected` (means over the full vocabulary at every position, padding included)
 too; align does not compute full logits, so those two are not compared (nor logged).
 """
@@ -30,6 +32,12 @@ CASES = {  # name -> (our config module:class, yaml, TRL class path, TRL/our set
               {"beta": 2.0, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.4}),
     "simpo_with_nll": ("align.recipes.cpo:CPOConfig", "cpo_tiny.yaml", "trl.experimental.cpo",
                        {"beta": 2.0, "loss_type": "simpo", "cpo_alpha": 0.5, "simpo_gamma": 0.4}),
+    "cpo_hinge": ("align.recipes.cpo:CPOConfig", "cpo_tiny.yaml", "trl.experimental.cpo",
+                  {"beta": 0.2, "loss_type": "hinge", "cpo_alpha": 1.0}),
+    "cpo_ipo": ("align.recipes.cpo:CPOConfig", "cpo_tiny.yaml", "trl.experimental.cpo",
+                {"beta": 0.5, "loss_type": "ipo", "cpo_alpha": 1.0}),
+    "alphapo": ("align.recipes.cpo:CPOConfig", "cpo_tiny.yaml", "trl.experimental.cpo",
+                {"beta": 2.0, "loss_type": "alphapo", "alpha": 0.25, "simpo_gamma": 0.4}),
 }
 
 

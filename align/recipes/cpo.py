@@ -37,6 +37,8 @@ class CPOConfig(ReferenceFreeConfig):
     alpha: float = arg(0.0, "AlphaPO's reward shape (1 - p^-alpha) / alpha for every loss type; 0: log-probs.")
 
     def __post_init__(self):
+        if isinstance(self.loss_type, list) and len(self.loss_type) != 1:  # TRL's CPOConfig takes one loss type
+            raise ValueError(f"loss_type: expected one of {CPO_LOSS_TYPES} or alphapo, got {self.loss_type}")
         self.loss_type = single_loss(self.loss_type)
         if self.loss_type == "alphapo":  # TRL's shorthand, resolved as TRL resolves it
             self.loss_type, self.cpo_alpha = "simpo", 0.0
