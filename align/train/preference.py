@@ -1,4 +1,4 @@
-"""The part of the lifecycle that recipes trained on preference pairs share (DPO, reward models).
+"""The part of the lifecycle that recipes trained on preference pairs share (DPO, ORPO, CPO, reward models).
 
 Rows are read and validated by align.data.preference (errors name file:line), tokenised once, and
 split into training and held-out pairs. Step `s` trains on `step_batches(..., s)`: a pure
