@@ -209,12 +209,6 @@ class DPOTrainer(PreferenceTrainer):
             stats["nll_loss"] = nll.item()
         return loss, stats
 
-    def progress(self, stats: dict) -> dict:
-        return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['rewards/accuracies']:.2f}"}
-
-    def save_final(self, final: dict) -> Path:
-        return self.base.save_adapter(self.config.adapter_name, self.out / "adapter")
-
 
 def train_dpo(config: DPOConfig, resume: bool | str | None = None, overwrite: bool = False,
               train_dataset=None, eval_dataset=None, resume_changed: bool = False) -> Path:

@@ -12,7 +12,6 @@ align.train.lifecycle's and align.train.preference's, as for DPO (align/recipes/
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -120,9 +119,3 @@ class ReferenceFreeTrainer(PreferenceTrainer):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.set_grad_enabled(train):
             return self.objective(score_pairs(self.base, batch, self.nll_over()))
-
-    def progress(self, stats: dict) -> dict:
-        return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['rewards/accuracies']:.2f}"}
-
-    def save_final(self, final: dict) -> Path:
-        return self.base.save_adapter(self.config.adapter_name, self.out / "adapter")

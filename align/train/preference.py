@@ -11,6 +11,8 @@ accumulation would cut it; process r takes micro-batches r, r+N, ... (docs/scali
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from align.core.errors import UserError
@@ -121,6 +123,13 @@ class PreferenceTrainer(Trainer):
                 for k, v in {"loss": loss.item(), **stats}.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk)
         return {f"eval/{k}": v / len(self.eval_pairs) for k, v in sums.items()}
+
+    def progress(self, stats: dict) -> dict:
+        return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['rewards/accuracies']:.2f}"}
+
+    def save_final(self, final: dict) -> Path:
+        """The trained adapter (DPO, ORPO, CPO); a reward model saves its head beside it instead."""
+        return self.base.save_adapter(self.config.adapter_name, self.out / "adapter")
 
     # -- one step ------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> StepBatches:
