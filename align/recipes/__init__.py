@@ -1,5 +1,6 @@
 """The recipes: each fills in the lifecycle's hooks (align.train.lifecycle) and nothing else.
 
-`dpo` (+ its pure losses in `dpo_losses`), `sft`, `ppo/` (PPO, GRPO, RLOO) and `demo`
+`dpo` (+ its pure losses in `dpo_losses`), `orpo` and `cpo` (no reference: `reference_free` +
+`reference_free_losses`), `sft`, `ppo/` (PPO, GRPO, RLOO) and `demo`
 (the offline end-to-end run). Reward-model training lives in the top-level `reward` package.
 """
