@@ -10,8 +10,8 @@ import importlib
 import sys
 import textwrap
 
-ABOUT = ("align is a toolkit that aligns language models with LoRA adapters (DPO, KTO, SFT, reward models, "
-         "PPO/GRPO/RLOO), with rollouts and serving by vLLM.")
+ABOUT = ("align is a toolkit that aligns language models with LoRA adapters (DPO, KTO, ORPO, CPO/SimPO, "
+         "SFT, reward models, PPO/GRPO/RLOO), with rollouts and serving by vLLM.")
 
 # name -> (module, what it does in one sentence, an example). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "align dpo --config configs/dpo_smollm2.yaml --beta 0.2"),
     "kto": ("align.recipes.kto", "Trains a KTO adapter from thumbs up / down rows (TRL's KTO formats; pairs are "
             "unpaired).", "align kto --config configs/kto_smollm2.yaml --train_file my_feedback.jsonl"),
+    "orpo": ("align.recipes.orpo", "Trains an ORPO adapter (SFT NLL + odds-ratio term; no reference model).",
+             "align orpo --config configs/orpo_smollm2.yaml --beta 0.1"),
+    "cpo": ("align.recipes.cpo", "Trains a CPO or SimPO adapter (loss_type: simpo; no reference model).",
+            "align cpo --config configs/simpo_smollm2.yaml --simpo_gamma 0.5"),
     "sft": ("align.recipes.sft", "Trains a LoRA adapter by supervised fine-tuning on TRL's SFT formats.",
             "align sft --config configs/sft_smollm2.yaml --train_file my_rows.jsonl"),
     "reward": ("reward.cli", "Trains a reward model, or scores text with one (`align reward score`).",

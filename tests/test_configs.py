@@ -18,12 +18,15 @@ CONFIGS = sorted(ROOT.glob("*.yaml"))  # recipe configs; configs/accelerate/ hol
 KINDS = {
     "dpo": "align.recipes.dpo:DPOConfig",
     "kto": "align.recipes.kto:KTOConfig",
+    "orpo": "align.recipes.orpo:ORPOConfig",
+    "cpo": "align.recipes.cpo:CPOConfig",
+    "simpo": "align.recipes.cpo:CPOConfig",
     "ppo": "align.recipes.ppo.config:PPOConfig",
     "grpo": "align.recipes.ppo.config:PPOConfig",
     "reward": "reward.train:RewardConfig",
     "sft": "align.recipes.sft:SFTConfig",
 }
-COMMAND = {"grpo": "ppo"}  # the others are run by the command of their prefix
+COMMAND = {"grpo": "ppo", "simpo": "cpo"}  # the others are run by the command of their prefix
 
 
 def config_class(path: Path):

@@ -101,6 +101,19 @@ def test_dpo_two_processes_equal_one_at_the_same_global_batch(tiny_llama, tmp_pa
     assert m["allreduce_bytes"] < adapter_bytes + 1024  # adapter-sized: the frozen base is never reduced
 
 
+@pytest.mark.parametrize("recipe", ["orpo", "cpo"])
+def test_reference_free_two_processes_equal_one_at_the_same_global_batch(recipe, tiny_llama, tmp_path):
+    """ORPO and CPO (NLL included: a per-micro-batch token mean, as TRL's) on 2 processes equal 1 process."""
+    steps = 3
+    sets = ["per_device_train_batch_size=2", f"max_steps={steps}", "save_steps=1", "learning_rate=1e-2"]
+    config = f"{recipe}_tiny.yaml"
+    align_run(recipe, config, common(tiny_llama, tmp_path / "one", *sets, "gradient_accumulation_steps=2"), 1)
+    align_run(recipe, config, common(tiny_llama, tmp_path / "two", *sets, "gradient_accumulation_steps=1"), 2)
+    compare_runs(tmp_path / "one", tmp_path / "two", "adapter/adapter_model.safetensors", steps)
+    assert metrics(tmp_path / "two")[-1]["nll_loss"] == pytest.approx(metrics(tmp_path / "one")[-1]["nll_loss"],
+                                                                      abs=1e-5)
+
+
 def test_sft_two_processes_equal_one_at_the_same_global_batch(tiny_llama, tmp_path):
     """SFT's loss is a mean over the global batch's target tokens: each process divides by the global count."""
     steps, data = 3, REPO / "tests" / "data" / "sft_tiny.jsonl"

@@ -212,12 +212,19 @@ def test_a_path_object_becomes_text_and_the_config_is_written(tmp_path):
 
 
 def test_every_key_of_trls_configs_is_decided():
-    """Each key TRL's `trl dpo|sft|reward` takes is a field here or has a line in TRL_KEYS."""
+    """Each key TRL's `trl dpo|sft|reward` (and its ORPOConfig, CPOConfig) takes is a field here or has a line in
+    TRL_KEYS."""
     trl = pytest.importorskip("trl")  # the bench extra
     from transformers import TrainingArguments
+    from trl.experimental.cpo import CPOConfig as TRLCPOConfig
+    from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
     from trl.scripts.utils import DatasetMixtureConfig, ScriptArguments
 
-    for trl_config, ours in ((trl.DPOConfig, DPOConfig), (trl.SFTConfig, SFTConfig), (trl.RewardConfig, RewardConfig)):
+    from align.recipes.cpo import CPOConfig
+    from align.recipes.orpo import ORPOConfig
+
+    for trl_config, ours in ((trl.DPOConfig, DPOConfig), (trl.SFTConfig, SFTConfig), (trl.RewardConfig, RewardConfig),
+                             (TRLORPOConfig, ORPOConfig), (TRLCPOConfig, CPOConfig)):
         taken = {f.name for f in dataclasses.fields(ours)}
         keys = {f.name for c in (ScriptArguments, DatasetMixtureConfig, trl.ModelConfig, TrainingArguments,
                                  trl_config) for f in dataclasses.fields(c) if f.init}

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from align.core.base import SharedBase
-from align.core.errors import UserError
 from align.core.fsdp import full_tensor
 from align.core.policy_init import attach_policy, check_init_fields, reference_context
 from align.data.preference import TokenizedPair, collate_pairs
@@ -146,10 +145,7 @@ class DPOTrainer(PreferenceTrainer):
 
     def __init__(self, config: DPOConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        # Checked here, not in DPOConfig: the Python API may pass train_dataset instead. Still before any model loads.
-        if self.train_dataset is None and not config.train_source():
-            raise UserError("train_file: expected a preference data file, a folder (save_to_disk or of data files) or a "
-                            "dataset name (or dataset_name; or train_dataset= in Python)")
+        self.require_train_source()
 
     def build(self) -> list[dict]:
         c = self.config
@@ -260,25 +256,6 @@ class DPOTrainer(PreferenceTrainer):
         if c.rpo_alpha is not None:
             stats["nll_loss"] = nll.item()
         return loss, stats
-
-    def progress(self, stats: dict) -> dict:
-        return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['rewards/accuracies']:.2f}"}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Held-out loss, preference accuracy, reward margin and log-probs."""
-        if not self.eval_pairs:
-            return {}
-        self.base.model.eval()
-        sums: dict[str, float] = {}
-        for chunk in self.eval_chunks():
-            loss, stats = self.pair_loss(chunk, None, train=False)
-            for k, v in {"loss": loss.item(), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(chunk)
-        return {f"eval/{k}": v / len(self.eval_pairs) for k, v in sums.items()}
-
-    def save_final(self, final: dict) -> Path:
-        return self.base.save_adapter(self.config.adapter_name, self.out / "adapter")
 
 
 def train_dpo(config: DPOConfig, resume: bool | str | None = None, overwrite: bool = False,

@@ -1,4 +1,4 @@
-"""The part of the lifecycle that recipes trained on preference pairs share (DPO, reward models).
+"""The part of the lifecycle that recipes trained on preference pairs share (DPO, ORPO, CPO, reward models).
 
 Rows are read and validated by align.data.preference (errors name file:line), tokenised once, and
 split into training and held-out pairs. Step `s` trains on `step_batches(..., s)`: a pure
@@ -10,6 +10,10 @@ accumulation would cut it; process r takes micro-batches r, r+N, ... (docs/scali
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import torch
 
 from align.core.errors import UserError
 from align.data.issues import bad_rows
@@ -45,6 +49,13 @@ class PreferenceTrainer(Trainer):
         train = self.train_dataset if self.train_dataset is not None else c.train_source()
         held_out = self.eval_dataset if self.eval_dataset is not None else c.eval_file
         return train, held_out
+
+    def require_train_source(self) -> None:
+        """Checked in the trainer, not the config: the Python API may pass train_dataset instead. Still before any
+        model loads."""
+        if self.train_dataset is None and not self.config.train_source():
+            raise UserError("train_file: expected a preference data file, a folder (save_to_disk or of data files) or a "
+                            "dataset name (or dataset_name; or train_dataset= in Python)")
 
     def pair_loss(self, pairs: list[TokenizedPair], indices: list[int] | None, train: bool):
         """(loss, stats) of one micro-batch of pairs; `indices` are their positions in self.pairs."""
@@ -99,6 +110,26 @@ class PreferenceTrainer(Trainer):
         size = self.config.per_device_eval_batch_size
         for start in range(0, len(self.eval_pairs), size):
             yield self.eval_pairs[start:start + size]
+
+    def evaluate(self) -> dict:
+        """Held-out means of the loss and of every statistic pair_loss gives (e.g. preference accuracy, margins)."""
+        if not self.eval_pairs:
+            return {}
+        self.base.model.eval()
+        sums: dict[str, float] = {}
+        with torch.no_grad():
+            for chunk in self.eval_chunks():
+                loss, stats = self.pair_loss(chunk, None, train=False)
+                for k, v in {"loss": loss.item(), **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(chunk)
+        return {f"eval/{k}": v / len(self.eval_pairs) for k, v in sums.items()}
+
+    def progress(self, stats: dict) -> dict:
+        return {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['rewards/accuracies']:.2f}"}
+
+    def save_final(self, final: dict) -> Path:
+        """The trained adapter (DPO, ORPO, CPO); a reward model saves its head beside it instead."""
+        return self.base.save_adapter(self.config.adapter_name, self.out / "adapter")
 
     # -- one step ------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> StepBatches:

@@ -1,7 +1,7 @@
 """TRL's YAML keys that are not fields of an align config, and what each one becomes here.
 
-A YAML written for `trl dpo|sft|reward --config` mixes TRL's ScriptArguments, ModelConfig,
-transformers' TrainingArguments and the trainer's own config. Keys that mean the same here
+A YAML written for `trl dpo|sft|reward --config` (or for TRL's ORPOConfig/CPOConfig) mixes TRL's
+ScriptArguments, ModelConfig, transformers' TrainingArguments and the trainer's own config. Keys that mean the same here
 are already fields (model_name_or_path, lora_r, learning_rate, beta, ...). Every other key
 TRL's CLI takes that this project has decided on is in `TRL_KEYS`, with one of three actions:
 
@@ -241,6 +241,12 @@ TRL_KEYS: dict[str, Key] = {
     "dataset_kwargs": Key("note", "rows are read as align.data.sources reads them", ok=(None, {})),
     # TRL's SFT loss_type (nll | dft); DPOConfig has its own loss_type field, so this is never read for DPO.
     "loss_type": Key("note", "SFT's loss is the token NLL", ok=("nll",)),
+    # -- ORPOConfig's and CPOConfig's (trl.experimental) own keys -------------------------------------
+    "generate_during_eval": Key("note", "held-out pairs are scored; nothing is sampled", ok=(False,)),
+    "is_encoder_decoder": Key("note", "decoder-only (causal LM) bases only", ok=(None, False)),
+    "max_completion_length": Key("note", "TRL reads it for encoder-decoder models only; answers are cut to the "
+                                         "room max_length leaves", ok=(None,)),
+    "padding_value": Key("note", "the tokenizer's pad token pads; padding is never scored", ok=(None,)),
     # -- GRPOConfig's (TRL 1.16) keys that are not PPOConfig fields ---------------------------------
     "num_generations_eval": Key("note", "held-out prompts are scored greedily, one completion each", ok=(None,)),
     "chat_template_kwargs": Key("note", "the tokenizer's chat template runs with its defaults", ok=(None, {})),

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import ROOT, bench_environment, peak_rss_mb, run_child, write_pairs
+from measure import ROOT, bench_environment, peak_rss_mb, run_child, step_rates, write_pairs
 
 
 def worker_ours(args) -> dict:
@@ -62,14 +62,6 @@ def worker_ours(args) -> dict:
         marks.append(time.perf_counter())
     return {**step_rates(marks), "peak_mb": peak_rss_mb(), "precompute_s": precompute_s,
             "base_mb": trainer.base.base_bytes() / 2**20}
-
-
-def step_rates(marks: list[float]) -> dict:
-    """Steps/s from step-end times: 1 / median step time (a neighbour stalling a few steps moves
-    it little), and the plain mean next to it."""
-    durations = [b - a for a, b in zip(marks, marks[1:])]
-    return {"steps_per_s": 1 / statistics.median(durations),
-            "steps_per_s_mean": len(durations) / (marks[-1] - marks[0])}
 
 
 def worker_trl(args) -> dict:

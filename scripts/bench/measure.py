@@ -59,6 +59,14 @@ def steady_median(seconds: list[float]) -> float:
     return statistics.median(seconds[1:] if len(seconds) > 2 else seconds)
 
 
+def step_rates(marks: list[float]) -> dict:
+    """Steps/s from step-end times: 1 / median step time (a neighbour stalling a few steps moves
+    it little), and the plain mean next to it."""
+    durations = [b - a for a, b in zip(marks, marks[1:])]
+    return {"steps_per_s": 1 / statistics.median(durations),
+            "steps_per_s_mean": len(durations) / (marks[-1] - marks[0])}
+
+
 def write_pairs(path: Path, n: int, chat: bool = True) -> Path:
     """`n` preference pairs of the arithmetic task as JSON lines. chat: conversational rows, so that
     TRL applies the chat template too and every contender sees the same tokens; else plain strings."""
