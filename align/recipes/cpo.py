@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from align.recipes.dpo_losses import single_loss
 from align.recipes.reference_free import PairScores, ReferenceFreeConfig, ReferenceFreeTrainer, reward_stats
 from align.recipes.reference_free_losses import AVERAGED, CPO_LOSS_TYPES, cpo_loss
 from align.train.cli import adapter_recipe
@@ -39,7 +38,8 @@ class CPOConfig(ReferenceFreeConfig):
     def __post_init__(self):
         if isinstance(self.loss_type, list) and len(self.loss_type) != 1:  # TRL's CPOConfig takes one loss type
             raise ValueError(f"loss_type: expected one of {CPO_LOSS_TYPES} or alphapo, got {self.loss_type}")
-        self.loss_type = single_loss(self.loss_type)
+        if isinstance(self.loss_type, list):  # TRL's list form of one loss
+            self.loss_type = self.loss_type[0]
         if self.loss_type == "alphapo":  # TRL's shorthand, resolved as TRL resolves it
             self.loss_type, self.cpo_alpha = "simpo", 0.0
         super().__post_init__()
