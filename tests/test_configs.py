@@ -21,8 +21,9 @@ KINDS = {
     "grpo": "align.recipes.ppo.config:PPOConfig",
     "reward": "reward.train:RewardConfig",
     "sft": "align.recipes.sft:SFTConfig",
+    "online": "align.recipes.online_dpo:OnlineDPOConfig",
 }
-COMMAND = {"grpo": "ppo"}  # the others are run by the command of their prefix
+COMMAND = {"grpo": "ppo", "online": "online-dpo"}  # the others are run by the command of their prefix
 
 
 def config_class(path: Path):
