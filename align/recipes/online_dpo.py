@@ -24,6 +24,7 @@ the policy before the step (TRL's over its two completions: the same when num_ge
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,10 @@ def best_worst_pairs(scores: torch.Tensor) -> tuple[list[tuple[int, int, int]], 
     return pairs, ties
 
 
+PAIR_STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected", "objective/kl", "objective/entropy")
+
+
 class OnlineDPOTrainer(RolloutRun):
     name = "online-dpo"
 
@@ -216,12 +221,17 @@ class OnlineDPOTrainer(RolloutRun):
         local = [pairs[i:i + size] for i in range(0, len(pairs), size)]
         global_count = round(self.processes.mean({"m": float(len(local))})["m"] * self.processes.world)
         if global_count == 0:
-            self.scheduler.step()
+            with warnings.catch_warnings():  # torch warns of a schedule stepped before any optimizer step
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
             return {"learning_rate": self.optimizer.param_groups[0]["lr"]}
-        return self.gradient_step(local, self.pair_loss, step, global_count)
+        # Another process has pairs and this one none: it still joins the step's all-reduce, with nothing to add.
+        return self.gradient_step(local or [[]], self.pair_loss, step, global_count)
 
     def pair_loss(self, pairs: list[TokenizedPair]) -> tuple[torch.Tensor, dict]:
         c = self.config
+        if not pairs:
+            return torch.zeros((), requires_grad=True), dict.fromkeys(PAIR_STATS, 0.0)
         batch = collate_pairs(pairs, self.base.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.no_grad(), reference_context(self.base, self.ref_adapter):
