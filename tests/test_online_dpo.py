@@ -132,3 +132,18 @@ def test_python_api_takes_rows_and_reward_functions(tiny_llama, tmp_path):
     assert (policy / "adapter_model.safetensors").is_file()
     assert seen and set(seen) <= {0, 1, 2}
     assert "rewards/longer/mean" in metric_rows(tmp_path / "run")[-1]
+
+
+def test_fields_keep_trl_online_dpo_names_and_sampling_defaults():
+    """TRL's OnlineDPOConfig names, read from the installed TRL, and its sampling defaults."""
+    import dataclasses
+
+    trl_config = pytest.importorskip("trl.experimental.online_dpo.online_dpo_config").OnlineDPOConfig
+    theirs = {f.name: f for f in dataclasses.fields(trl_config)}
+    ours = {f.name: f for f in dataclasses.fields(OnlineDPOConfig)}
+    shared = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
+              "missing_eos_penalty", "beta", "loss_type", "use_vllm", "vllm_mode", "vllm_server_base_url",
+              "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "reward_model_path", "reward_weights")
+    assert all(name in theirs and name in ours for name in shared), [n for n in shared if n not in ours]
+    for name in ("max_new_tokens", "temperature", "loss_type", "top_p", "top_k", "missing_eos_penalty"):
+        assert ours[name].default == theirs[name].default, name
