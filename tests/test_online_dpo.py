@@ -147,3 +147,33 @@ def test_fields_keep_trl_online_dpo_names_and_sampling_defaults():
     assert all(name in theirs and name in ours for name in shared), [n for n in shared if n not in ours]
     for name in ("max_new_tokens", "temperature", "loss_type", "top_p", "top_k", "missing_eos_penalty"):
         assert ours[name].default == theirs[name].default, name
+
+
+def test_two_processes_write_once_and_a_process_without_pairs_joins_the_step(tiny_llama, tmp_path):
+    """accelerate launch, 2 processes, one prompt each a step: where one process's prompt ties and the
+    other's pairs, the step still trains (the process without a pair joins the all-reduce empty)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import DDP, free_port
+
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Count to {i}.", "tie": i % 2 == 0}) + "\n" for i in range(8)))
+    run = tmp_path / "run"
+    sets = [f"model_name_or_path={tiny_llama}", f"output_dir={run}", "engine=hf", f"train_file={rows}",
+            "reward_funcs=[tests.online_dpo_rewards.tie_or_length]", "per_device_train_batch_size=1",
+            "gradient_accumulation_steps=1", "max_steps=4", "save_steps=2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "align", "online-dpo", "--config", str(CONFIG),
+           *[a for s in sets for a in ("--set", s)]]
+    done = subprocess.run(cmd, cwd=CONFIG.parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    steps = [r for r in metric_rows(run) if "objective/scores" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # one writer
+    # ties and num_pairs are each process's count, averaged over the 2 processes
+    assert all(r["ties"] + r["num_pairs"] == 1 for r in steps)
+    mixed = [r for r in steps if r["num_pairs"] == 0.5]
+    assert mixed and all("loss" in r and r["allreduce_bytes"] > 0 for r in mixed), steps
+    assert (run / "policy" / "adapter_model.safetensors").is_file()
