@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "align sft --config configs/sft_smollm2.yaml --train_file my_rows.jsonl"),
     "reward": ("reward.cli", "Trains a reward model, or scores text with one (`align reward score`).",
                "align reward --config configs/reward_demo.yaml"),
+    "online-dpo": ("align.recipes.online_dpo", "Trains a policy adapter with online DPO: it samples, the rewards "
+                   "pick best vs worst, DPO learns (TRL's OnlineDPOConfig names).",
+                   "align online-dpo --config configs/online_dpo_demo.yaml --max_steps 20"),
     "grpo": ("align.recipes.ppo.cli", "Trains a policy adapter with GRPO (TRL's GRPOConfig names; a `trl grpo` "
              "YAML runs as is).", "align grpo --config configs/grpo_demo.yaml --max_steps 20"),
     "rloo": ("align.recipes.ppo.cli", "Trains a policy adapter with RLOO (leave-one-out baseline), as `align grpo`.",

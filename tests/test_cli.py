@@ -109,7 +109,7 @@ def test_abbreviations_are_refused(capsys):
     assert "unrecognized arguments: --learning" in capsys.readouterr().err
 
 
-RECIPES = {"dpo": "dpo_tiny", "sft": "sft_tiny", "reward": "reward_tiny", "ppo": "ppo_tiny"}
+RECIPES = {"dpo": "dpo_tiny", "sft": "sft_tiny", "reward": "reward_tiny", "ppo": "ppo_tiny", "online-dpo": "online_dpo_tiny"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -194,7 +194,7 @@ def test_data_check_resolves_smollm2_like_the_recipes(tmp_path, tiny_llama, monk
         assert ", OK" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("recipe", ["dpo", "sft", "reward", "ppo", "grpo"])
+@pytest.mark.parametrize("recipe", ["dpo", "sft", "reward", "ppo", "grpo", "online-dpo"])
 def test_precision_note_names_its_recipe_and_claims_only_what_was_measured(recipe):
     from align.train.placement import precision_note
 

@@ -25,8 +25,9 @@ KINDS = {
     "grpo": "align.recipes.ppo.config:PPOConfig",
     "reward": "reward.train:RewardConfig",
     "sft": "align.recipes.sft:SFTConfig",
+    "online": "align.recipes.online_dpo:OnlineDPOConfig",
 }
-COMMAND = {"grpo": "ppo", "simpo": "cpo"}  # the others are run by the command of their prefix
+COMMAND = {"grpo": "ppo", "simpo": "cpo", "online": "online-dpo"}  # the others are run by the command of their prefix
 
 
 def config_class(path: Path):

@@ -1,6 +1,6 @@
 """Every `align` command line of README.md's ```bash blocks runs, so the README cannot rot.
 
-Training recipes (dpo, kto, orpo, cpo, sft, reward, ppo, grpo, rloo) run as written plus `--check_config`, on the tiny
+Training recipes (dpo, kto, orpo, cpo, sft, reward, ppo, grpo, rloo, online-dpo) run as written plus `--check_config`, on the tiny
 model (`--model_name_or_path`) and a fresh `--output_dir`: the config, every flag and the output folder
 policy are checked, nothing is trained. `data check`, `advise`, `--help` and `plot` run for real, on the
 tiny model and the repository's tiny data. Data files the reader brings (my_pairs.jsonl, my_feedback.jsonl) or earlier
@@ -25,7 +25,7 @@ import pytest
 from align.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING = {"dpo", "kto", "orpo", "cpo", "sft", "reward", "ppo", "grpo", "rloo"}
+TRAINING = {"dpo", "kto", "orpo", "cpo", "sft", "reward", "ppo", "grpo", "rloo", "online-dpo"}
 DATA = ROOT / "tests" / "data"
 FILES = {"my_pairs.jsonl": DATA / "prefs_tiny.jsonl", "my_feedback.jsonl": DATA / "kto_tiny.jsonl", "runs/pairs.jsonl": DATA / "prefs_tiny.jsonl",
          "runs/sft.jsonl": DATA / "sft_tiny.jsonl", "grpo.yaml": DATA / "trl" / "grpo_lora.yaml"}

@@ -1,6 +1,7 @@
 """PPOConfig, GRPOConfig, RLOOConfig: every knob of `align ppo|grpo|rloo`, one field each.
 
-Shared settings (model and LoRA, optimisation, run folder, logging) come from TrainConfig under
+Shared settings (model and LoRA, optimisation, run folder, logging) come from TrainConfig, and the
+prompts, sampling, engine and reward functions from RolloutConfig (align/recipes/rollout_config.py), under
 TRL's names. The RL fields are TRL 1.16's GRPOConfig/ScriptArguments names and defaults wherever
 TRL has the idea (beta, epsilon, epsilon_high, num_iterations, loss_type, scale_rewards,
 reward_funcs, vllm_server_base_url, ...), so a `trl grpo` YAML runs unchanged; PPO's critic keeps
@@ -11,20 +12,18 @@ engine, system_prompt, kl_target, ...) say so in their help. docs/ppo.md maps th
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
 
-from align.core.policy_init import check_init_fields
-from align.recipes.ppo.config_checks import check_grpo_fields, check_ppo_fields, check_rollout_engine
-from align.train.config import PreferenceDataConfig, TrainConfig
+from align.recipes.ppo.config_checks import check_grpo_fields, check_ppo_fields
+from align.recipes.rollout_config import RolloutConfig
+from align.train.config import TrainConfig
 from align.train.config_parser import arg
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(RolloutConfig):
     output_dir: str = arg("runs/ppo", "Run folder: metrics.jsonl, tb/, checkpoints/, final adapters.")
     max_steps: int = arg(-1, "Rollout steps (-1: num_train_epochs passes over the prompts). With TRL's defaults "
                              "(num_iterations 1, steps_per_generation = gradient_accumulation_steps) one rollout "
@@ -36,25 +35,9 @@ class PPOConfig(TrainConfig):
     eval_steps: int = arg(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
     save_steps: int = arg(10, "Checkpoint every N steps and at the end (0: only at the end).")
 
-    # -- prompts: any source DPO reads, plus the built-in task -----------------------------------
-    train_file: str = arg("arithmetic", "Prompt rows: .jsonl/.json/.parquet/.csv, a save_to_disk folder, a folder "
-                                        "of data files, a dataset name, or 'arithmetic' (the built-in demo task). "
-                                        "Each row has a string or conversational 'prompt'; every other column is "
-                                        "passed to the reward functions by name.")
-    eval_file: str | None = arg(None, "Held-out prompt rows (any source train_file takes); with arithmetic, a fresh "
-                                      "disjoint set. Scored greedily with the reward functions (eval/reward).")
-    dataset_name: str = arg("", "Instead of train_file: a dataset name for datasets.load_dataset (TRL's name).")
-    dataset_config: str | None = arg(None, "The dataset's configuration (datasets.load_dataset's second argument).")
-    dataset_split: str = arg("train", "The split to train on, for a dataset name or a saved DatasetDict.")
-    num_train_prompts: int = arg(1000, "arithmetic: training prompts drawn for the task.")
-    num_eval_prompts: int = arg(100, "arithmetic: held-out prompts scored greedily for `eval/reward`.")
-    system_prompt: str | None = arg(None, "Ours: a system turn put before conversational (and arithmetic) prompts.")
-    max_prompt_length: int = arg(512, "Ours: a longer prompt is an error naming its row (TRL 1.16 has no limit).")
-
     # -- rollout (TRL's names) -------------------------------------------------------------------
     algorithm: str = arg("ppo", "'ppo' (critic + GAE), 'grpo' (group-normalised) or 'rloo' (leave-one-out); "
                                 "`align grpo` and `align rloo` set it.")
-    num_generations: int = arg(8, "Completions per prompt (the group for GRPO/RLOO; >= 2 there).")
     steps_per_generation: int | None = arg(None, "Micro-batches of per_device_train_batch_size completions one "
                                                  "rollout feeds (TRL's; null: gradient_accumulation_steps).")
     generation_batch_size: int | None = arg(None, "Completions per rollout over all processes (TRL's; instead of "
@@ -62,37 +45,11 @@ class PPOConfig(TrainConfig):
     prompts_per_step: int | None = arg(None, "Ours: prompts per rollout; null: TRL's generation batch / "
                                              "num_generations.")
     max_completion_length: int = arg(512, "Completion length limit in tokens.")
-    temperature: float = arg(1.0, "Sampling temperature for rollouts.")
-    top_p: float = arg(1.0, "Nucleus sampling for rollouts.")
-    top_k: int = arg(0, "Top-k sampling (0: off).")
-    min_p: float | None = arg(None, "Min-p sampling (null: off).")
-    repetition_penalty: float = arg(1.0, "Repetition penalty (1.0: off).")
-    generation_kwargs: dict[str, Any] | None = arg(None, "Further sampling parameters for the engine (vLLM "
-                                                         "SamplingParams / transformers GenerationConfig names).")
     mask_truncated_completions: bool = arg(False, "Completions cut at max_completion_length take no part in the loss.")
-    use_vllm: bool | None = arg(None, "TRL's switch: true samples with vLLM (vllm_mode says where), false with "
-                                      "transformers on the shared base; null: engine decides.")
-    vllm_mode: str = arg("colocate", "With use_vllm: 'colocate' (vLLM in this process) or 'server' (the servers at "
-                                     "vllm_server_base_url).")
-    vllm_server_base_url: str | list[str] | None = arg(None, "Rollout servers (`align serve` or vLLM), one URL or a "
-                                                             "list: each rollout is sharded over them.")
-    engine: str = arg("auto", "Ours: 'vllm', 'hf' (transformers generate on the shared base), 'remote' (the servers "
-                              "at vllm_server_base_url) or 'auto' (vLLM when installed); use_vllm overrides it.")
-    engine_options: dict[str, Any] = arg({}, "Extra keyword arguments for align.engines.make_engine.")
-    rollout_dtype: str | None = arg(None, "vLLM engine dtype (default: dtype). bfloat16 samples ~2.4x faster on "
-                                          "CPUs with AMX; the sync probe's tolerance is then 0.25 instead of 1e-4 "
-                                          "(docs/design.md, 'Rollout engines and adapter sync').")
     sampler_logprobs_as_old: bool | None = arg(None, "Ours: take pi_old, the ratio's denominator, from the sampler's "
         "log-probs instead of a trainer forward (one forward less per step). null: when no reference forward runs "
         "(beta 0) and an in-process engine samples in the training dtype, where the sync probe holds it to the "
         "trainer within 1e-4.")
-    engine_api_key_env: str = arg("ALIGN_API_KEY", "Servers: environment variable holding their API key (a key in a "
-                                                   "config file would be copied into the run folder).")
-    engine_adapter_dir: str | None = arg(None, "Servers: folder they load adapters from (inside their "
-                                               "--adapter_dir); null: /dev/shm, i.e. servers on this machine.")
-    vllm_gpu_memory_utilization: float = arg(0.3, "In-process vLLM on CUDA: fraction of the GPU's memory vLLM may "
-                                                  "take; the rest is the trainer's. Ignored on CPU.")
-    vllm_enable_sleep_mode: bool = arg(False, "In-process vLLM on CUDA: vLLM sleeps while the trainer steps.")
     vllm_importance_sampling_correction: bool = arg(True, "Reweight the loss by pi_old / pi_sampler where the "
                                                           "sampler's log-probs differ from the trainer's (TRL's).")
     vllm_importance_sampling_mode: str = arg("sequence_mask", "token_truncate | token_mask | sequence_truncate | "
@@ -101,14 +58,9 @@ class PPOConfig(TrainConfig):
     vllm_importance_sampling_clip_max: float | None = arg(3.0, "Upper bound of the correction ratio.")
 
     # -- rewards (TRL's names) -------------------------------------------------------------------
-    reward_funcs: list[str] = arg(["arithmetic"], "Reward functions: dotted import paths (my_lib.rewards.correct) "
-                                                  "or built-ins (arithmetic, format, length_penalty); each is called "
-                                                  "fn(prompts=, completions=, completion_ids=, **columns).")
     reward_model_name_or_path: str | None = arg(None, "A reward model: align's reward folder (an adapter on the "
                                                       "shared base), an exported classifier, or any "
                                                       "AutoModelForSequenceClassification folder or hub id.")
-    reward_weights: list[float] | None = arg(None, "One weight per reward, in TRL's order: the reward model "
-                                                   "first, then reward_funcs (null: all 1).")
     log_completions: bool = arg(False, "Write a table of prompts, completions and rewards every logging step "
                                        "(completions.jsonl; trackers that take tables).")
     num_completions_to_print: int | None = arg(None, "With log_completions: rows printed per logging step "
@@ -143,11 +95,7 @@ class PPOConfig(TrainConfig):
     kl_horizon: int = arg(10000, "Adaptive KL controller horizon in sequences.")
     log_reference_kl: bool = arg(False, "With beta 0, still run the reference forward to log kl.")
     max_kl: float = arg(20.0, "Stop with TrainingDiverged when the mean KL to the reference exceeds this.")
-    init_adapter: str | None = arg(None, "PEFT adapter folder the policy starts from (e.g. an SFT run's adapter/).")
-    reference: str | None = arg(None, "'init': the reference is the starting adapter, frozen, on the same base "
-                                      "(default with init_adapter); 'base': adapters off (default without).")
 
-    PYTHON_DATA = PreferenceDataConfig.PYTHON_DATA
     RENAMED = {**TrainConfig.RENAMED, "estimator": "algorithm", "epochs": "num_iterations",
                "num_ppo_epochs": "num_iterations", "kl_coef": "beta", "cliprange": "epsilon",
                "clip_eps": "epsilon", "prompts": "train_file", "eval_prompts": "eval_file",
@@ -162,18 +110,10 @@ class PPOConfig(TrainConfig):
         super().__post_init__()
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {list(ALGORITHMS)}, got {self.algorithm!r}")
-        if self.train_file and self.dataset_name and self.train_file != "arithmetic":
-            raise ValueError("train_file and dataset_name: choose one")
         check_ppo_fields(self)
         check_grpo_fields(self)
-        check_rollout_engine(self)
-        check_init_fields(self)
 
     # -- what the fields resolve to ----------------------------------------------------------------
-    @property
-    def train_source(self) -> str:
-        return self.dataset_name or self.train_file
-
     @property
     def critic(self) -> bool:
         return self.algorithm == "ppo"
@@ -228,42 +168,6 @@ class PPOConfig(TrainConfig):
                 f"{prompts * self.num_generations} completions on {world} process(es), then takes {updates} "
                 f"optimizer step(s) of {per_update} completions per process ({self.num_iterations} pass(es)); "
                 f"{steps} steps")
-
-    @property
-    def rollout_engine(self) -> str:
-        """The engine kind to build: TRL's use_vllm/vllm_mode first, then engine ('auto' on a 4-bit base: hf)."""
-        if self.use_vllm is False:
-            return "hf"
-        if self.use_vllm:
-            return "remote" if self.vllm_mode == "server" else "vllm"
-        return "hf" if self.load_in_4bit and self.engine == "auto" else self.engine
-
-    @property
-    def server_urls(self) -> list[str]:
-        urls = self.vllm_server_base_url
-        return [] if urls is None else [urls] if isinstance(urls, str) else list(urls)
-
-    def rollout_engine_options(self) -> dict[str, Any]:
-        """Keyword arguments for align.engines.make_engine: engine_options plus what the fields above set."""
-        options = dict(self.engine_options)
-        if self.rollout_engine == "remote":
-            urls = self.server_urls
-            options.setdefault("url", urls[0] if len(urls) == 1 else urls)
-            if os.environ.get(self.engine_api_key_env):
-                options.setdefault("api_key", os.environ[self.engine_api_key_env])
-            if self.engine_adapter_dir is not None:
-                options.setdefault("adapter_dir", self.engine_adapter_dir)
-        elif self.rollout_engine in ("vllm", "auto") and self.device.startswith("cuda"):
-            options.setdefault("gpu_memory_utilization", self.vllm_gpu_memory_utilization)
-            if self.vllm_enable_sleep_mode:
-                options.setdefault("enable_sleep_mode", True)
-        return options
-
-    def sampling(self) -> dict[str, Any]:
-        """The engines' sampling keywords (align/engines/protocol.py `generate`)."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "min_p": self.min_p or 0.0, "repetition_penalty": self.repetition_penalty,
-                "generation_kwargs": self.generation_kwargs}
 
 
 @dataclass

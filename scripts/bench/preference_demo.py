@@ -1,0 +1,166 @@
+"""Held-out task reward before and after each newer preference recipe, all from the same start.
+
+    python scripts/bench/preference_demo.py            # SmolLM2-135M, the arithmetic demo task (~40 min, 2 cores)
+    python scripts/bench/preference_demo.py --quick    # tiny random model, a smoke run (no learning expected)
+    python scripts/bench/preference_demo.py --only online_dpo kto
+
+The start is the demo's (align/recipes/demo.py, align/tasks/arithmetic.py): the base samples 4
+answers per training prompt with vLLM (temperature 0.7), scored by the task reward. Then:
+  kto         KTO on those samples, each labelled desirable when its task reward is 1;
+  orpo        ORPO on the demo's pairs (best vs worst sample of a prompt);
+  simpo       SimPO (CPO with loss_type simpo, cpo_alpha 0, as TRL runs it) on the same pairs;
+  online_dpo  online DPO from scratch: the policy samples as it learns (align/recipes/online_dpo.py).
+Each is scored greedily on the same held-out prompts through the same engine (the adapter folded in).
+A recipe whose module is absent (built elsewhere) or refuses these settings is skipped with a line.
+Last line: one JSON object with `<recipe>_before` / `<recipe>_after`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from measure import ROOT
+
+RECIPES = ("kto", "orpo", "simpo", "online_dpo")
+# recipe -> (module, config class, train function, extra config settings)
+OFFLINE = {"kto": ("align.recipes.kto", "KTOConfig", "train_kto", []),
+           "orpo": ("align.recipes.reference_free", "ORPOConfig", "train_orpo", []),
+           "simpo": ("align.recipes.reference_free", "CPOConfig", "train_cpo", ["loss_type=simpo", "cpo_alpha=0.0"])}
+
+
+def kto_rows(rows: list[dict], samples) -> list[dict]:
+    """TRL's unpaired format: every distinct sampled answer, labelled by whether the task reward is 1."""
+    from align.tasks import arithmetic
+
+    out, seen = [], set()
+    for row, group in zip(rows, samples, strict=True):
+        for s in group:
+            text = s.text.strip()
+            if text and (row["prompt"], text) not in seen:
+                seen.add((row["prompt"], text))
+                out.append({"prompt": row["prompt"], "completion": text,
+                            "label": arithmetic.score(text, row["answer"]) == 1.0})
+    return out
+
+
+def offline_recipe(name: str, model: str, data: list[dict], out: Path, settings) -> Path | str:
+    """Train one recipe from its own module on `data`; the adapter folder, or why it was skipped."""
+    module, config_name, train_name, extra = OFFLINE[name]
+    try:
+        mod = importlib.import_module(module)
+        config_cls, train = getattr(mod, config_name), getattr(mod, train_name)
+    except (ImportError, AttributeError) as e:
+        return f"{module}.{train_name} is not there ({e})"
+    from align.train.config_parser import ConfigError, load_config
+
+    try:
+        config = load_config(config_cls, None, [f"model_name_or_path={model}", f"output_dir={out / name}",
+                                                *settings, *extra])
+    except ConfigError as e:
+        return f"{config_name} refused the bench's settings: {str(e)[:200]}"
+    return train(config, overwrite=True, train_dataset=data)
+
+
+def online_dpo(args, model: str, base, engine, train_rows, eval_rows, out: Path) -> Path:
+    """Online DPO on the bench's base and engine (one copy of each), from the zero adapter."""
+    from align.recipes.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+    from align.train.config_parser import load_config
+
+    chat = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in train_rows]
+    held = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in eval_rows]
+    config = load_config(OnlineDPOConfig, None, [
+        f"model_name_or_path={model}", f"output_dir={out / 'online_dpo'}", f"max_steps={args.online_steps}",
+        "num_generations=4", f"max_new_tokens={args.max_new_tokens}", f"temperature={args.temperature}",
+        "learning_rate=1e-4", "lr_scheduler_type=constant", "per_device_train_batch_size=8", "beta=0.1",
+        "eval_steps=0", "save_steps=0", "report_to=[none]", f"seed={args.seed}",
+        # --quick: the random tiny model never sums right, so the task reward ties every prompt; lengths differ.
+        f"reward_funcs=[{'length_penalty' if args.quick else 'arithmetic'}]"])
+    trainer = OnlineDPOTrainer(config, base=base, engine=engine, overwrite=True, train_dataset=chat,
+                               eval_dataset=held)
+    return trainer.train()  # not closed: the engine is the bench's
+
+
+def start(args, out: Path):
+    """The shared start: the base, one engine, the demo's prompts, the "before" score, the samples' rows."""
+    from align.core.base import SharedBase
+    from align.core.loading import resolve_model
+    from align.data.prompts import encode_prompts
+    from align.engines import generate_with_progress, make_engine
+    from align.recipes.demo import DemoSettings, build_pairs, demo_prompts, evaluate
+    from align.tasks import arithmetic
+
+    s = DemoSettings(seed=args.seed)
+    if args.quick:
+        from align.core.tiny import build_tiny_model
+
+        tiny = out / "tiny-model"
+        if not (tiny / "config.json").exists():
+            build_tiny_model(tiny)
+        s.model, s.train_prompts, s.eval_prompts = str(tiny), 24, 8
+    model = resolve_model(s.model)
+    base = SharedBase.load(model)
+    engine = make_engine("auto", model, base, seed=args.seed)
+    train_rows, eval_rows = demo_prompts(s)
+    t0 = time.perf_counter()
+    before, _ = evaluate(engine, base, eval_rows, None, args.max_new_tokens, "evaluate before")
+    samples = generate_with_progress(engine, encode_prompts(base.tokenizer, train_rows), "sample x4", n=4,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, adapter=None)
+    pairs, sample_reward = build_pairs(train_rows, samples)
+    unpaired = kto_rows(train_rows, samples)
+    if args.quick and len(pairs) < 8:  # a random tiny model never sums right: synthetic rows, as `align demo --quick`
+        pairs = arithmetic.preference_pairs(s.train_prompts, seed=args.seed)
+        unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                    for r in pairs for side in ("chosen", "rejected")]
+    summary = {"metric": "heldout_task_reward", "eval_prompts": len(eval_rows), "pairs": len(pairs),
+               "kto_rows": len(unpaired), "kto_desirable": sum(r["label"] for r in unpaired),
+               "sample_reward": round(sample_reward, 4), "sample_s": round(time.perf_counter() - t0, 1)}
+    return model, base, engine, (train_rows, eval_rows), (pairs, unpaired), before, summary
+
+
+def main() -> None:
+    from align.recipes.demo import evaluate
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="runs/preference-demo")
+    p.add_argument("--only", nargs="+", choices=RECIPES, default=list(RECIPES))
+    p.add_argument("--online-steps", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.quick:
+        args.online_steps, args.max_new_tokens, args.temperature = 2, 8, 1.0
+    out = ROOT / args.out
+    model, base, engine, (train_rows, eval_rows), (pairs, unpaired), before, result = start(args, out)
+    settings = ["max_length=128", "learning_rate=1e-4", "num_train_epochs=1", "per_device_train_batch_size=8",
+                "save_steps=0", "report_to=[none]", f"seed={args.seed}"]
+    for name in args.only:
+        t0 = time.perf_counter()
+        if name == "online_dpo":
+            online_dpo(args, model, base, engine, train_rows, eval_rows, out)
+            adapter = "policy"
+        else:
+            folder = offline_recipe(name, model, unpaired if name == "kto" else pairs, out, settings)
+            if isinstance(folder, str):
+                print(f"[bench] {name}: skipped: {folder}", file=sys.stderr)
+                result[f"{name}_skipped"] = folder
+                continue
+            base.load_adapter(name, folder)
+            adapter = name
+        engine.sync(base, adapter)  # adapter only, checked by the probe
+        after, _ = evaluate(engine, base, eval_rows, adapter, args.max_new_tokens, f"evaluate {name}")
+        result.update({f"{name}_before": round(before, 4), f"{name}_after": round(after, 4),
+                       f"{name}_s": round(time.perf_counter() - t0, 1)})
+        print(f"[bench] {name}: {before:.3f} -> {after:.3f}", file=sys.stderr)
+    engine.close()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
