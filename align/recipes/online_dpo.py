@@ -34,13 +34,15 @@ from align.core.policy_init import reference_context
 from align.data.preference import TokenizedPair, collate_pairs
 from align.data.prompt_rows import PromptRows
 from align.recipes.dpo import completion_lengths, sequence_logprobs
-from align.recipes.dpo_losses import LOSS_TYPES, dpo_loss, single_loss
+from align.recipes.dpo_losses import dpo_loss
 from align.recipes.ppo.batch import prompt_indices
 from align.recipes.ppo.metrics import Laps
 from align.recipes.ppo.scoring import RewardState, group_reward_stats
 from align.recipes.rollout_config import RolloutConfig
 from align.recipes.rollout_run import RolloutRun
 from align.train.config_parser import arg
+
+ONLINE_LOSS_TYPES = ("sigmoid", "ipo")  # what TRL's OnlineDPOTrainer computes
 
 
 @dataclass
@@ -66,7 +68,7 @@ class OnlineDPOConfig(RolloutConfig):
                                                   "EOS (TRL's; null: none).")
     beta: float | list[float] = arg(0.1, "Strength of the KL anchor to the reference (TRL's list form takes one "
                                          "value).")
-    loss_type: str | list[str] = arg("sigmoid", f"One of {LOSS_TYPES} (TRL's online DPO: sigmoid, ipo).")
+    loss_type: str | list[str] = arg("sigmoid", f"One of {ONLINE_LOSS_TYPES}, as TRL's online DPO.")
     reward_model_path: str | None = arg(None, "A reward model: align's reward folder (an adapter on the shared "
                                               "base), an exported classifier, or any "
                                               "AutoModelForSequenceClassification folder or hub id (TRL's name).")
@@ -82,9 +84,10 @@ class OnlineDPOConfig(RolloutConfig):
                 raise ValueError(f"beta: {self.beta}: a beta per epoch is not supported; give one number")
             self.beta = self.beta[0]
         super().__post_init__()
-        self.loss_type = single_loss(self.loss_type)
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if isinstance(self.loss_type, list) and len(self.loss_type) == 1:  # TRL's list form of one loss
+            self.loss_type = self.loss_type[0]
+        if self.loss_type not in ONLINE_LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {ONLINE_LOSS_TYPES}, got {self.loss_type!r}")
         if not self.beta > 0:
             raise ValueError(f"beta: expected > 0, got {self.beta}")
         if self.num_generations < 2:
