@@ -118,7 +118,9 @@ def _build(cls: type[T], data: dict, source: str, lines: dict[str, int], prefix:
     if not prefix:  # a YAML written for TRL's CLI: its keys are mapped, noted or refused (align/train/trl_keys.py)
         from align.train.trl_keys import carry_over
 
-        data, notes, problems = carry_over(data, set(fields), lambda k: f"{_place(source, lines, k)}: {k}", lines)
+        # a recipe's own RENAMED wins over TRL's table: it knows what its TRL config calls the key
+        known = set(fields) | set(getattr(cls, "RENAMED", {}))
+        data, notes, problems = carry_over(data, known, lambda k: f"{_place(source, lines, k)}: {k}", lines)
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
