@@ -116,8 +116,13 @@ def test_chat_template_and_collation(tiny_llama):
 
     rows = [PreferenceRow(GOOD["prompt"], "4", "5", "x:1"), PreferenceRow(CONV["prompt"], CONV["chosen"],
                                                                            CONV["rejected"], "x:2")]
-    pairs = tokenize_preferences(rows, tok, max_length=64)
-    # A string row is rendered through the chat template exactly like its conversational twin.
+    # By default a string row is plain text (as TRL tokenises it): no turn markers, the answer ends with EOS.
+    plain = tokenize_preferences(rows, tok, max_length=64)
+    assert "<|im_start|>" not in tok.decode(plain[0].prompt_ids + plain[0].chosen_ids)
+    assert tok.decode(plain[0].prompt_ids + plain[0].chosen_ids) == GOOD["prompt"] + "4" + tok.eos_token
+    assert plain[1].prompt_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")  # messages: always templated
+    pairs = tokenize_preferences(rows, tok, max_length=64, chat_template=True)
+    # chat_template=True: a string row is rendered through the chat template exactly like its conversational twin.
     assert pairs[0].prompt_ids == pairs[1].prompt_ids
     assert tok.decode(pairs[0].prompt_ids).endswith("<|im_start|>assistant\n")
     assert tok.decode(pairs[0].chosen_ids).startswith("4<|im_end|>")
