@@ -110,6 +110,21 @@ def test_prompt_without_room_under_max_length(tmp_path, tiny_llama, capsys):
     assert f"{path}:2: field 'prompt'" in capsys.readouterr().out
 
 
+def test_data_check_tokenises_as_the_recipes_do(tmp_path, tiny_llama, capsys):
+    """Plain text by default (as TRL); --chat_template as `chat_template: true`: its turn markers make the prompt
+    longer, so a max_length the plain prompt fits is too short for the templated one."""
+    tok = load_tokenizer(str(tiny_llama))
+    plain = len(tok(GOOD["prompt"])["input_ids"])
+    templated = len(tok.apply_chat_template([{"role": "user", "content": GOOD["prompt"]}], add_generation_prompt=True,
+                                            return_dict=True)["input_ids"])
+    assert templated > plain + 1
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    check = ["data", "check", str(path), "--model_name_or_path", str(tiny_llama), "--max_length", str(plain + 1)]
+    assert align_main(check) == 0
+    assert align_main(check + ["--chat_template"]) == 1
+    assert f"{path}:1: field 'prompt'" in capsys.readouterr().out
+
+
 def test_chat_template_and_collation(tiny_llama):
     tok = load_tokenizer(str(tiny_llama))
     from align.data.preference import PreferenceRow

@@ -142,3 +142,30 @@ def test_same_file_same_tokens_and_first_loss_as_trl(models, tmp_path, kind):
     print(f"{kind}: align {our_loss:.8f} TRL {trl_loss:.8f}")
     assert abs(trl_loss - 0.6931471805599453) > 1e-4  # the adapter moved the policy off its reference
     assert our_loss == pytest.approx(trl_loss, rel=1e-6)
+
+
+def test_tokenize_prompt_completions_by_hand(tiny_llama):
+    from trl.data_utils import common_prefix_length as trl_common_prefix_length
+
+    from align.core.loading import load_tokenizer
+    from align.data.issues import DataError
+    from align.data.trl_tokenize import common_prefix_length, tokenize_prompt_completions
+
+    for a, b, n in [([1, 2, 3], [1, 2, 4], 2), ([1, 2], [1, 2, 3], 2), ([], [1], 0), ([5], [6], 0)]:
+        assert common_prefix_length(a, b) == trl_common_prefix_length(a, b) == n
+    tok = load_tokenizer(str(tiny_llama))
+    eos = tok.eos_token
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prompt_ids, (four, twenty_two) = tokenize_prompt_completions("What is 2+2? ", ["4", "22" + eos], tok)
+    assert any("not a prefix" in str(w.message) for w in caught)  # the space went to the answers
+    assert prompt_ids + four == tok("What is 2+2? 4" + eos)["input_ids"]
+    assert prompt_ids + twenty_two == tok("What is 2+2? 22" + eos)["input_ids"]  # EOS not doubled
+    assert tok.decode(prompt_ids) == "What is 2+2?"
+    # chat_template=True: the string row is its conversational twin.
+    twin = tokenize_prompt_completions(user("What is 2+2?"), [assistant("4")], tok)
+    assert tokenize_prompt_completions("What is 2+2?", ["4"], tok, chat_template=True) == twin
+    tok.chat_template = None
+    assert tokenize_prompt_completions("What is 2+2?", ["4"], tok, chat_template=True)[0] == prompt_ids  # plain
+    with pytest.raises(DataError, match="need a tokenizer with a chat template"):
+        tokenize_prompt_completions(user("hi"), [assistant("4")], tok, where="f.jsonl:3")
