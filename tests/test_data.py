@@ -110,14 +110,34 @@ def test_prompt_without_room_under_max_length(tmp_path, tiny_llama, capsys):
     assert f"{path}:2: field 'prompt'" in capsys.readouterr().out
 
 
+def test_data_check_tokenises_as_the_recipes_do(tmp_path, tiny_llama, capsys):
+    """Plain text by default (as TRL); --chat_template as `chat_template: true`: its turn markers make the prompt
+    longer, so a max_length the plain prompt fits is too short for the templated one."""
+    tok = load_tokenizer(str(tiny_llama))
+    plain = len(tok(GOOD["prompt"])["input_ids"])
+    templated = len(tok.apply_chat_template([{"role": "user", "content": GOOD["prompt"]}], add_generation_prompt=True,
+                                            return_dict=True)["input_ids"])
+    assert templated > plain + 1
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    check = ["data", "check", str(path), "--model_name_or_path", str(tiny_llama), "--max_length", str(plain + 1)]
+    assert align_main(check) == 0
+    assert align_main(check + ["--chat_template"]) == 1
+    assert f"{path}:1: field 'prompt'" in capsys.readouterr().out
+
+
 def test_chat_template_and_collation(tiny_llama):
     tok = load_tokenizer(str(tiny_llama))
     from align.data.preference import PreferenceRow
 
     rows = [PreferenceRow(GOOD["prompt"], "4", "5", "x:1"), PreferenceRow(CONV["prompt"], CONV["chosen"],
                                                                            CONV["rejected"], "x:2")]
-    pairs = tokenize_preferences(rows, tok, max_length=64)
-    # A string row is rendered through the chat template exactly like its conversational twin.
+    # By default a string row is plain text (as TRL tokenises it): no turn markers, the answer ends with EOS.
+    plain = tokenize_preferences(rows, tok, max_length=64)
+    assert "<|im_start|>" not in tok.decode(plain[0].prompt_ids + plain[0].chosen_ids)
+    assert tok.decode(plain[0].prompt_ids + plain[0].chosen_ids) == GOOD["prompt"] + "4" + tok.eos_token
+    assert plain[1].prompt_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")  # messages: always templated
+    pairs = tokenize_preferences(rows, tok, max_length=64, chat_template=True)
+    # chat_template=True: a string row is rendered through the chat template exactly like its conversational twin.
     assert pairs[0].prompt_ids == pairs[1].prompt_ids
     assert tok.decode(pairs[0].prompt_ids).endswith("<|im_start|>assistant\n")
     assert tok.decode(pairs[0].chosen_ids).startswith("4<|im_end|>")

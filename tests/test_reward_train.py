@@ -42,7 +42,8 @@ def test_training_learns_and_leaves_the_base_untouched(tiny_llama, tmp_path, cap
 
     # The saved reward model scores exactly like the one that was trained.
     fresh = RewardModel.attach(SharedBase.load(str(tiny_llama)), path)
-    assert fresh.max_length == 96 and fresh.chat_template is True
+    # chat_template: the recipe's default (string rows plain, as TRL reads them), kept in reward_meta.json.
+    assert fresh.max_length == 96 and fresh.chat_template is False
     from align.data.preference import collate_pairs
 
     batch = collate_pairs(trainer.eval_pairs, trainer.base.tokenizer.pad_token_id)

@@ -57,8 +57,11 @@ def test_text_rows_train_every_token_and_end_with_eos(tok):
 
 
 def test_prompt_completion_trains_the_completion_only_by_default(tok):
-    r = row({"prompt": "hi there", "completion": "ok"})
+    # The row is read as one string, prompt + completion, as TRL reads it: the completion carries its space.
+    r = row({"prompt": "hi there", "completion": " ok"})
     plain = tokenize_row(r, tok, 16, chat_template=False)
+    glued = tokenize_row(row({"prompt": "hi there", "completion": "ok"}), tok, 16, chat_template=False)
+    assert glued.input_ids == [HI, tok.unk_token_id, END] and glued.loss_mask == [0, 1, 1]  # "thereok": one word
     assert plain.input_ids == [HI, THERE, OK, END]
     assert plain.loss_mask == [0, 0, 1, 1]
     assert tokenize_row(r, tok, 16, completion_only_loss=False, chat_template=False).loss_mask == [1, 1, 1, 1]

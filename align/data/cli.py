@@ -60,7 +60,10 @@ def add_arguments(p) -> None:
     c.add_argument("--model_name_or_path", "--model", dest="model", metavar="MODEL",
                    help="tokenizer (model folder, 'smollm2' or hub id) to check lengths with")
     c.add_argument("--max_length", type=int, default=512, help="token budget for prompt + answer")
-    c.add_argument("--no_chat_template", action="store_true", help="do not apply the tokenizer's chat template")
+    c.add_argument("--chat_template", action="store_true",
+                   help="write string rows through the tokenizer's chat template (the recipes' chat_template: true); "
+                        "by default they are plain text, as TRL tokenises them")
+    c.add_argument("--no_chat_template", action="store_true", help=argparse.SUPPRESS)  # the old default's opt-out
 
 
 def run(args) -> int:
@@ -156,7 +159,8 @@ def check_preferences(args) -> int:
 
         tok = load_tokenizer(resolve_model(args.model))  # 'smollm2' is a name only align knows, as in the recipes
         try:
-            tokenize_preferences(data.rows, tok, args.max_length, not args.no_chat_template, on_bad_rows="error")
+            tokenize_preferences(data.rows, tok, args.max_length, args.chat_template and not args.no_chat_template,
+                                 on_bad_rows="error")
         except DataError as e:
             issues.extend(e.issues)
             valid -= len(e.issues)

@@ -9,8 +9,9 @@ Sources (files, save_to_disk folders, dataset names, Dataset objects, lists): al
 
 Every problem is reported with its place (`file:line` for JSONL, `SOURCE: row N`
 otherwise), the field and what was expected. `on_bad_rows="error"` (default) raises
-one DataError listing every bad row; "skip" drops them and counts them. Tokenisation is cached
-on disk (align/data/token_cache.py), so a resumed run does not redo it.
+one DataError listing every bad row; "skip" drops them and counts them. Rows are tokenised as TRL's
+DPOTrainer tokenises them (align/data/trl_tokenize.py), cached on disk (align/data/token_cache.py),
+so a resumed run does not redo it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from align.data.issues import DataError, DataIssue, bad_rows, check_bad_fraction
 from align.data.prompt_extraction import extract_prompt
 from align.data.readers import read_jsonl
 from align.data.sources import describe, read_source
+from align.data.trl_tokenize import tokenize_prompt_completions
 
 __all__ = ["DataError", "DataIssue", "read_jsonl", "read_records"]
 read_records = read_source  # the name other modules know
@@ -166,49 +168,20 @@ def load_preferences(source, fmt: str = "auto", on_bad_rows: str = "error", spli
 
 
 # -- tokenizing ---------------------------------------------------------------------------------
-def render(prompt: Text, answers: list[Text], tokenizer, chat_template: bool = True,
-           where: str = "") -> tuple[str, list[str], bool]:
-    """Prompt text, each answer's text, and whether the chat template was used.
-
-    Message lists always go through the template; strings do when `chat_template` is on and the
-    tokenizer has one. Plain-text answers end with EOS, as the template's answers end with theirs.
-    """
-    conversational = isinstance(prompt, list) or isinstance(answers[0], list)
-    use_template = bool(conversational or (chat_template and getattr(tokenizer, "chat_template", None)))
-    if not use_template:
-        eos = tokenizer.eos_token or ""
-        return prompt, [a + eos for a in answers], False
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError([DataIssue(where, None, "conversational rows need a tokenizer with a chat template")])
-
-    def as_messages(x, role):
-        return x if isinstance(x, list) else [{"role": role, "content": x}]
-
-    messages = as_messages(prompt, "user")
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    outs = []
-    for answer in answers:
-        full = tokenizer.apply_chat_template(messages + as_messages(answer, "assistant"), tokenize=False)
-        if not full.startswith(prompt_text):
-            raise DataError([DataIssue(where, None, "the chat template does not render the prompt as a "
-                                                    "prefix of the conversation; cannot split prompt and answer")])
-        outs.append(full[len(prompt_text):])
-    return prompt_text, outs, True
-
-
 def tokenize_answers(prompt: Text, answers: list[Text], tokenizer, max_length: int | None,
-                     chat_template: bool = True, where: str = "") -> tuple[list[int], list[list[int]]]:
+                     chat_template: bool = False, where: str = "") -> tuple[list[int], list[list[int]]]:
     """Prompt ids and each answer's ids, as training reads a preference row (and scoring, one answer).
 
-    Answers are cut to the room the prompt leaves under `max_length` (at least one token). The
-    prompt comes back whole: what a prompt that fills `max_length` by itself means is the caller's
-    choice (training refuses the row; a scorer, which owes a score, keeps the prompt's end).
+    Tokenised as TRL 1.16 does (align/data/trl_tokenize.py: string rows untemplated unless
+    `chat_template`, EOS appended, the split where prompt and prompt + answer diverge). Answers are
+    cut to the room the prompt leaves under `max_length` (at least one token), which is TRL's
+    keep_start truncation of prompt + answer. The prompt comes back whole: what a prompt that fills
+    `max_length` by itself means is the caller's choice (training refuses the row; a scorer, which
+    owes a score, keeps the prompt's end).
     """
-    prompt_text, texts, templated = render(prompt, answers, tokenizer, chat_template, where)
-    # The template already wrote BOS and friends into the text; plain text gets the tokenizer's own.
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
+    prompt_ids, answer_ids = tokenize_prompt_completions(prompt, answers, tokenizer, chat_template, where)
     room = None if max_length is None else max(1, max_length - len(prompt_ids))
-    return prompt_ids, [tokenizer(t, add_special_tokens=False)["input_ids"][:room] for t in texts]
+    return prompt_ids, [ids[:room] for ids in answer_ids]
 
 
 def _tokenize_pair(example: dict, tokenizer, max_length: int, chat_template: bool) -> dict:
@@ -224,7 +197,7 @@ def _tokenize_pair(example: dict, tokenizer, max_length: int, chat_template: boo
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "issue": issue}
 
 
-def tokenize_preferences(rows: list[PreferenceRow], tokenizer, max_length: int, chat_template: bool = True,
+def tokenize_preferences(rows: list[PreferenceRow], tokenizer, max_length: int, chat_template: bool = False,
                          on_bad_rows: str = "error") -> list[TokenizedPair]:
     """Tokenize rows; answers are truncated to fit `max_length`, a prompt that leaves no room is an error.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 # Bump when what a cached file holds changes meaning.
-FORMAT = "align-tokens-v2"
+FORMAT = "align-tokens-v3"  # v3: TRL 1.16's prompt/completion split
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

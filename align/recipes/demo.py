@@ -114,7 +114,9 @@ def train_dpo_on(s: DemoSettings, base, model_path: str, data: Path, out: Path) 
         f"model_name_or_path={model_path}", f"train_file={data}", f"output_dir={out / 'dpo'}", "max_length=128",
         f"learning_rate={s.learning_rate}", f"beta={s.beta}", f"num_train_epochs={s.epochs}",
         f"per_device_train_batch_size={s.batch_size}", f"per_device_eval_batch_size={s.batch_size}",
-        f"seed={s.seed}", "save_steps=0", "precompute_ref_log_probs=true"])
+        f"seed={s.seed}", "save_steps=0", "precompute_ref_log_probs=true",
+        # The pairs' answers were sampled after the chat template's prompt: train on that same format.
+        "chat_template=true"])
     # The same base the engine was checked against; the demo's pairs are new each run, so is its DPO run.
     return DPOTrainer(config, base=base, overwrite=True).train()
 

@@ -43,8 +43,9 @@ class SFTConfig(TrainConfig):
     max_bad_fraction: float = arg(0.1, "With on_bad_rows: skip, stop before training when more than this fraction "
                                        "of the rows are bad.")
     dataset_text_field: str = arg("text", "The field holding the text of language-modelling rows.")
-    chat_template: bool = arg(True, "Apply the tokenizer's chat template to string prompt-completion rows (as DPO "
-                                    "does), so the adapter learns the format DPO and PPO use.")
+    chat_template: bool = arg(True, "Apply the tokenizer's chat template to string prompt-completion rows, so the "
+                                    "adapter learns the chat format (DPO's chat_template: true; TRL's SFTTrainer "
+                                    "and align's DPO default leave string rows plain).")
     max_length: int = arg(1024, "Tokens per example (longer ones are cut, keeping the start); with packing, the "
                                 "length of each packed row.")
     packing: bool = arg(False, "Pack whole examples into rows of max_length (best-fit decreasing); attention and "

@@ -252,7 +252,9 @@ class PreferenceDataConfig:
     on_bad_rows: str = arg("error", "error (abort, listing every bad row) | skip (drop and count them).")
     max_bad_fraction: float = arg(0.1, "With on_bad_rows: skip, stop before training when more than this fraction "
                                        "of the rows are bad.")
-    chat_template: bool = arg(True, "Apply the tokenizer's chat template to string rows.")
+    chat_template: bool = arg(False, "String (standard) rows: false (default) tokenises them as plain text, as TRL's "
+                                     "DPOTrainer does; true writes them as a user turn and an assistant turn "
+                                     "through the tokenizer's chat template. Message rows always use the template.")
     max_length: int = arg(256, "Token budget for prompt + answer; answers are truncated to fit.")
 
     # Config fields for data, and the argument that takes the rows themselves in Python (TRL's names).

@@ -97,6 +97,7 @@ def run_variant(args, model_path: str, pairs: Path, out: Path, four_bit: bool) -
             f"learning_rate={s.learning_rate}", f"beta={s.beta}", f"num_train_epochs={s.epochs}",
             f"per_device_train_batch_size={s.batch_size}", f"per_device_eval_batch_size={s.batch_size}",
             "seed=0", "save_steps=0", "precompute_ref_log_probs=true", "report_to=[none]", "dtype=bfloat16",
+            "chat_template=true",  # as the demo: the answers were sampled after the chat template's prompt
             f"load_in_4bit={str(four_bit).lower()}", f"bnb_4bit_compute_dtype={args.compute_dtype}"]
     if args.max_steps:
         sets.append(f"max_steps={args.max_steps}")
