@@ -7,4 +7,5 @@ export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_NUM_OF
        HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Two workers, whole files each (a module's server or engine starts once): much of the suite waits on
 # process starts and servers, so two cores overlap it. `bash scripts/test.sh -n 0 ...` runs serially.
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
+# --durations: the slowest tests are printed, so a suite creeping towards its time budget shows where.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=25 "$@"
