@@ -138,3 +138,33 @@ def test_a_file_that_is_not_yaml_is_one_line_with_its_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(DPOConfig, path)
     assert str(e.value) == f"{path}:3: not valid YAML (mapping values are not allowed here)"
+
+
+def test_a_key_given_twice_in_a_file_is_one_line_naming_both(tmp_path):
+    """YAML keeps the last of two equal keys without a word: one of the user's values would be ignored."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("learning_rate: 1.0e-3\nbeta: 0.1\nlearning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(DPOConfig, path, [f"train_file={DATA}"])
+    assert str(e.value) == f"{path}:3: learning_rate: given twice (first at line 1); YAML would keep only this one"
+
+
+@pytest.mark.parametrize("kind", ["sequences", "mappings"])
+def test_an_alias_bomb_is_one_line_not_a_hang(tmp_path, kind):
+    """Six levels of nine aliases: 9**6 = 531,441 values from ten short lines (each level more would be 9x)."""
+    from align.train.config_parser import MAX_YAML_VALUES
+
+    names = "abcdefg"
+    if kind == "sequences":
+        text = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip(names, names[1:]))
+        text += "lora_target_modules: *g\n"
+    else:
+        text = "a: &a {x: 1}\n" + "".join(f"{n}: &{n} {{{', '.join(f'k{i}: *{p}' for i in range(9))}}}\n"
+                                          for p, n in zip(names, names[1:]))
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(DPOConfig, path, [f"train_file={DATA}"])
+    assert str(e.value).startswith(f"{path}:") and f"expands to more than {MAX_YAML_VALUES} values" in str(e.value)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
