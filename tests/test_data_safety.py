@@ -158,3 +158,26 @@ def test_a_data_error_comes_before_the_model(recipe, source, tmp_path, hf_cache)
         train(recipe, cfg)
     assert str(e.value).startswith(missing) and "model_name_or_path" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+# -- a key given twice -----------------------------------------------------------------------------
+def test_a_key_given_twice_is_a_bad_row_in_jsonl_and_json_arrays(tmp_path):
+    """json keeps the last of two equal keys silently: the row would train on a value its author may not mean."""
+    from align.data.readers import read_json
+
+    twice = json.dumps(PREFS[1])[:-1] + ', "chosen": "other"}'
+    path = write_jsonl(tmp_path / "twice.jsonl", [PREFS[0], twice, PREFS[2]])
+    with pytest.raises(DataError) as e:
+        load_preferences(str(path))
+    assert [i.where for i in e.value.issues] == [f"{path}:2"] and "key 'chosen' appears twice" in str(e.value)
+    assert [r.prompt for r in load_preferences(str(path), on_bad_rows="skip").rows] == [PREFS[0]["prompt"],
+                                                                                        PREFS[2]["prompt"]]
+    nested = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
+              "rejected": [{"role": "assistant", "content": "Bye"}]}
+    inner = json.dumps(nested).replace('"content": "Hello"}', '"content": "Hello", "role": "user"}')
+    array = tmp_path / "twice.json"
+    array.write_text("[\n" + json.dumps(PREFS[0]) + ",\n" + inner + ",\n" + json.dumps(PREFS[2]) + "\n]\n")
+    got = list(read_json(array, chunk_chars=16))  # pieces smaller than a row: the bad row is read on whole
+    assert [r for _, r in got if isinstance(r, dict)] == [PREFS[0], PREFS[2]]
+    issues = [r for _, r in got if not isinstance(r, dict)]
+    assert len(issues) == 1 and issues[0].where == f"{array}:3" and "key 'role' appears twice" in issues[0].message
