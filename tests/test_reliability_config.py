@@ -114,6 +114,13 @@ def test_output_dir_that_is_a_file_or_under_one(tiny_llama, tmp_path):
                     f"output_dir: {blocker / 'run'} is inside {blocker}, which is a file")
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["check_config", "run"])
+def test_output_dir_where_nothing_can_be_made_is_one_line(tiny_llama, check):
+    """/proc takes no new folder, even from root (whom permission bits never stop): one line, not a traceback."""
+    done = run(command("dpo", tiny_llama, Path("/proc/align-run"), *(["--check_config"] if check else [])))
+    assert_one_line(done, "output_dir: cannot write /proc/align-run: /proc does not take new files or folders")
+
+
 @pytest.mark.parametrize("recipe", ["ppo", "reward"])
 def test_check_config_refuses_a_finished_run_without_resume(recipe, tiny_llama, tmp_path):
     out = tmp_path / "run"
