@@ -55,12 +55,13 @@ def check_not_a_file(out: Path, field: str, expected: str) -> None:
         raise UserError(f"{field}: {out} is inside {blocking}, which is a file")
 
 
-def check_writable(out: Path, field: str) -> None:
-    """The folder `out` is, or would be made in, takes new entries: tried with an empty folder removed at once,
-    as permissions alone do not tell (root passes os.access on /proc, where nothing can be made)."""
+def check_writable(out: Path, field: str, beside: bool = False) -> None:
+    """The folder `out` is, or would be made in, takes new entries (`beside`: the folder `out` sits in, where an
+    atomic write puts its temporary): tried with an empty folder removed at once, as permissions alone do not
+    tell (root passes os.access on /proc, where nothing can be made)."""
     import tempfile
 
-    where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    where = next((p for p in (*([] if beside else [out]), *out.parents) if p.exists()), Path("."))
     try:
         Path(tempfile.mkdtemp(prefix=".align-probe-", dir=where)).rmdir()
     except OSError as e:
