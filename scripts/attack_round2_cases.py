@@ -234,9 +234,10 @@ def big_json_array(ctx: Ctx, d, prefs: list) -> None:
     mb = big.stat().st_size / 2**20
     (done_s, rss_s, _), (done, rss, sec) = (measured(ctx, p) for p in (small, big))
     grew = (rss - rss_s) / 2**20
-    ctx.add("data", f"big JSON array, {mb:.0f} MB: {sec:.0f} s, peak RSS +{grew:.0f} MB over a 2-row array",
-            "checked (exit 0) with peak RSS growth under the file's size",
-            done.returncode == 0 and done_s.returncode == 0 and grew < mb, done)
+    ctx.add("data", f"big JSON array, {mb:.1f} MB, checked with a tokenizer: {sec:.0f} s, peak RSS +{grew:.0f} MB "
+            f"({grew / mb:.1f}x the file) over a 2-row array", "exit 0; peak RSS growth at most 6x the file (the rows "
+            "are held, their token ids not; the issue measured 38x)",
+            done.returncode == 0 and done_s.returncode == 0 and grew <= 6 * mb, done)
 
 
 # -- permissions: outputs as the umask says ----------------------------------------------------------

@@ -105,8 +105,9 @@ def resume(ctx: Ctx) -> None:
             done.returncode == 2 and "train_file" in done.stderr and clean(done), done)
     empty = ctx.tmp / "res-empty"
     empty.mkdir()
-    done = align(*resume_recipe(ctx, empty, "--resume"))
-    ctx.add("resume", "--resume in a folder with no run", "one line, exit 2", one_line(done, "res-empty"), done)
+    done = align(*resume_recipe(ctx, empty, "--resume"))  # by design: a kill before the first checkpoint
+    ctx.add("resume", "--resume in a folder with no run", "starts fresh and says so ('no checkpoint in ...')",
+            done.returncode == 0 and "no checkpoint in" in done.stdout + done.stderr and clean(done), done)
     done = align(*resume_recipe(ctx, run, "--resume", "step-000099"))
     ctx.add("resume", "--resume step-000099 (no such checkpoint)", "one line naming step-000099, exit 2",
             one_line(done, "step-000099"), done)
