@@ -1,4 +1,4 @@
-"""What scripts/attack_round2*.py share: the run context, `python -m align` runs, and their checks."""
+"""What scripts/attack_round2.py and its two case files share: the run context, `python -m align` runs, their checks."""
 
 from __future__ import annotations
 
