@@ -197,8 +197,8 @@ def newcomer(ctx: Ctx) -> None:
     (c / "empty-run").mkdir(exist_ok=True)
     (c / "empty-run" / "metrics.jsonl").write_text("")
     done = align("plot", c / "empty-run")
-    ctx.add("newcomer", "align plot on a run whose metrics.jsonl is empty", "one line (nothing to draw), exit 2",
-            one_line(done, "metrics.jsonl"), done)
+    ctx.add("newcomer", "align plot on a run whose metrics.jsonl is empty", "one line 'no metrics to plot', exit 2",
+            one_line(done, "no metrics to plot"), done)
 
 
 CASES = {"export": export, "adapters": adapters, "resume": resume, "data": data,
