@@ -206,3 +206,14 @@ def test_data_check_with_a_tokenizer_holds_no_more_than_reading(tmp_path, tiny_l
 
     reading = peak()
     assert peak("--model_name_or_path", str(tiny_llama), "--max_length", "96") < 1.5 * reading
+
+
+def test_a_control_character_in_a_line_is_named_once(tmp_path):
+    """A NUL inside a string: json says "Invalid control character at"; the message says "at column" once."""
+    line = json.dumps(PREFS[1])[:-2] + '\x00"}'
+    path = tmp_path / "nul.jsonl"
+    path.write_text(json.dumps(PREFS[0]) + "\n" + line + "\n")
+    with pytest.raises(DataError) as e:
+        load_preferences(str(path))
+    assert [str(i) for i in e.value.issues] == [f"{path}:2: not valid JSON (Invalid control character at column "
+                                                f"{len(line) - 2}); expected one JSON object per line"]

@@ -83,7 +83,8 @@ def _parse_line(where: str, raw: bytes):
     try:
         return _DECODER.decode(text)
     except json.JSONDecodeError as e:
-        return DataIssue(where, None, f"not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line")
+        msg = e.msg.removesuffix(" at")  # json's "Invalid control character at" already ends in "at"
+        return DataIssue(where, None, f"not valid JSON ({msg} at column {e.colno}); expected one JSON object per line")
     except _DuplicateKey as e:
         return _twice(where, e)
 
