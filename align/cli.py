@@ -101,6 +101,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a first try: what align is and its commands, not only "COMMAND is required"
+        build_parser("").print_help(sys.stderr)
+        return 2
     command = next((a for a in argv if not a.startswith("-")), None)
     # Without a known command only the overview (or an error) is printed: no command's module is needed.
     args = build_parser(command if command in COMMANDS else "").parse_args(argv)

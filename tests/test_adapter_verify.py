@@ -115,6 +115,10 @@ def rank_16(d):
     (d / CONFIG).write_text(json.dumps({**config, "r": 16}))
 
 
+def nan_entry(d):
+    edit_tensors(d, lambda t: t[f"{Q0}.lora_B.weight"].__setitem__((0, 0), float("nan")))
+
+
 # (case, damage, the file the line names, words in it)
 CASES = [
     ("renamed tensor", renamed, WEIGHTS, r"missing 1 tensor\(s\).*q_proj.lora_A.weight; 1 unexpected.*q_projx"),
@@ -125,6 +129,7 @@ CASES = [
     ("non-JSON config", config_text("{not json"), CONFIG, "line 1: not valid JSON"),
     ("array config", config_text("[1, 2]"), CONFIG, "expected a JSON object, got list"),
     ("r 16 over rank-8 weights", rank_16, WEIGHTS, r"r=16|rank 8, but adapter_config.json says r=16"),
+    ("a NaN weight", nan_entry, WEIGHTS, r"q_proj.lora_B.weight' holds 1 non-finite value\(s\)"),
 ]
 
 

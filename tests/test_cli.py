@@ -44,6 +44,14 @@ def help_text(words, capsys, monkeypatch) -> str:
     return capsys.readouterr().out
 
 
+def test_align_alone_shows_the_commands_and_exits_2(capsys):
+    """A newcomer's first `align`: the overview with every command, on stderr, not only an argparse complaint."""
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: align") and "commands:\n" in err
+    assert [w[0] for w in TOP] == [line.split()[0] for line in err.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+
+
 def test_top_help_is_sentences_one_line_per_command():
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="100")
     out = subprocess.run([sys.executable, "-m", "align", "--help"], capture_output=True, text=True, env=env,

@@ -158,3 +158,62 @@ def test_a_data_error_comes_before_the_model(recipe, source, tmp_path, hf_cache)
         train(recipe, cfg)
     assert str(e.value).startswith(missing) and "model_name_or_path" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+# -- a key given twice -----------------------------------------------------------------------------
+def test_a_key_given_twice_is_a_bad_row_in_jsonl_and_json_arrays(tmp_path):
+    """json keeps the last of two equal keys silently: the row would train on a value its author may not mean."""
+    from align.data.readers import read_json
+
+    twice = json.dumps(PREFS[1])[:-1] + ', "chosen": "other"}'
+    path = write_jsonl(tmp_path / "twice.jsonl", [PREFS[0], twice, PREFS[2]])
+    with pytest.raises(DataError) as e:
+        load_preferences(str(path))
+    assert [i.where for i in e.value.issues] == [f"{path}:2"] and "key 'chosen' appears twice" in str(e.value)
+    assert [r.prompt for r in load_preferences(str(path), on_bad_rows="skip").rows] == [PREFS[0]["prompt"],
+                                                                                        PREFS[2]["prompt"]]
+    nested = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
+              "rejected": [{"role": "assistant", "content": "Bye"}]}
+    inner = json.dumps(nested).replace('"content": "Hello"}', '"content": "Hello", "role": "user"}')
+    array = tmp_path / "twice.json"
+    array.write_text("[\n" + json.dumps(PREFS[0]) + ",\n" + inner + ",\n" + json.dumps(PREFS[2]) + "\n]\n")
+    got = list(read_json(array, chunk_chars=16))  # pieces smaller than a row: the bad row is read on whole
+    assert [r for _, r in got if isinstance(r, dict)] == [PREFS[0], PREFS[2]]
+    issues = [r for _, r in got if not isinstance(r, dict)]
+    assert len(issues) == 1 and issues[0].where == f"{array}:3" and "key 'role' appears twice" in issues[0].message
+
+
+def test_data_check_with_a_tokenizer_holds_no_more_than_reading(tmp_path, tiny_llama, hf_cache):
+    """`align data check --model_name_or_path` on 10,000 rows: checking lengths costs no memory beyond the rows
+    (Python allocations, traced); it held every row's token ids at once before (3.5x the reading's peak)."""
+    import tracemalloc
+
+    from align.cli import main
+    from align.core.loading import load_tokenizer
+
+    rows = [{**PREFS[i % len(PREFS)], "prompt": f"{PREFS[i % len(PREFS)]['prompt']} #{i}"} for i in range(10_000)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    load_tokenizer(str(tiny_llama))  # its imports are not the check's memory
+
+    def peak(*extra: str) -> int:
+        tracemalloc.start()
+        try:
+            assert main(["data", "check", str(path), "--recipe", "dpo", *extra]) == 0
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    reading = peak()
+    assert peak("--model_name_or_path", str(tiny_llama), "--max_length", "96") < 1.5 * reading
+
+
+def test_a_control_character_in_a_line_is_named_once(tmp_path):
+    """A NUL inside a string: json says "Invalid control character at"; the message says "at column" once."""
+    line = json.dumps(PREFS[1])[:-2] + '\x00"}'
+    path = tmp_path / "nul.jsonl"
+    path.write_text(json.dumps(PREFS[0]) + "\n" + line + "\n")
+    with pytest.raises(DataError) as e:
+        load_preferences(str(path))
+    assert [str(i) for i in e.value.issues] == [f"{path}:2: not valid JSON (Invalid control character at column "
+                                                f"{len(line) - 2}); expected one JSON object per line"]

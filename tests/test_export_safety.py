@@ -116,6 +116,15 @@ def test_an_output_that_is_a_file_is_refused(sources, tmp_path, capsys):
     refused(["export", "--reward", str(reward), str(out / "inside")], capsys, out, "which is a file")
 
 
+@pytest.mark.parametrize("flag", ["--merge", "--reward"])
+def test_an_output_where_nothing_can_be_made_is_refused_before_loading(sources, capsys, flag):
+    """/proc takes no new folder, even from root: one line before any model loads, not a traceback after the merge."""
+    policy, reward = sources
+    source = ["--adapter", str(policy / "adapter"), "--merge"] if flag == "--merge" else ["--reward", str(reward)]
+    refused(["export", *source, "/proc/align-export"], capsys, "output: cannot write /proc/align-export",
+            "/proc does not take new files or folders")
+
+
 def test_a_non_empty_output_needs_overwrite(sources, tmp_path, capsys):
     policy, reward = sources
     out = tmp_path / "exported"

@@ -96,7 +96,8 @@ def test_every_recipe_rejects_the_generic_cases(recipe, override, expected):
 def test_a_bad_value_in_a_file_names_its_line(recipe, tiny_llama, tmp_path):
     _, config = RECIPES[recipe]
     path = tmp_path / "bad.yaml"
-    path.write_text((ROOT / config).read_text() + "\n# a comment\nlearning_rate: -3.0e-4\n")
+    kept = [x for x in (ROOT / config).read_text().splitlines() if not x.startswith("learning_rate:")]  # given once
+    path.write_text("\n".join(kept) + "\n\n# a comment\nlearning_rate: -3.0e-4\n")
     line = len(path.read_text().splitlines())
     out = tmp_path / "run"
     cmd = command(recipe, tiny_llama, out)
@@ -112,6 +113,13 @@ def test_output_dir_that_is_a_file_or_under_one(tiny_llama, tmp_path):
     assert_one_line(run(command("dpo", tiny_llama, blocker)), f"output_dir: {blocker} is a file")
     assert_one_line(run(command("reward", tiny_llama, blocker / "run", "--check_config")),
                     f"output_dir: {blocker / 'run'} is inside {blocker}, which is a file")
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check_config", "run"])
+def test_output_dir_where_nothing_can_be_made_is_one_line(tiny_llama, check):
+    """/proc takes no new folder, even from root (whom permission bits never stop): one line, not a traceback."""
+    done = run(command("dpo", tiny_llama, Path("/proc/align-run"), *(["--check_config"] if check else [])))
+    assert_one_line(done, "output_dir: cannot write /proc/align-run: /proc does not take new files or folders")
 
 
 @pytest.mark.parametrize("recipe", ["ppo", "reward"])
@@ -138,3 +146,33 @@ def test_a_file_that_is_not_yaml_is_one_line_with_its_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(DPOConfig, path)
     assert str(e.value) == f"{path}:3: not valid YAML (mapping values are not allowed here)"
+
+
+def test_a_key_given_twice_in_a_file_is_one_line_naming_both(tmp_path):
+    """YAML keeps the last of two equal keys without a word: one of the user's values would be ignored."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("learning_rate: 1.0e-3\nbeta: 0.1\nlearning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(DPOConfig, path, [f"train_file={DATA}"])
+    assert str(e.value) == f"{path}:3: learning_rate: given twice (first at line 1); YAML would keep only this one"
+
+
+@pytest.mark.parametrize("kind", ["sequences", "mappings"])
+def test_an_alias_bomb_is_one_line_not_a_hang(tmp_path, kind):
+    """Six levels of nine aliases: 9**6 = 531,441 values from ten short lines (each level more would be 9x)."""
+    from align.train.config_parser import MAX_YAML_VALUES
+
+    names = "abcdefg"
+    if kind == "sequences":
+        text = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip(names, names[1:]))
+        text += "lora_target_modules: *g\n"
+    else:
+        text = "a: &a {x: 1}\n" + "".join(f"{n}: &{n} {{{', '.join(f'k{i}: *{p}' for i in range(9))}}}\n"
+                                          for p, n in zip(names, names[1:]))
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(DPOConfig, path, [f"train_file={DATA}"])
+    assert str(e.value).startswith(f"{path}:") and f"expands to more than {MAX_YAML_VALUES} values" in str(e.value)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200

@@ -204,3 +204,18 @@ def test_python_api_refuses_and_accepts_the_same_way(tiny_llama, run):
         train_sft(changed, resume=True)
     train_sft(changed, resume=True, resume_changed=True)
     assert yaml.safe_load((run / HISTORY).read_text()) == [{"step": 2, "changed": {"lora_alpha": [32, 16]}}]
+
+
+def test_a_train_file_edited_in_place_is_a_difference(tmp_path):
+    """The same path with other rows trains on other data: its content digest is recorded and compared."""
+    data = tmp_path / "rows.jsonl"
+    shutil.copy(DATA, data)
+    state = {"step": 1, "world": 1, "config": config_record(config(train_file=data))}
+    assert state["config"]["train_file content"].startswith("sha256:")
+    assert check_resume(config(train_file=data), state, 1, False, "step-000001", print) is None  # untouched
+    data.write_text(data.read_text().replace('"completion": "72"', '"completion": "seventy-two"'))
+    with pytest.raises(UserError, match=r"1 setting\(s\) differ.*\n  train_file content: was 'sha256:[0-9a-f]{16}', "
+                                        r"now 'sha256:[0-9a-f]{16}'"):
+        check_resume(config(train_file=data), state, 1, False, "step-000001", print)
+    entry = check_resume(config(train_file=data), state, 1, True, "step-000001", print)
+    assert list(entry["changed"]) == ["train_file content"]

@@ -8,7 +8,9 @@ Before any weight is loaded into a model:
 - it holds exactly the LoRA tensors the config implies for this base: PEFT's names
   ("base_model.model.<module>.lora_A.weight" (r, in) / ".lora_B.weight" (out, r)) for each base
   linear the config targets; missing, unexpected and wrongly shaped tensors are named;
-- align_meta.json's base_fingerprint, when there is one, matches the base (a warning when there is none).
+- align_meta.json's base_fingerprint, when there is one, matches the base (a warning when there is none);
+- every floating-point tensor is finite: a NaN or inf weight makes every log-prob NaN (a policy that trains
+  on nothing, a reference that poisons each loss, a server that samples garbage).
 
 PEFT itself only warns about missing or unexpected names and starts those layers from random or
 zero weights, so without this a wrong adapter trains (and anchors the reference) from a half-random start.
@@ -297,5 +299,21 @@ def verify_adapter(folder: str | os.PathLike, modules: Mapping[str, tuple[int, i
     if fingerprint is not None:
         check_fingerprint(files.meta, fingerprint, files.folder, base_label)
     check_tensors(files.config, files.shapes, modules, files.folder / WEIGHTS, base_label)
+    check_finite(files.folder / WEIGHTS)
     return files
+
+
+def check_finite(path: Path, shown: Path | None = None) -> None:
+    """AdapterInvalid naming the first tensor of `path` (a whole safetensors file) with a NaN or inf value;
+    the message names `shown` instead of `path` when given (a server reads its private copy)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise AdapterInvalid(f"{shown or path}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf); "
+                                     f"expected finite weights")
 

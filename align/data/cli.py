@@ -126,7 +126,7 @@ def _unpaired_rows(args) -> tuple[int, list]:
 
         tok = load_tokenizer(resolve_model(args.model))
         try:
-            tokenize_unpaired(data.rows, tok, args.max_length, not args.no_chat_template, on_bad_rows="error")
+            tokenize_unpaired(data.rows, tok, args.max_length, args.chat_template and not args.no_chat_template, on_bad_rows="error")
         except DataError as e:
             issues.extend(e.issues)
             valid -= len(e.issues)
@@ -142,7 +142,7 @@ def check_rows(args, valid: int, issues: list) -> int:
 
 
 def check_preferences(args) -> int:
-    from align.data.preference import DataError, load_preferences, tokenize_preferences
+    from align.data.preference import DataError, load_preferences, tokenized_issues
 
     try:
         data = load_preferences(args.file, fmt=args.format, on_bad_rows="skip", split=args.dataset_split,
@@ -158,12 +158,9 @@ def check_preferences(args) -> int:
         from align.core.loading import load_tokenizer, resolve_model
 
         tok = load_tokenizer(resolve_model(args.model))  # 'smollm2' is a name only align knows, as in the recipes
-        try:
-            tokenize_preferences(data.rows, tok, args.max_length, args.chat_template and not args.no_chat_template,
-                                 on_bad_rows="error")
-        except DataError as e:
-            issues.extend(e.issues)
-            valid -= len(e.issues)
+        bad = tokenized_issues(data.rows, tok, args.max_length, args.chat_template and not args.no_chat_template)
+        issues.extend(bad)
+        valid -= len(bad)
     for issue in issues:
         print(issue)
     total = len(data.rows) + len(data.skipped)

@@ -5,7 +5,8 @@
     read_csv(path)    Python's csv module, every cell text (where = "file: row N"; a ragged row names its line)
 
 No file is read whole into memory except the {"train": [...]} form of .json, and no row is parsed
-by recursion deeper than MAX_DEPTH: a hostile line is a bad row, never a RecursionError.
+by recursion deeper than MAX_DEPTH: a hostile line is a bad row, never a RecursionError. A JSON object
+naming a key twice is a bad row too (json would keep the last value silently).
 """
 
 from __future__ import annotations
@@ -23,6 +24,30 @@ _CHUNK = 1 << 20
 # A JSON string (skipped whole) or a bracket: what a depth scan needs to look at.
 _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
 _SPACE = re.compile(r"\s*")
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object naming one key twice: json keeps the last value without a word, so the row is refused."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return row
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _twice(where: str, e: _DuplicateKey) -> DataIssue:
+    return DataIssue(where, None, f"key {e.key[:80]!r} appears twice in one object (JSON would keep only the "
+                                  f"last); expected each field once")
 
 
 def nesting_depth(text: str) -> int:
@@ -56,9 +81,12 @@ def _parse_line(where: str, raw: bytes):
     if issue:
         return issue
     try:
-        return json.loads(text)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as e:
-        return DataIssue(where, None, f"not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line")
+        msg = e.msg.removesuffix(" at")  # json's "Invalid control character at" already ends in "at"
+        return DataIssue(where, None, f"not valid JSON ({msg} at column {e.colno}); expected one JSON object per line")
+    except _DuplicateKey as e:
+        return _twice(where, e)
 
 
 def _lines(f):
@@ -128,14 +156,19 @@ class _Text:
 
 
 def _next_value(text: _Text, path: Path):
-    """Decode the value at text.pos -> (value, None), or (None, DataIssue); reads on until it is whole."""
-    decoder = json.JSONDecoder()
+    """Decode the value at text.pos -> (value, None, True), or (None, DataIssue, whether reading goes on after
+    it); reads on until it is whole. A row with a key given twice is read on without that check (to find its
+    end): its DataIssue leaves text.pos past it, so the rows after it are still read."""
+    decoder, twice = _DECODER, None
     while True:
         try:
             value, end = decoder.raw_decode(text.buf, text.pos)
+        except _DuplicateKey as e:
+            decoder, twice = json.JSONDecoder(), e
+            continue
         except RecursionError:
             return None, DataIssue(text.where(path), None, f"JSON nested deeper than {MAX_DEPTH} levels; expected "
-                                                           f"a flat row object")
+                                                           f"a flat row object"), False
         except json.JSONDecodeError as e:
             # Perhaps only cut off by the chunk's end: read as much again (so a long row costs linear time),
             # up to MAX_ROW_BYTES past its start.
@@ -143,13 +176,16 @@ def _next_value(text: _Text, path: Path):
             if held <= MAX_ROW_BYTES and text.more(held):
                 continue
             why = f" within {MAX_ROW_BYTES >> 20} MiB: a broken row or a longer one" if held > MAX_ROW_BYTES else ""
-            return None, DataIssue(text.where(path, e.pos), None, f"not valid JSON ({e.msg}){why}")
+            return None, DataIssue(text.where(path, e.pos), None, f"not valid JSON ({e.msg}){why}"), False
         if end == len(text.buf) and text.more(text.chunk):  # a number may go on in the next chunk
             continue
         if not isinstance(value, str) and nesting_depth(text.buf[text.pos:end]) > MAX_DEPTH:
-            return None, _too_deep(text.where(path), text.buf[text.pos:end])
+            return None, _too_deep(text.where(path), text.buf[text.pos:end]), False
+        if twice is not None:
+            where, text.pos = text.where(path), end
+            return None, _twice(where, twice), True
         text.pos = end
-        return value, None
+        return value, None, True
 
 
 def _whole(path: Path, text: _Text):
@@ -160,9 +196,12 @@ def _whole(path: Path, text: _Text):
         yield issue.where, issue
         return
     try:
-        records = json.loads(text.buf)
+        records = _DECODER.decode(text.buf)
     except json.JSONDecodeError as e:
         yield f"{path}:{e.lineno}", DataIssue(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg})")
+        return
+    except _DuplicateKey as e:
+        yield str(path), _twice(str(path), e)
         return
     if not (isinstance(records, dict) and isinstance(records.get("train"), list)):
         yield str(path), DataIssue(str(path), None, "expected a JSON array of row objects (or JSONL)")
@@ -193,11 +232,13 @@ def _array_rows(path: Path, text: _Text):
         if i:
             text.pos += 1
             text.peek()
-        value, issue = _next_value(text, path)
+        value, issue, go_on = _next_value(text, path)
         if issue:
             yield issue.where, issue
-            return
-        yield f"{path}: row {i}", value
+            if not go_on:  # not read past: nothing after it can be placed
+                return
+        else:
+            yield f"{path}: row {i}", value
         i += 1
 
 

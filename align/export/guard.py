@@ -17,7 +17,7 @@ from align.core.errors import UserError
 from align.serve.adapters import AdapterInfo, AdapterRefused, parse_json_object, read_adapter
 from align.serve.adapters import read_safetensors_header as read_header
 from align.serve.fs import JSON_FILE_LIMIT, read_regular
-from align.train.run_folder import RUN_MARKERS, check_deletable, check_not_a_file
+from align.train.run_folder import RUN_MARKERS, check_deletable, check_not_a_file, check_writable
 
 
 class ExportRefused(UserError):
@@ -57,6 +57,7 @@ def check_output(out: Path, sources: list[tuple[str, Path]], overwrite: bool) ->
     """The output folder policy: apart from the sources, not a file, empty unless --overwrite."""
     check_apart(out, sources)
     check_not_a_file(out, "output", "new or empty")
+    check_writable(out, "output", beside=True)  # written as a temporary beside it, then renamed
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if held and not overwrite:
         shown = ", ".join(held[:3]) + (f", ... ({len(held)} entries)" if len(held) > 3 else "")

@@ -23,6 +23,7 @@ from align.core.adapter_verify import (
     AdapterInvalid,
     check_config,
     check_fingerprint,
+    check_finite,
     check_meta,
     check_tensors,
     header_linears,
@@ -204,6 +205,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, max_rank: int) -> None:
         check_fingerprint(adapter.meta, base.fingerprint(), where, f"the served base {base.path}")
         check_tensors(adapter.config, adapter.shapes, header_linears(base.shapes), where / WEIGHTS,
                       f"the served base {base.path}")
+        check_finite((adapter.snapshot or where) / WEIGHTS, where / WEIGHTS)  # the copy vLLM will read
     other = _recorded_base(adapter.config.get("base_model_name_or_path"))
     if other is not None and other != base.path and weight_files(other):
         try:

@@ -31,21 +31,36 @@ class ConfigError(UserError, ValueError):
     """A config file or override that does not match its dataclass."""
 
 
+MAX_YAML_VALUES = 100_000  # a config is a few hundred values; anchors and aliases can make billions
+
+
 def _key_lines(path: Path) -> tuple[Any, dict[str, int]]:
-    """Parse YAML and remember the line of every (dotted) key."""
+    """Parse YAML and remember the line of every (dotted) key.
+
+    The composed nodes are walked first, as loading would expand them: a key given twice in one mapping
+    (YAML silently keeps the last) and more than MAX_YAML_VALUES values (an alias bomb, which would hang
+    the loader and everything after it) are ConfigErrors naming the file and line."""
     text = path.read_text(encoding="utf-8-sig")
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     lines: dict[str, int] = {}
-
-    def walk(n, prefix):
-        if isinstance(n, yaml.MappingNode):
+    stack, seen = ([(node, "")] if node is not None else []), 0
+    while stack:
+        n, prefix = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{path}:{n.start_mark.line + 1}: expands to more than {MAX_YAML_VALUES} values "
+                              f"(anchors and aliases); expected a config of plain keys")
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend((v, prefix) for v in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            here: dict[str, int] = {}
             for k, v in n.value:
-                key = f"{prefix}{k.value}"
-                lines[key] = k.start_mark.line + 1
-                walk(v, key + ".")
-
-    if node is not None:
-        walk(node, "")
+                key, line = f"{prefix}{k.value}", k.start_mark.line + 1
+                if key in here:
+                    raise ConfigError(f"{path}:{line}: {key}: given twice (first at line {here[key]}); YAML would "
+                                      f"keep only this one")
+                here[key] = lines[key] = line
+                stack.append((v, key + "."))
     data = yaml.safe_load(text)
     return ({} if data is None else data), lines
 

@@ -11,14 +11,19 @@ Every checkpoint's state.json records the resolved config ("config") and the num
 - another number of processes -> gradient_accumulation_steps is changed so that per-device batch x
   accumulation x processes (the global batch) stays what it was, said in one line and recorded; where no
   whole accumulation keeps it, refused in one line;
-- a checkpoint that records no config (written before this module) resumes as before, with a note.
+- a checkpoint that records no config (written before this module) resumes as before, with a note;
+- a field naming a local file (train_file, eval_file, prompts, ...) is recorded with its content's digest
+  ("train_file content"), so a file edited in place since the checkpoint is a difference like any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import yaml
@@ -41,8 +46,33 @@ EXTENDABLE = ("max_steps", "num_train_epochs")
 
 
 def config_record(config) -> dict:
-    """The resolved config as state.json holds it (a JSON round trip, so tuples and lists compare equal)."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    """The resolved config as state.json holds it (a JSON round trip, so tuples and lists compare equal), plus
+    "FIELD content": the digest of each local file a training field names (its path alone would not show an edit)."""
+    record = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    for field, value in list(record.items()):
+        digest = file_digest(value) if field not in HARMLESS and isinstance(value, str) and value else None
+        if digest:
+            record[f"{field} content"] = digest
+    return record
+
+
+def file_digest(path: str) -> str | None:
+    """'sha256:' + 16 hex digits of a regular file's bytes; None for anything else (a folder, a dataset name)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return _digest(os.path.realpath(path), st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """Hashed once per (file, size, mtime): every checkpoint records it, and files can be large."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def grad_accum_for_world(per_device: int, grad_accum: int, old_world: int, new_world: int) -> int | None:

@@ -27,6 +27,7 @@ def prepare_output_dir(out: Path, resume: bool | str | None = None, overwrite: b
     `dry_run` (--check-config): every check, nothing deleted.
     """
     check_not_a_file(out, "output_dir", "new or holding a run")
+    check_writable(out, "output_dir")
     held = [m for m in RUN_MARKERS if (out / m).exists()]
     if resume:
         if overwrite:
@@ -52,6 +53,20 @@ def check_not_a_file(out: Path, field: str, expected: str) -> None:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise UserError(f"{field}: {out} is inside {blocking}, which is a file")
+
+
+def check_writable(out: Path, field: str, beside: bool = False) -> None:
+    """The folder `out` is, or would be made in, takes new entries (`beside`: the folder `out` sits in, where an
+    atomic write puts its temporary): tried with an empty folder removed at once, as permissions alone do not
+    tell (root passes os.access on /proc, where nothing can be made)."""
+    import tempfile
+
+    where = next((p for p in (*([] if beside else [out]), *out.parents) if p.exists()), Path("."))
+    try:
+        Path(tempfile.mkdtemp(prefix=".align-probe-", dir=where)).rmdir()
+    except OSError as e:
+        raise UserError(f"{field}: cannot write {out}: {where} does not take new files or folders "
+                        f"({e.strerror or e})") from None
 
 
 def check_deletable(out: Path, what: str) -> None:
