@@ -26,6 +26,7 @@ import torch
 from align.data.issues import DataError, DataIssue, bad_rows, check_bad_fraction, collect_rows
 from align.data.preference import FORMATS, _check_text, validate_record
 from align.data.sources import describe, read_source
+from align.data.trl_tokenize import tokenize_prompt_completions
 
 LABELS = {"true": True, "false": False, "1": True, "0": False}
 
@@ -115,35 +116,13 @@ def load_unpaired(source, fmt: str = "auto", on_bad_rows: str = "error", split: 
 
 
 # -- tokenizing (TRL's KTOTrainer._prepare_dataset) ----------------------------------------------
-def common_prefix_length(ids: list[int], other: list[int]) -> int:
-    n = 0
-    for a, b in zip(ids, other):
-        if a != b:
-            break
-        n += 1
-    return n
-
-
 def tokenize_prompt_completion(prompt, completion, tokenizer, chat_template: bool = False,
                                where: str = "") -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) as TRL's KTO tokenises a row. With `chat_template`, string rows are
-    wrapped as one user and one assistant message first (TRL tokenises strings as they are)."""
-    if isinstance(prompt, str) and chat_template and getattr(tokenizer, "chat_template", None):
-        prompt, completion = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}]
-    if isinstance(prompt, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError([DataIssue(where, None, "conversational rows need a tokenizer with a chat template")])
-        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
-                                                   add_generation_prompt=True)["input_ids"]
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
-    else:
-        eos = tokenizer.eos_token
-        if eos and not completion.endswith(eos):
-            completion = completion + eos
-        prompt_ids = tokenizer(text=prompt)["input_ids"]
-        full = tokenizer(text=prompt + completion)["input_ids"]
-    n = common_prefix_length(prompt_ids, full)
-    return list(prompt_ids[:n]), list(full[n:])
+    """(prompt ids, completion ids) as TRL's KTO tokenises a row: the same split as DPO's
+    (align/data/trl_tokenize.py), for one completion."""
+    prompt_ids, (completion_ids,) = tokenize_prompt_completions(prompt, [completion], tokenizer, chat_template,
+                                                                 where)
+    return prompt_ids, completion_ids
 
 
 def _tokenize_row(example: dict, tokenizer, max_length: int, chat_template: bool) -> dict:
