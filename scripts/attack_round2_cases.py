@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -277,7 +278,8 @@ def newcomer(ctx: Ctx) -> None:
     ctx.add("newcomer", f"an SFT run's precision hint ({len(hints)} printed)", "names SFT, never claims DPO's "
             "speed-up for SFT", done.returncode == 0 and all("sft" in x.lower() for x in hints), done)
     for config in sorted((ROOT / "configs").glob("*_tiny.yaml")):
-        name = config.name.split("_")[0]
+        # the command a config's own header runs it with (online_dpo_tiny.yaml is `align online-dpo`)
+        name = re.search(r"align ([a-z-]+) --config", config.read_text()).group(1)
         done = align(name, "--config", config.relative_to(ROOT), "--model_name_or_path", ctx.model,
                      "--output_dir", ctx.tmp / f"chk-{name}", "--check_config")
         ctx.add("newcomer", f"{config.name} --check_config on the tiny model", "exit 0, nothing written",
