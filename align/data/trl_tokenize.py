@@ -21,22 +21,13 @@ from __future__ import annotations
 import warnings
 
 from align.data.issues import DataError, DataIssue
+from align.data.prompt_extraction import common_prefix_length  # TRL's data_utils.common_prefix_length
 
 PROMPT_CUT_WARNING = (
     "The tokenized prompt is not a prefix of the tokenized prompt+completion (a chat template that renders "
     "the prompt alone differently, or tokens merging across the boundary, e.g. a prompt ending in a space): "
     "as TRL does, the completion starts where they diverge and that end of the prompt is left out of the "
     "prompt ids. End prompts on a token boundary to avoid it.")
-
-
-def common_prefix_length(ids: list[int], other: list[int]) -> int:
-    """How many leading ids `ids` and `other` share (TRL's data_utils.common_prefix_length)."""
-    n = 0
-    for a, b in zip(ids, other):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 def _as_messages(x, role: str) -> list[dict]:
