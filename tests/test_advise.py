@@ -98,7 +98,8 @@ def test_sft_advice_past_capacity_and_large_batch(tiny_llama, tmp_path):
     tokens += len(tok("good", add_special_tokens=False)["input_ids"]) + 1
     assert tokens > 2 * 4 * TINY_LLAMA_PER_RANK  # past capacity at rank 4, by construction
     done = advise_cli(str(path), "--model_name_or_path", str(tiny_llama), "--recipe", "sft", "--lora_r", "4", "--json",
-                      "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "8")
+                      "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "8",
+                      "--measure_rows", "0")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["completion_tokens"] == tokens
@@ -110,7 +111,8 @@ def test_sft_advice_past_capacity_and_large_batch(tiny_llama, tmp_path):
     assert report["data_to_capacity"] == pytest.approx(tokens / (2 * 4 * TINY_LLAMA_PER_RANK))
     assert report["large_batch"] and report["effective_batch"] == 512
     assert report["recommended_learning_rate"] == pytest.approx(2e-4)
-    text = advise_cli(str(path), "--model_name_or_path", str(tiny_llama), "--recipe", "sft", "--lora_r", "4")
+    text = advise_cli(str(path), "--model_name_or_path", str(tiny_llama), "--recipe", "sft", "--lora_r", "4",
+                      "--measure_rows", "0")
     assert text.returncode == 0
     assert f"recommend lora_r={rank}" in text.stdout and "outgrows the adapter" in text.stdout
 
@@ -119,3 +121,50 @@ def test_bad_data_is_one_line(tmp_path, tiny_llama):
     done = advise_cli(str(tmp_path / "missing.jsonl"), "--model_name_or_path", str(tiny_llama))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.jsonl'}: file not found"
+
+
+def test_sft_information_measured_under_the_base_and_claims_cited(tiny_llama, tmp_path):
+    """The measured bits equal the base's own token loss (transformers' loss, labels -100 off the answer), scaled
+    from the rows measured to all rows by trained tokens; a study's result.json under --study_dir is cited."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from align.core.loading import load_tokenizer
+    from align.data.sft import load_sft, tokenize_sft
+
+    rows = [{"prompt": f"count {i}", "completion": " one two three four" * (1 + i % 3)} for i in range(6)]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study = tmp_path / "studies" / "capacity"
+    study.mkdir(parents=True)
+    (study / "result.json").write_text(json.dumps({"study": "capacity", "verdict": "INCONCLUSIVE", "seeds": [0, 1]}))
+    (tmp_path / "studies" / "broken").mkdir()
+    (tmp_path / "studies" / "broken" / "result.json").write_text("{half")  # a half-written one is not evidence
+    done = advise_cli(str(path), "--model_name_or_path", str(tiny_llama), "--recipe", "sft", "--json",
+                      "--measure_rows", "4", "--study_dir", str(tmp_path / "studies"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+
+    examples, _ = tokenize_sft(load_sft(str(path))[0], load_tokenizer(str(tiny_llama)), 1024)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    nats = tokens = 0
+    for ex in examples[:4]:
+        ids = torch.tensor([ex.input_ids])
+        labels = torch.where(torch.tensor([ex.loss_mask]).bool(), ids, -100)
+        n = int(sum(ex.loss_mask[1:]))
+        with torch.no_grad():
+            nats += model(input_ids=ids, labels=labels).loss.item() * n
+        tokens += n
+    all_tokens = sum(sum(ex.loss_mask[1:]) for ex in examples)
+    assert report["measured_rows"] == 4 and report["measured_tokens"] == tokens
+    assert report["bits_per_token"] == pytest.approx(nats / math.log(2) / tokens, rel=1e-4)
+    assert report["information_bits"] == pytest.approx(nats / math.log(2) / tokens * all_tokens, rel=1e-4)
+    assert [c["rank"] for c in report["capacity_by_rank"]][:3] == [1, 4, 8]
+    assert report["capacity_by_rank"][2]["capacity_bits"] == 2 * 8 * TINY_LLAMA_PER_RANK
+    cited = [line for line in report["evidence"] if "capacity" in line]
+    assert cited and "INCONCLUSIVE" in cited[0] and str(study) in cited[0]
+    assert any("not checked on this machine yet: `align study lr-ratio`" in line for line in report["evidence"])
+    bad = advise_cli(str(path), "--model_name_or_path", str(tiny_llama), "--recipe", "sft", "--measure_rows", "-1")
+    assert bad.returncode == 2 and "--measure_rows" in bad.stderr.strip().splitlines()[-1]

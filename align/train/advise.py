@@ -112,11 +112,16 @@ def recommend_rank(shapes, information_bits: float, recipe: str) -> tuple[int, b
 
 
 def advise(source, model: str = "smollm2", recipe: str = "dpo", lora_r: int = 8, batch_size: int = 8,
-           grad_accum: int = 1, max_length: int = 1024, split: str = "train", config: str | None = None) -> dict:
-    """Everything `align advise` prints, as one dict (the --json output)."""
+           grad_accum: int = 1, max_length: int = 1024, split: str = "train", config: str | None = None,
+           measure_rows: int = 0, study_dir: str = "runs/study") -> dict:
+    """Everything `align advise` prints, as one dict (the --json output).
+
+    `measure_rows` > 0 (SFT): the information comes from the base's log-loss on that many rows
+    (align/train/advise_evidence.py), not from the 1-bit-per-token rule of thumb."""
     from transformers import AutoConfig
 
     from align.core.loading import load_tokenizer, resolve_model
+    from align.train.advise_evidence import capacity_by_rank, evidence_lines, measured_bits, study_results
     from align.train.config import LARGE_BATCH
 
     if recipe not in RECIPES:
@@ -131,8 +136,14 @@ def advise(source, model: str = "smollm2", recipe: str = "dpo", lora_r: int = 8,
 
         raise UserError(f"{source}: none of its rows has tokens a {recipe} run trains on (check the columns "
                         f"with `align data check {source}`); no advice")
+    if recipe == "sft" and measure_rows > 0:
+        measured = measured_bits(source, path, measure_rows, max_length, split, config)
+        if measured.get("measured_tokens"):
+            counts = {**counts, **measured, "information_bits_rule": counts["information_bits"],
+                      "information_bits": measured["information_bits_measured"]}
     params = lora_parameters(shapes, lora_r)
     capacity = BITS_PER_PARAM * params
+    claims = ["capacity", "lr"] + (["batch"] if batch_size * grad_accum > LARGE_BATCH else [])
     rank, fits = recommend_rank(shapes, counts["information_bits"], recipe)
     effective = batch_size * grad_accum
     lr = FULL_FT_LR[recipe] * LORA_LR_FACTOR
@@ -142,15 +153,22 @@ def advise(source, model: str = "smollm2", recipe: str = "dpo", lora_r: int = 8,
             "data_to_capacity": counts["information_bits"] / capacity if capacity else math.inf,
             "effective_batch": effective, "large_batch": effective > LARGE_BATCH, "large_batch_limit": LARGE_BATCH,
             "recommended_lora_r": rank, "recommended_rank_fits": fits, "recommended_learning_rate": lr,
-            "reasons": reasons(recipe, counts, lora_r, capacity, rank, fits, effective, LARGE_BATCH, lr)}
+            "reasons": reasons(recipe, counts, lora_r, capacity, rank, fits, effective, LARGE_BATCH, lr),
+            "capacity_by_rank": capacity_by_rank(lambda r: lora_parameters(shapes, r), BITS_PER_PARAM),
+            "evidence": evidence_lines(claims, study_results(study_dir))}
 
 
 def reasons(recipe, counts, lora_r, capacity, rank, fits, effective, large, lr) -> list[str]:
     """The advice in plain words, one sentence each."""
     unit = "preference pair (one binary choice)" if recipe == "dpo" else "completion token (an upper bound)"
     info = counts["information_bits"]
-    out = [f"Rule of thumb: an adapter stores about {BITS_PER_PARAM:g} bits per parameter, and the data carries "
-           f"about 1 bit per {unit}: ~{info:,.0f} bits against ~{capacity:,.0f} bits of capacity at rank {lora_r}."]
+    if "bits_per_token" in counts:
+        data = (f"the data's log-loss under the base, {counts['bits_per_token']:.3g} bits per trained token over "
+                f"{counts['measured_rows']} rows, an upper bound on what the adapter must store")
+    else:
+        data = f"the data carries about 1 bit per {unit}"
+    out = [f"An adapter stores about {BITS_PER_PARAM:g} bits per parameter, and {data}: ~{info:,.0f} bits "
+           f"against ~{capacity:,.0f} bits of capacity at rank {lora_r}."]
     if info > capacity:
         out.append(f"At rank {lora_r} the data outgrows the adapter: LoRA keeps learning but more slowly than "
                    f"full fine-tuning would; rank {rank} {'holds it' if fits else 'is the most this advisor suggests'}.")
@@ -179,7 +197,13 @@ def render(report: dict) -> str:
              f"recommend lora_r={r['recommended_lora_r']}  learning_rate={r['recommended_learning_rate']:g}"]
     if r["large_batch"]:
         lines.append(f"warning   effective batch {r['effective_batch']} > {r['large_batch_limit']}")
-    return "\n".join(lines + ["why:"] + [f"  - {s}" for s in r["reasons"]])
+    if "bits_per_token" in r:
+        lines.insert(1, f"measured  {r['bits_per_token']:.3g} bits/token under the base ({r['measured_rows']} rows, "
+                        f"{r['measured_tokens']:,} tokens); rule of thumb {r['information_bits_rule']:,.0f} bits")
+    ranks = "  ".join(f"r{c['rank']}:{c['capacity_bits']:,.0f}" for c in r["capacity_by_rank"])
+    lines.append(f"capacity  bits by rank  {ranks}")
+    return "\n".join(lines + ["why:"] + [f"  - {s}" for s in r["reasons"]] + ["rests on:"]
+                     + [f"  - {s}" for s in r["evidence"]])
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -195,6 +219,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max_length", type=int, default=1024, help="DPO: token budget for prompt + answer")
     p.add_argument("--dataset_config", default=None, help="a dataset name's configuration")
     p.add_argument("--dataset_split", default="train", help="the split, for a dataset name or a DatasetDict")
+    p.add_argument("--measure_rows", type=int, default=64,
+                   help="SFT: run the base over this many rows to measure the data's log-loss in bits (0: the "
+                        "1-bit-per-token rule of thumb, no model loaded)")
+    p.add_argument("--study_dir", default="runs/study", help="where `align study` reports are looked for, to cite")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -203,7 +231,12 @@ def run(args) -> int:
         from align.core.errors import UserError
 
         raise UserError(f"--lora_r: expected a positive integer, got {args.lora_r}")
+    if args.measure_rows < 0:
+        from align.core.errors import UserError
+
+        raise UserError(f"--measure_rows: expected 0 (no measurement) or a positive integer, got {args.measure_rows}")
     report = advise(args.data, args.model, args.recipe, args.lora_r, args.per_device_train_batch_size,
-                    args.gradient_accumulation_steps, args.max_length, args.dataset_split, args.dataset_config)
+                    args.gradient_accumulation_steps, args.max_length, args.dataset_split, args.dataset_config,
+                    args.measure_rows, args.study_dir)
     print(json.dumps(report) if args.json else render(report))
     return 0
