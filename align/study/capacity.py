@@ -16,7 +16,7 @@ from align.study import plots
 from align.study.data import capacity_bits, capacity_rows, write_jsonl
 from align.study.plan import Plan, Run
 from align.study.runner import Outcome, Study, seed_table
-from align.study.runs import HEAVY, Context, sft_run
+from align.study.runs import Context, drop_weights, sft_run
 from align.study.verdict import capacity as capacity_rule
 
 KEYS, DIGITS = 256, 6
@@ -32,12 +32,12 @@ def ladder(model: str) -> dict[str, dict]:
     from align.core.loading import resolve_model
 
     middle = [AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers // 2]
-    return {"q_proj r1, 1 layer": {"lora_r": 1, "lora_target_modules": ["q_proj"], "lora_layers_to_transform": middle},
-            "attention r1, 1 layer": {"lora_r": 1, "lora_target_modules": "attention",
+    return {"q_proj-r1-1layer": {"lora_r": 1, "lora_target_modules": ["q_proj"], "lora_layers_to_transform": middle},
+            "attention-r1-1layer": {"lora_r": 1, "lora_target_modules": "attention",
                                       "lora_layers_to_transform": middle},
-            "all r1, 1 layer": {"lora_r": 1, "lora_target_modules": "all-linear", "lora_layers_to_transform": middle},
-            "all r1": {"lora_r": 1, "lora_target_modules": "all-linear"},
-            "all r4": {"lora_r": 4, "lora_target_modules": "all-linear"},
+            "all-r1-1layer": {"lora_r": 1, "lora_target_modules": "all-linear", "lora_layers_to_transform": middle},
+            "all-r1": {"lora_r": 1, "lora_target_modules": "all-linear"},
+            "all-r4": {"lora_r": 4, "lora_target_modules": "all-linear"},
             "full": {"use_peft": False}}
 
 
@@ -49,10 +49,11 @@ def mode(fields: dict) -> str:
 def absorbed_bits(model_dir: str, adapter: str | None, data_file, bits_per_row: float) -> float:
     """Sum over rows of max(0, bits_per_row - NLL of the row's completion in bits), under the trained model."""
     from align.core.base import SharedBase
+    from align.core.loading import resolve_model
     from align.data.sft import collate_sft, load_sft, tokenize_sft
     from align.recipes.sft import sft_forward
 
-    base = SharedBase.load(model_dir, device="cpu")
+    base = SharedBase.load(resolve_model(model_dir), device="cpu")
     if adapter:
         base.load_adapter("policy", adapter)
     base.model.eval()
@@ -75,10 +76,7 @@ def train_and_measure(ctx: Context, key: str, seed: int, data_file, steps: int, 
     full = mode(fields) == "full"
     figures["absorbed_bits"] = absorbed_bits(str(folder / "model") if full else ctx.model,
                                              None if full else str(folder / "adapter"), data_file, DIGITS * math.log2(10))
-    import shutil
-
-    for name in HEAVY:
-        shutil.rmtree(folder / name, ignore_errors=True)
+    drop_weights(ctx, key)
     return figures
 
 

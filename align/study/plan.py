@@ -69,13 +69,13 @@ def choose_units(plan: Plan, max_units: int | None = None) -> Plan:
     left = SAFETY * (plan.budget_s - plan.spent_s)
     fixed = sum(plan.costs[r.mode].overhead_s for r in plan.runs)
     per_unit = sum(r.steps_per_unit * r.step_factor * plan.costs[r.mode].step_s for r in plan.runs)
-    units = math.floor((left - fixed) / per_unit) if per_unit > 0 else MIN_UNITS
-    if units < MIN_UNITS:
-        plan.notes.append(f"warning: the budget leaves {max(units, 0)} steps per run; running {MIN_UNITS}, which "
-                          f"will take about {plan.estimate_s(MIN_UNITS) / 60:.1f} min (give more --minutes)")
-        units = MIN_UNITS
+    fitted = math.floor((left - fixed) / per_unit) if per_unit > 0 else MIN_UNITS
+    units = max(fitted, MIN_UNITS)
     if max_units is not None and units > max_units:
         units, plan.capped = max_units, True
+    if fitted < MIN_UNITS:
+        plan.notes.append(f"warning: the budget leaves {max(fitted, 0)} steps per run; running {units}, which "
+                          f"will take about {plan.estimate_s(units) / 60:.1f} min (give more --minutes)")
     plan.units = units
     return plan
 

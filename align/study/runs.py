@@ -50,10 +50,15 @@ def finish(ctx: Context, key: str, wall_s: float, keep: bool) -> dict:
     figures = {**final, "wall_s": wall_s, "step_seconds": [r["step_s"] for r in rows if "step_s" in r],
                "curve": [{k: r[k] for k in r if k in ("step", "loss", "eval/loss", "eval/reward")} for r in rows]}
     if not keep:
-        for name in HEAVY:
-            shutil.rmtree(folder / name, ignore_errors=True)
+        drop_weights(ctx, key)
     ctx.results[key] = figures
     return figures
+
+
+def drop_weights(ctx: Context, key: str) -> None:
+    """Delete a run's weights and checkpoints (a full fine-tuning run's are ~1.6 GB on SmolLM2)."""
+    for name in HEAVY:
+        shutil.rmtree(ctx.run_dir(key) / name, ignore_errors=True)
 
 
 def sft_run(ctx: Context, key: str, seed: int, train_file: Path, eval_file: Path, steps: int,
