@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "align data check my_pairs.jsonl --model_name_or_path smollm2 --max_length 256"),
     "advise": ("align.train.advise", "Weighs a dataset against an adapter's capacity and suggests a rank and lr.",
                "align advise my_pairs.jsonl --model_name_or_path smollm2 --recipe dpo"),
+    "study": ("align.study.cli", "Checks a LoRA-versus-full-fine-tuning finding (rl-rank, lr-ratio, layers, batch, "
+              "capacity) within a time budget, with a verdict from >= 2 seeds.", "align study layers --minutes 15"),
     "plot": ("align.train.plot", "Draws the metrics.jsonl curves of a run, or of every run in a folder, to PNGs.",
              "align plot runs/"),
     "serve": ("align.serve", "Serves a base model and its LoRA adapters through an OpenAI-compatible API.",
