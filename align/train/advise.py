@@ -113,7 +113,7 @@ def recommend_rank(shapes, information_bits: float, recipe: str) -> tuple[int, b
 
 def advise(source, model: str = "smollm2", recipe: str = "dpo", lora_r: int = 8, batch_size: int = 8,
            grad_accum: int = 1, max_length: int = 1024, split: str = "train", config: str | None = None,
-           measure_rows: int = 0, study_dir: str = "runs/study") -> dict:
+           measure_rows: int = 0, study_dir: str = "runs") -> dict:
     """Everything `align advise` prints, as one dict (the --json output).
 
     `measure_rows` > 0 (SFT): the information comes from the base's log-loss on that many rows
@@ -222,7 +222,8 @@ def add_arguments(p) -> None:
     p.add_argument("--measure_rows", type=int, default=64,
                    help="SFT: run the base over this many rows to measure the data's log-loss in bits (0: the "
                         "1-bit-per-token rule of thumb, no model loaded)")
-    p.add_argument("--study_dir", default="runs/study", help="where `align study` reports are looked for, to cite")
+    p.add_argument("--study_dir", default="runs", help="where `align study` reports are looked for (DIR/result.json "
+                                                     "or DIR/*/result.json, e.g. runs/study-capacity), to cite")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

@@ -68,12 +68,14 @@ def capacity_by_rank(parameters_at_rank, bits_per_param: float) -> list[dict]:
 
 
 def study_results(study_dir: str | Path) -> dict[str, dict]:
-    """{study name: {"verdict", "path"}} for every `align study` result.json under `study_dir` (newest wins)."""
+    """{study name: {"verdict", "path"}} for every `align study` result.json in `study_dir` or a folder in it
+    (`align study` writes runs/study-NAME/ by default; newest wins)."""
     found: dict[str, dict] = {}
     root = Path(study_dir)
     if not root.is_dir():
         return found
-    for path in sorted(root.rglob("result.json"), key=lambda p: p.stat().st_mtime):
+    paths = [*root.glob("result.json"), *root.glob("*/result.json")]  # not deeper: run folders hold many files
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime):
         try:
             result = json.loads(path.read_text())
         except (OSError, ValueError):
