@@ -118,7 +118,12 @@ def test_packed_row_equals_padded_batch_and_sequences_do_not_mix(tiny_models, ar
     assert torch.equal(moved[1:], free[1:])
 
 
-def test_refused_before_any_step_on_a_model_whose_mask_ignores_position_ids(tmp_path, capsys):
+@pytest.mark.parametrize("recipe, flags", [
+    ("dpo", ["--padding_free", "true"]),
+    ("reward", ["--padding_free", "true", "--train_file", "tests/data/prefs_tiny.jsonl"]),
+    ("sft", ["--packing", "true"]),  # bfd packing is padding-free, as TRL's
+])
+def test_refused_before_any_step_on_a_model_whose_mask_ignores_position_ids(tmp_path, capsys, recipe, flags):
     """An OPT base (learned positions, a causal mask that never reads position ids): one line, exit 2."""
     from align.cli import main as align_main
 
@@ -130,9 +135,11 @@ def test_refused_before_any_step_on_a_model_whose_mask_ignores_position_ids(tmp_
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "opt")
     tok.save_pretrained(tmp_path / "opt")
     out = tmp_path / "run"
-    code = align_main(["dpo", "--config", "configs/dpo_tiny.yaml", "--model_name_or_path", str(tmp_path / "opt"),
-                       "--output_dir", str(out), "--padding_free", "true", "--report_to", "none"])
+    code = align_main([recipe, "--config", f"configs/{recipe}_tiny.yaml", "--model_name_or_path",
+                       str(tmp_path / "opt"), "--output_dir", str(out), "--report_to", "none", *flags])
     err = capsys.readouterr().err
     assert code == 2
-    assert "padding_free:" in err and "opt) (attention sdpa) lets packed sequences attend to each other" in err
+    line = next(x for x in err.splitlines() if "padding_free:" in x)
+    assert f"padding_free: {tmp_path / 'opt'} (opt) (attention sdpa) lets packed sequences attend to each other" in line
+    assert line.endswith("for this model")
     assert not (out / "metrics.jsonl").exists() or "loss" not in (out / "metrics.jsonl").read_text()

@@ -188,3 +188,16 @@ def test_ppo_step_padding_free_matches_the_padded_step(tiny_llama, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     padded.close()
     free.close()
+
+
+def test_trl_padding_free_key_is_a_field_here_and_refused_where_a_recipe_pads(tmp_path):
+    from align.recipes.kto import KTOConfig
+    from align.train.config_parser import ConfigError
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"train_file: {PREFS}\npadding_free: true\n")
+    assert load_config(DPOConfig, yaml).padding_free is True
+    assert load_config(RewardConfig, yaml).padding_free is True
+    with pytest.raises(ConfigError, match=r"padding_free.*this recipe pads each batch \(padding_free is a field of "
+                                          r"sft, dpo, reward, ppo, grpo and rloo\)"):
+        load_config(KTOConfig, yaml)

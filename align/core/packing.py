@@ -135,4 +135,4 @@ def check_packed_attention(decoder, vocab_size: int, what: str) -> None:
         impl = getattr(getattr(decoder, "config", None), "_attn_implementation", "?")
         raise UserError(f"padding_free: {what} (attention {impl}) lets packed sequences attend to each other (a "
                         f"sequence's hidden states moved by {gap:.2g} of their scale when packed after another); "
-                        f"set padding_free: false (and packing: false) for this model")
+                        f"set padding_free: false (SFT: packing: false too) for this model")
