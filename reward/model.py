@@ -27,6 +27,7 @@ from align.core.atomic import atomic_dir
 from align.core.base import SharedBase
 from align.core.errors import UserError
 from align.core.lora import LoraSettings
+from align.core.packing import last_positions, pack_batch
 
 META = "reward_meta.json"
 HEAD = "head.safetensors"
@@ -185,8 +186,16 @@ class RewardModel:
         """What training updates: the adapter's LoRA tensors and the head."""
         return list(self.base.adapter_parameters(self.name).values()) + list(self.head.parameters())
 
-    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) float32 rewards read at the last non-padding token of each row (left or right padding)."""
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  padding_free: bool = False) -> torch.Tensor:
+        """(B,) float32 rewards read at the last non-padding token of each row (left or right padding);
+        `padding_free`: the rows run as one packed row and each score is read at its sequence's last token."""
+        if padding_free:
+            packed = pack_batch(input_ids, attention_mask)
+            with self.base.adapter(self.name):
+                out = self.base.decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+            h = out.last_hidden_state[0, last_positions(packed.seq_lens)]
+            return self.head(h.float()).squeeze(-1)
         with self.base.adapter(self.name):
             hidden = self.base.hidden(input_ids, attention_mask)
         last = last_token_index(attention_mask)

@@ -56,6 +56,9 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
                                                  "random and is tiny; ~10x lets it keep up with the adapter.")
     calibration_buckets: list[float] = arg(list(DEFAULT_BUCKETS), "Lower edges of the |margin| buckets of the "
                                                                   "calibration table.")
+    padding_free: bool = arg(False, "Forward the chosen and rejected sequences of a micro-batch as one row without "
+                                    "padding (TRL's name); each score is read at its sequence's last token, as "
+                                    "padded. Checked on the model before training.")
 
     RENAMED = {**TrainConfig.RENAMED, "center_coef": "center_rewards_coefficient"}
 
@@ -109,6 +112,8 @@ class RewardTrainer(PreferenceTrainer):
         train_file, eval_file = self.data_sources() if c.train_source() else self._demo_files()
         self.rm = RewardModel.create(self.base, c.adapter_name, c.lora, c.chat_template, c.max_length, seed=c.seed)
         self.load_pairs(train_file, eval_file)
+        if c.padding_free:
+            self.base.check_padding_free()  # before the first step: a model that mixes sequences is refused
         head_lr = c.head_learning_rate or c.learning_rate
         return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate},
                 {"params": list(self.rm.head.parameters()), "lr": head_lr}]
@@ -181,7 +186,7 @@ class RewardTrainer(PreferenceTrainer):
         """(chosen, rejected) rewards, each (B,), from one forward pass over the 2B sequences."""
         batch = collate_pairs(pairs, self.base.tokenizer.pad_token_id)
         dev = self.device
-        r = self.rm.score_ids(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+        r = self.rm.score_ids(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.config.padding_free)
         return r[:len(pairs)], r[len(pairs):]
 
     def margin_of(self, pairs: list[TokenizedPair]) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from align.core.atomic import atomic_dir
 from align.core.loading import FourBit, load_tokenizer, require_bitsandbytes, resolve_dtype
 from align.core.lora import LoraSettings, lora_target_groups, peft_config, saved_lora_settings, select_targets
 from align.core.lora_forward import use_lean_lora_forward
+from align.core.packing import check_packed_attention, pack_batch, unpack_tokens
 
 
 class SharedBase:
@@ -224,12 +225,30 @@ class SharedBase:
     def hidden_size(self) -> int:
         return self._plain_model().config.hidden_size
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, H) with the active adapter; works for left or right padding."""
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, padding_free: bool = False,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, H) with the active adapter; works for left or right padding.
+
+        `padding_free`: the rows' tokens run as one packed row without padding (align/core/packing.py) and come
+        back in the (B, T, H) layout, zero at padding. `position_ids`: rows already packed (SFT's packing).
+        """
+        if padding_free:
+            packed = pack_batch(input_ids, attention_mask, position_ids)
+            out = self.decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+            return unpack_tokens(out.last_hidden_state[0], packed)
+        if position_ids is not None:
+            # Packed rows without a 2-D mask: transformers builds one causal block per restart at 0.
+            return self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False)
         return out.last_hidden_state
+
+    def check_padding_free(self) -> None:
+        """Raise UserError unless packed rows keep their sequences apart on this model (align/core/packing.py)."""
+        config = self._plain_model().config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        check_packed_attention(self.decoder, text.vocab_size, f"{self.name_or_path} ({config.model_type})")
 
     # -- parameters ---------------------------------------------------------------------------
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:

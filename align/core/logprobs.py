@@ -98,19 +98,20 @@ def gather_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torc
 
 def completion_logprobs(base, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         completion_mask: torch.Tensor, with_entropy: bool = False,
-                        chunk_size: int = 512, with_sum_sq: bool = False):
+                        chunk_size: int = 512, with_sum_sq: bool = False, padding_free: bool = False):
     """Per-token log-probs of the completion tokens under the active adapter of `base`.
 
     Args:
         base: an `align.core.base.SharedBase` (the active adapter, or none inside `reference()`).
         input_ids, attention_mask: (B, T) prompt + completion, left or right padded.
         completion_mask: (B, T) 1 on completion tokens that are scored.
+        padding_free: run the rows as one packed row without padding (align/core/packing.py); same values.
     Returns:
         logprobs (B, T-1) float32 aligned with `input_ids[:, 1:]`, zero where not scored;
         with `with_entropy`, also entropy (B, T-1) of the full next-token distribution; with `with_sum_sq`,
         also log Σ_v p_v² (B, T-1) of it (no gradient), after the entropy when both are asked.
     """
-    hidden = base.hidden(input_ids, attention_mask)[:, :-1]
+    hidden = base.hidden(input_ids, attention_mask, padding_free)[:, :-1]
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:].bool()
     transform = logit_transform(base.model.config)

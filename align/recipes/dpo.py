@@ -82,6 +82,9 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
                                          "adapter/).")
     reference: str | None = arg(None, "'init': the reference is the starting adapter, frozen, on the same base "
                                       "(default with init_adapter); 'base': adapters off (default without).")
+    padding_free: bool = arg(False, "Forward the chosen and rejected sequences of all pairs of a micro-batch as one "
+                                    "row without padding (TRL's name); same log-probs. Checked on the model "
+                                    "before training.")
 
     RENAMED = {**TrainConfig.RENAMED, "precompute_ref": "precompute_ref_log_probs"}
 
@@ -125,11 +128,11 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
                           f"(read by {SMOOTHED_LOSSES}, and by sigmoid with cdpo: true)", stacklevel=2)
 
 
-def sequence_logprobs(base: SharedBase, batch: dict, ld_alpha: float | None = None
+def sequence_logprobs(base: SharedBase, batch: dict, ld_alpha: float | None = None, padding_free: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of completion log-probs for each row of a collated pair batch -> (chosen, rejected); LD-DPO's
     weighted sums with `ld_alpha` (align/recipes/dpo_scoring.py)."""
-    scores = score_pairs(base, batch, ld_alpha)
+    scores = score_pairs(base, batch, ld_alpha, padding_free=padding_free)
     return scores.chosen, scores.rejected
 
 
@@ -157,6 +160,8 @@ class DPOTrainer(PreferenceTrainer):
             if self.ref_adapter is not None:
                 self.ref_copy.load_adapter(self.ref_adapter, c.init_adapter)
         self.load_pairs(*self.data_sources())
+        if c.padding_free:
+            self.base.check_padding_free()  # before the first step: a model that mixes sequences is refused
         return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate}]
 
     # -- reference ----------------------------------------------------------------------------
@@ -165,10 +170,11 @@ class DPOTrainer(PreferenceTrainer):
         if self.ref_cache is not None and indices is not None:
             idx = torch.tensor(indices)
             return self.ref_cache["chosen"][idx], self.ref_cache["rejected"][idx]
+        c = self.config
         if self.ref_copy is not None:
-            return sequence_logprobs(self.ref_copy, batch, self.config.ld_alpha)
+            return sequence_logprobs(self.ref_copy, batch, c.ld_alpha, c.padding_free)
         with reference_context(self.base, self.ref_adapter):
-            return sequence_logprobs(self.base, batch, self.config.ld_alpha)
+            return sequence_logprobs(self.base, batch, c.ld_alpha, c.padding_free)
 
     def reference_key(self) -> str:
         """What cached reference log-probs depend on: the base, its dtype, max_length, loss type, ld_alpha and
@@ -241,7 +247,7 @@ class DPOTrainer(PreferenceTrainer):
         ref_c, ref_r = self.reference_logprobs(batch, indices)
         len_c, len_r = completion_lengths(batch)
         with torch.set_grad_enabled(train):
-            scores = score_pairs(self.base, batch, c.ld_alpha, c.use_weighting)
+            scores = score_pairs(self.base, batch, c.ld_alpha, c.use_weighting, c.padding_free)
             nll = chosen_nll(scores.chosen_raw, len_c)
             pol_c, pol_r = scores.chosen, scores.rejected
             pairs_logps = PairLogps(pol_c, pol_r, ref_c.to(pol_c), ref_r.to(pol_r), len_c, len_r, nll, scores.weights)

@@ -56,11 +56,13 @@ def wpo_weights(per_token: torch.Tensor, log_sum_sq: torch.Tensor, shift_mask: t
     return chosen * rejected
 
 
-def score_pairs(base, batch: dict, ld_alpha: float | None = None, with_weights: bool = False) -> PairScores:
-    """Score a collated pair batch (align.data.preference.collate_pairs) under `base`'s active adapter."""
+def score_pairs(base, batch: dict, ld_alpha: float | None = None, with_weights: bool = False,
+                padding_free: bool = False) -> PairScores:
+    """Score a collated pair batch (align.data.preference.collate_pairs) under `base`'s active adapter;
+    `padding_free`: its 2B sequences forwarded as one packed row."""
     shift_mask = batch["completion_mask"][:, 1:]
     out = completion_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                              with_sum_sq=with_weights)
+                              with_sum_sq=with_weights, padding_free=padding_free)
     per_token, log_sum_sq = out if with_weights else (out, None)
     sums = row_sums(per_token, shift_mask, ld_alpha)
     raw = sums if ld_alpha is None else per_token.sum(dim=1)

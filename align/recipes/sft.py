@@ -48,8 +48,11 @@ class SFTConfig(TrainConfig):
                                     "and align's DPO default leave string rows plain).")
     max_length: int = arg(1024, "Tokens per example (longer ones are cut, keeping the start); with packing, the "
                                 "length of each packed row.")
-    packing: bool = arg(False, "Pack whole examples into rows of max_length (best-fit decreasing); attention and "
-                               "loss stay inside each example.")
+    packing: bool = arg(False, "Pack whole examples into rows of max_length (best-fit decreasing, TRL's bfd); "
+                               "attention and loss stay inside each example. Implies padding_free, as TRL's bfd.")
+    padding_free: bool = arg(False, "Forward each micro-batch as one row without padding, position ids restarting "
+                                    "at each example (TRL's name); the loss is the padded batch's. Checked on the "
+                                    "model before training.")
     completion_only_loss: bool | None = arg(None, "Prompt-completion rows: loss on completion tokens only (null: "
                                                   "yes, TRL's default; false: on every token).")
     assistant_only_loss: bool = arg(True, "Conversational rows: loss on assistant turns only (TRL's default is "
@@ -99,15 +102,13 @@ def token_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     return out[:, 0], out[:, 1].detach()
 
 
-def sft_forward(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-target-token (nll, correct) of a collated SFT batch under the active adapter."""
-    if "position_ids" in batch:
-        # Packed rows: no 2-D mask, restarting positions -> transformers builds a block-diagonal causal
-        # mask (one block per example), so no token attends across an example boundary.
-        hidden = base.decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                              use_cache=False).last_hidden_state
-    else:
-        hidden = base.hidden(batch["input_ids"], batch["attention_mask"])
+def sft_forward(base, batch: dict, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target-token (nll, correct) of a collated SFT batch under the active adapter.
+
+    Packed rows carry position_ids: no 2-D mask, restarting positions, so transformers builds a block-diagonal
+    causal mask (one block per example). `padding_free`: the batch's rows run as one row without padding.
+    """
+    hidden = base.hidden(batch["input_ids"], batch["attention_mask"], padding_free, batch.get("position_ids"))
     targets = batch["loss_mask"][:, 1:].bool()
     if getattr(base.lm_head, "bias", None) is not None:
         raise NotImplementedError("lm_head with a bias is not supported")
@@ -151,6 +152,9 @@ class SFTTrainer(Trainer):
         self.train_examples = len(examples)
         # Packing happens once, deterministically, so a resumed run sees the same rows.
         self.items = pack_examples(examples, c.max_length) if c.packing else examples
+        self.padding_free = c.padding_free or c.packing  # TRL: bfd packing is padding-free
+        if self.padding_free:
+            self.base.check_padding_free()  # before the first step: a model that mixes sequences is refused
         self.num_tokens = 0
         if not c.use_peft:
             if self.processes.fsdp:
@@ -196,7 +200,7 @@ class SFTTrainer(Trainer):
 
     def loss(self, micro_batch: tuple[dict, float]):
         batch, scale = micro_batch
-        nll, correct = sft_forward(self.base, batch)
+        nll, correct = sft_forward(self.base, batch, self.padding_free)
         return nll.sum() * scale, {"mean_token_accuracy": correct.sum().item() * scale}
 
     def after_step(self, stats: dict) -> dict:
@@ -215,7 +219,8 @@ class SFTTrainer(Trainer):
         size = self.config.per_device_eval_batch_size
         nll_sum = correct_sum = count = 0.0
         for start in range(0, len(self.eval_examples), size):
-            nll, correct = sft_forward(self.base, self.collate(self.eval_examples[start:start + size]))
+            nll, correct = sft_forward(self.base, self.collate(self.eval_examples[start:start + size]),
+                                       self.padding_free)
             nll_sum, correct_sum, count = nll_sum + nll.sum().item(), correct_sum + correct.sum().item(), \
                 count + nll.numel()
         return {"eval/loss": nll_sum / max(count, 1), "eval/mean_token_accuracy": correct_sum / max(count, 1)}

@@ -223,7 +223,9 @@ TRL_KEYS: dict[str, Key] = {
     "model_init_kwargs": Key("refuse", "give the settings as fields: dtype, trust_remote_code, load_in_4bit"),
     "disable_dropout": Key("note", "only adapters train, with lora_dropout (0 unless set)"),
     "router_aux_loss_coef": Key("note", "MoE bases train adapters only; no router loss"),
-    "padding_free": Key("note", "batches are padded per batch; the result is the same"),
+    # A field of sft, dpo, reward and ppo/grpo/rloo (align/core/packing.py); other recipes pad each batch.
+    "padding_free": Key("note", "this recipe pads each batch (padding_free is a field of sft, dpo, reward, ppo, grpo "
+                                "and rloo)", ok=(False,)),
     "pad_to_multiple_of": Key("note", "batches are padded to their longest row"),
     "pad_token": Key("note", "the tokenizer's pad token (or its eos token) pads", ok=(None,)),
     "eos_token": Key("note", "the tokenizer's eos_token ends plain-text rows; chat rows end as the chat template "

@@ -32,6 +32,9 @@ class PPOConfig(RolloutConfig):
                                      "fine-tuning; LoRA's best is ~10x full fine-tuning's: docs/design.md).")
     lr_scheduler_type: str = arg("constant", "transformers.get_scheduler name, over optimizer steps.")
     per_device_train_batch_size: int = arg(8, "Completions per forward/backward pass in the update (TRL's meaning).")
+    padding_free: bool = arg(False, "Forward each micro-batch's prompt+completion sequences as one row without "
+                                    "padding (TRL's SFT/DPO name); same per-token log-probs. Checked on the model "
+                                    "before training.")
     eval_steps: int = arg(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
     save_steps: int = arg(10, "Checkpoint every N steps and at the end (0: only at the end).")
 

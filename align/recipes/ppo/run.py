@@ -40,6 +40,8 @@ class RLRun(RolloutRun):
             self.value_head = ValueHead(self.base.hidden_size, seed=c.seed).to(self.device)
         self.base.set_active("policy")
         self.kl_coef = c.beta
+        if c.padding_free:
+            self.base.check_padding_free()  # before the first step: a model that mixes sequences is refused
 
         world = self.processes.world
         if c.prompts_per_rollout(world) % world:
@@ -97,7 +99,7 @@ class RLRun(RolloutRun):
         dev = self.device
         with ctx:
             out = completion_logprobs(self.base, batch.input_ids.to(dev), batch.attention_mask.to(dev),
-                                      cmask.to(dev), with_entropy)
+                                      cmask.to(dev), with_entropy, padding_free=self.config.padding_free)
         if with_entropy:
             return out[0][:, P - 1:].cpu(), out[1][:, P - 1:].cpu()
         return out[:, P - 1:].cpu()
@@ -107,7 +109,8 @@ class RLRun(RolloutRun):
         P, T = batch.prompt_width, batch.mask.shape[1]
         dev = self.device
         with self.base.adapter("critic"):
-            hidden = self.base.hidden(batch.input_ids.to(dev), batch.attention_mask.to(dev))[:, P - 1:P - 1 + T]
+            hidden = self.base.hidden(batch.input_ids.to(dev), batch.attention_mask.to(dev),
+                                      self.config.padding_free)[:, P - 1:P - 1 + T]
         return self.value_head(hidden).cpu() * batch.mask
 
     # -- the lifecycle's hooks -------------------------------------------------------------------
