@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from align.core.errors import TrainingDiverged, UserError
-from align.core.logprobs import completion_logprobs
+from align.core.logprobs import can_share_prompts, completion_logprobs, shared_prompt_logprobs
 from align.core.policy_init import reference_context
 from align.recipes.ppo.batch import Rollout
 from align.recipes.ppo.completions_log import CompletionsLog
@@ -90,14 +90,17 @@ class RLRun(RolloutRun):
 
     def _logprobs(self, batch: Rollout, adapter: str | None, with_entropy: bool = False):
         """(B, T) per-token log-probs of the completions (and entropy) under `adapter` (None: reference)."""
-        P = batch.prompt_width
-        cmask = torch.zeros_like(batch.input_ids)
-        cmask[:, P:] = batch.mask.long()
+        P, dev = batch.prompt_width, self.device
+        ids, attn = batch.input_ids.to(dev), batch.attention_mask.to(dev)
         ctx = reference_context(self.base, self.ref_adapter) if adapter is None else self.base.adapter(adapter)
-        dev = self.device
         with ctx:
-            out = completion_logprobs(self.base, batch.input_ids.to(dev), batch.attention_mask.to(dev),
-                                      cmask.to(dev), with_entropy)
+            if self.config.num_generations > 1 and can_share_prompts(self.base):
+                # A group's G rows share one pass over their prompt (align/core/logprobs.py): same values, less work.
+                out = shared_prompt_logprobs(self.base, ids, attn, P, batch.mask.to(dev), with_entropy)
+                return tuple(x.cpu() for x in out) if with_entropy else out.cpu()
+            cmask = torch.zeros_like(ids)
+            cmask[:, P:] = batch.mask.long().to(dev)
+            out = completion_logprobs(self.base, ids, attn, cmask, with_entropy)
         if with_entropy:
             return out[0][:, P - 1:].cpu(), out[1][:, P - 1:].cpu()
         return out[:, P - 1:].cpu()
