@@ -90,20 +90,27 @@ class RLRun(RolloutRun):
 
     def _logprobs(self, batch: Rollout, adapter: str | None, with_entropy: bool = False):
         """(B, T) per-token log-probs of the completions (and entropy) under `adapter` (None: reference)."""
-        P, dev = batch.prompt_width, self.device
-        ids, attn = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+        P, T, dev = batch.prompt_width, batch.mask.shape[1], self.device
+        # Columns past these rows' longest completion are padding that nothing scores (a micro-batch's rows
+        # are often shorter than the step's longest); the causal forward of the others does not see them.
+        width = P + max(1, int(batch.mask.sum(1).max().item()))
+        ids, attn, mask = batch.input_ids[:, :width].to(dev), batch.attention_mask[:, :width].to(dev), \
+            batch.mask[:, :width - P].to(dev)
         ctx = reference_context(self.base, self.ref_adapter) if adapter is None else self.base.adapter(adapter)
         with ctx:
             if self.config.num_generations > 1 and can_share_prompts(self.base):
                 # A group's G rows share one pass over their prompt (align/core/logprobs.py): same values, less work.
-                out = shared_prompt_logprobs(self.base, ids, attn, P, batch.mask.to(dev), with_entropy)
-                return tuple(x.cpu() for x in out) if with_entropy else out.cpu()
-            cmask = torch.zeros_like(ids)
-            cmask[:, P:] = batch.mask.long().to(dev)
-            out = completion_logprobs(self.base, ids, attn, cmask, with_entropy)
-        if with_entropy:
-            return out[0][:, P - 1:].cpu(), out[1][:, P - 1:].cpu()
-        return out[:, P - 1:].cpu()
+                out = shared_prompt_logprobs(self.base, ids, attn, P, mask, with_entropy)
+            else:
+                cmask = torch.zeros_like(ids)
+                cmask[:, P:] = mask.long()
+                out = completion_logprobs(self.base, ids, attn, cmask, with_entropy)
+                out = tuple(x[:, P - 1:] for x in out) if with_entropy else out[:, P - 1:]
+
+        def back(x):  # (B, T) again, zero on the cut padding
+            return torch.nn.functional.pad(x, (0, T - x.shape[1])).cpu()
+
+        return tuple(back(x) for x in out) if with_entropy else back(out)
 
     def _values(self, batch: Rollout) -> torch.Tensor:
         """(B, T) V(s_t): the critic's value of the state in which completion token t is chosen."""
