@@ -121,3 +121,42 @@ def completion_logprobs(base, input_ids: torch.Tensor, attention_mask: torch.Ten
     if with_entropy or with_sum_sq:
         return tuple(picked.new_zeros(shape).masked_scatter(mask, picked[:, i]) for i in range(picked.shape[1]))
     return picked.new_zeros(shape).masked_scatter(mask, picked)
+
+
+def shared_prompt_logprobs(base, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                           completion_mask: torch.Tensor, with_entropy: bool = False, chunk_size: int = 512):
+    """`completion_logprobs` for rows that repeat prompts (GRPO's groups), each distinct prompt run once.
+
+    input_ids, attention_mask: (B, P + T), prompts left-padded to P = `prompt_width`, completions
+    right-padded to T; completion_mask (B, T). The distinct prompts go through the decoder once, and every
+    row's completion attends to its prompt's keys/values (a cache, gradients flowing back into it): the
+    same function as one forward over each whole row, with 1 prompt pass per group of G rows instead of G.
+    Returns log-probs (B, T) of input_ids[:, P:] (and entropy (B, T) with `with_entropy`), zero where not scored.
+    """
+    P = prompt_width
+    # Rows with equal prompt ids and mask share one prefix (left padding makes equal prompts equal tensors).
+    key = torch.cat([input_ids[:, :P], attention_mask[:, :P]], dim=1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    prompt_ids, prompt_mask = unique[:, :P], unique[:, P:]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    prefix = base.decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
+                          position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    cache = prefix.past_key_values
+    cache.batch_select_indices(inverse)  # each row's copy of its prompt's keys/values (indexing: gradients sum back)
+    rest = base.decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
+                        past_key_values=cache, use_cache=True).last_hidden_state
+    # Token t of the completion is predicted from position P - 1 + t: the prompt's last, then the completion's.
+    hidden = torch.cat([prefix.last_hidden_state[inverse, P - 1:P], rest[:, :-1]], dim=1)
+    labels, mask = input_ids[:, P:], completion_mask.bool()
+    picked = gather_logprobs(hidden[mask], base.lm_head, labels[mask], chunk_size, with_entropy,
+                             logit_transform(base.model.config))
+    if with_entropy:
+        return tuple(picked.new_zeros(labels.shape).masked_scatter(mask, picked[:, i]) for i in range(2))
+    return picked.new_zeros(labels.shape).masked_scatter(mask, picked)
+
+
+def can_share_prompts(base) -> bool:
+    """Whether `shared_prompt_logprobs` applies: the decoder keeps a cache in this mode (gradient
+    checkpointing in training drops it) and the model is not sharded across processes."""
+    model = base._plain_model()
+    return not (model.training and getattr(model, "is_gradient_checkpointing", False)) and not base.sharded

@@ -162,13 +162,14 @@ def packed_modules(model: torch.nn.Module) -> dict[str, list[str]]:
     return dict(getattr(model, "packed_modules_mapping", {}) or {})
 
 
-def set_linear_weight(layer: torch.nn.Module, weight: torch.Tensor) -> None:
-    """Replace a vLLM linear's weight; on CPU, re-pack it for the GEMM kernel vLLM dispatched."""
+def set_linear_weight(layer: torch.nn.Module, weight: torch.Tensor, owned: bool = False) -> None:
+    """Replace a vLLM linear's weight; on CPU, re-pack it for the GEMM kernel vLLM dispatched.
+    `owned`: the caller hands `weight` over and never touches it again, so no copy of it is made."""
     if hasattr(layer, "cpu_linear"):
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         # vLLM-CPU packed the weight for oneDNN/sgl at load and dropped the plain tensor; pack the new one.
-        layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        layer.weight = torch.nn.Parameter(weight if owned else weight.clone(), requires_grad=False)
         dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
     else:
         layer.weight.data.copy_(weight)

@@ -160,7 +160,7 @@ class VLLMEngine(VerifiedSyncEngine):
             if not any(p in factors for p in parts) and self._folded is None:
                 continue  # the engine still holds the checkpoint's weights here
             new = folded_weight([weights[p] for p in parts], parts, factors, DTYPES[self.dtype])
-            vllm_compat.set_linear_weight(modules[name], new)
+            vllm_compat.set_linear_weight(modules[name], new, owned=True)  # built for it alone: no copy
             del new
             touched += sum(p in factors for p in parts)
         if touched != len(factors):

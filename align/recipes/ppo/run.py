@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from align.core.errors import TrainingDiverged, UserError
-from align.core.logprobs import completion_logprobs
+from align.core.logprobs import can_share_prompts, completion_logprobs, shared_prompt_logprobs
 from align.core.policy_init import reference_context
 from align.recipes.ppo.batch import Rollout
 from align.recipes.ppo.completions_log import CompletionsLog
@@ -92,17 +92,28 @@ class RLRun(RolloutRun):
 
     def _logprobs(self, batch: Rollout, adapter: str | None, with_entropy: bool = False):
         """(B, T) per-token log-probs of the completions (and entropy) under `adapter` (None: reference)."""
-        P = batch.prompt_width
-        cmask = torch.zeros_like(batch.input_ids)
-        cmask[:, P:] = batch.mask.long()
+        P, T, dev = batch.prompt_width, batch.mask.shape[1], self.device
+        # Columns past these rows' longest completion are padding that nothing scores (a micro-batch's rows
+        # are often shorter than the step's longest); the causal forward of the others does not see them.
+        width = P + max(1, int(batch.mask.sum(1).max().item()))
+        ids, attn, mask = batch.input_ids[:, :width].to(dev), batch.attention_mask[:, :width].to(dev), \
+            batch.mask[:, :width - P].to(dev)
         ctx = reference_context(self.base, self.ref_adapter) if adapter is None else self.base.adapter(adapter)
-        dev = self.device
         with ctx:
-            out = completion_logprobs(self.base, batch.input_ids.to(dev), batch.attention_mask.to(dev),
-                                      cmask.to(dev), with_entropy, padding_free=self.config.padding_free)
-        if with_entropy:
-            return out[0][:, P - 1:].cpu(), out[1][:, P - 1:].cpu()
-        return out[:, P - 1:].cpu()
+            if self.config.num_generations > 1 and not self.config.padding_free and can_share_prompts(self.base):
+                # A group's G rows share one pass over their prompt (align/core/logprobs.py): same values, less work.
+                out = shared_prompt_logprobs(self.base, ids, attn, P, mask, with_entropy)
+            else:
+                cmask = torch.zeros_like(ids)
+                cmask[:, P:] = mask.long()
+                out = completion_logprobs(self.base, ids, attn, cmask, with_entropy,
+                                          padding_free=self.config.padding_free)
+                out = tuple(x[:, P - 1:] for x in out) if with_entropy else out[:, P - 1:]
+
+        def back(x):  # (B, T) again, zero on the cut padding
+            return torch.nn.functional.pad(x, (0, T - x.shape[1])).cpu()
+
+        return tuple(back(x) for x in out) if with_entropy else back(out)
 
     def _values(self, batch: Rollout) -> torch.Tensor:
         """(B, T) V(s_t): the critic's value of the state in which completion token t is chosen."""
