@@ -27,10 +27,17 @@ from pathlib import Path
 from measure import ROOT
 
 RECIPES = ("kto", "orpo", "simpo", "online_dpo")
-# recipe -> (module, config class, train function, extra config settings)
-OFFLINE = {"kto": ("align.recipes.kto", "KTOConfig", "train_kto", []),
-           "orpo": ("align.recipes.orpo", "ORPOConfig", "train_orpo", []),
-           "simpo": ("align.recipes.cpo", "CPOConfig", "train_cpo", ["loss_type=simpo", "cpo_alpha=0.0"])}
+# recipe -> (module, config class, train function). Each trains with the settings of configs/<recipe>_smollm2.yaml
+# (learning rate, epochs, beta, ..., each value's reason there), so the bench measures what a user runs.
+OFFLINE = {"kto": ("align.recipes.kto", "KTOConfig", "train_kto"),
+           "orpo": ("align.recipes.orpo", "ORPOConfig", "train_orpo"),
+           "simpo": ("align.recipes.cpo", "CPOConfig", "train_cpo")}
+# What the bench changes in those files: its own model and run folder, every row trained on (no held-out
+# split: the held-out prompts are the score), no checkpoints or trackers.
+BENCH_SETTINGS = ("eval_fraction=0", "save_steps=0", "report_to=[none]")
+# The settings a result depends on, printed before each run so that a JSON line can be traced to them.
+SHOWN = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "beta", "loss_type", "simpo_gamma",
+         "cpo_alpha", "desirable_weight", "undesirable_weight", "chat_template")
 
 
 def kto_rows(rows: list[dict], samples) -> list[dict]:
@@ -60,9 +67,10 @@ def kto_weights(rows: list[dict]) -> list[str]:
     return [f"desirable_weight={(len(rows) - good) / good:.4f}"] if good else []
 
 
-def offline_recipe(name: str, model: str, data: list[dict], out: Path, settings) -> Path | str:
-    """Train one recipe from its own module on `data`; the adapter folder, or why it was skipped."""
-    module, config_name, train_name, extra = OFFLINE[name]
+def offline_recipe(name: str, model: str, data: list[dict], out: Path, settings, result: dict) -> Path | str:
+    """Train one recipe from its own module on `data` with configs/<name>_smollm2.yaml's settings, then
+    `settings` (the values used go to result["<name>_settings"]); the adapter folder, or why it was skipped."""
+    module, config_name, train_name = OFFLINE[name]
     try:
         mod = importlib.import_module(module)
         config_cls, train = getattr(mod, config_name), getattr(mod, train_name)
@@ -71,10 +79,12 @@ def offline_recipe(name: str, model: str, data: list[dict], out: Path, settings)
     from align.train.config_parser import ConfigError, load_config
 
     try:
-        config = load_config(config_cls, None, [f"model_name_or_path={model}", f"output_dir={out / name}",
-                                                *settings, *extra])
+        config = load_config(config_cls, ROOT / "configs" / f"{name}_smollm2.yaml",
+                             [f"model_name_or_path={model}", f"output_dir={out / name}", *BENCH_SETTINGS, *settings])
     except ConfigError as e:
         return f"{config_name} refused the bench's settings: {str(e)[:200]}"
+    result[f"{name}_settings"] = {k: getattr(config, k) for k in SHOWN if hasattr(config, k)}
+    print(f"[bench] {name}: {json.dumps(result[f'{name}_settings'])}", file=sys.stderr)
     return train(config, overwrite=True, train_dataset=data)
 
 
@@ -150,8 +160,7 @@ def main() -> None:
         args.online_steps, args.max_new_tokens, args.temperature = 2, 8, 1.0
     out = ROOT / args.out
     model, base, engine, (train_rows, eval_rows), (pairs, unpaired), before, result = start(args, out)
-    settings = ["max_length=128", "learning_rate=1e-4", "num_train_epochs=1", "per_device_train_batch_size=8",
-                "save_steps=0", "report_to=[none]", f"seed={args.seed}"]
+    settings = [f"seed={args.seed}"]
     for name in args.only:
         t0 = time.perf_counter()
         if name == "online_dpo":
@@ -159,7 +168,7 @@ def main() -> None:
             adapter = "policy"
         else:
             folder = offline_recipe(name, model, unpaired if name == "kto" else pairs, out,
-                                    settings + (kto_weights(unpaired) if name == "kto" else []))
+                                    settings + (kto_weights(unpaired) if name == "kto" else []), result)
             if isinstance(folder, str):
                 print(f"[bench] {name}: skipped: {folder}", file=sys.stderr)
                 result[f"{name}_skipped"] = folder
