@@ -3,6 +3,7 @@
     python scripts/bench/preference_demo.py            # SmolLM2-135M, the arithmetic demo task (~40 min, 2 cores)
     python scripts/bench/preference_demo.py --quick    # tiny random model, a smoke run (no learning expected)
     python scripts/bench/preference_demo.py --only online_dpo kto
+    python scripts/bench/preference_demo.py --start runs/preference-demo/start.json   # sample once, then re-use
 
 The start is the demo's (align/recipes/demo.py, align/tasks/arithmetic.py): the base samples 4
 answers per training prompt with vLLM (temperature 0.7), scored by the task reward. Then:
@@ -107,14 +108,39 @@ def online_dpo(args, model: str, base, engine, train_rows, eval_rows, out: Path)
     return trainer.train()  # not closed: the engine is the bench's
 
 
+def sample_start(args, engine, base, train_rows, eval_rows) -> dict:
+    """The "before" score and every recipe's rows, from the base's own samples (the demo's start)."""
+    from align.data.prompts import encode_prompts
+    from align.engines import generate_with_progress
+    from align.recipes.demo import build_pairs, evaluate
+    from align.tasks import arithmetic
+
+    t0 = time.perf_counter()
+    before, _ = evaluate(engine, base, eval_rows, None, args.max_new_tokens, "evaluate before")
+    samples = generate_with_progress(engine, encode_prompts(base.tokenizer, train_rows), "sample x4", n=4,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, adapter=None)
+    pairs, sample_reward = build_pairs(train_rows, samples)
+    unpaired = kto_rows(train_rows, samples)
+    if args.quick and len(pairs) < 8:  # a random tiny model never sums right: synthetic rows, as `align demo --quick`
+        pairs = arithmetic.preference_pairs(len(train_rows), seed=args.seed)
+        unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                    for r in pairs for side in ("chosen", "rejected")]
+    summary = {"metric": "heldout_task_reward", "eval_prompts": len(eval_rows), "pairs": len(pairs),
+               "kto_rows": len(unpaired), "kto_desirable": sum(r["label"] for r in unpaired),
+               "sample_reward": round(sample_reward, 4), "sample_s": round(time.perf_counter() - t0, 1)}
+    return {"before": before, "pairs": pairs, "unpaired": unpaired, "summary": summary}
+
+
 def start(args, out: Path):
-    """The shared start: the base, one engine, the demo's prompts, the "before" score, the samples' rows."""
+    """The shared start: the base, one engine, the demo's prompts, the "before" score, the samples' rows.
+
+    With --start FILE the score and rows are written there, or read back when it exists (made with the same
+    model, seed and sampling settings), so recipes can be re-run from the very same start without re-sampling."""
+    from align.core.atomic import atomic_write_text
     from align.core.base import SharedBase
     from align.core.loading import resolve_model
-    from align.data.prompts import encode_prompts
-    from align.engines import generate_with_progress, make_engine
-    from align.recipes.demo import DemoSettings, build_pairs, demo_prompts, evaluate
-    from align.tasks import arithmetic
+    from align.engines import make_engine
+    from align.recipes.demo import DemoSettings, demo_prompts
 
     s = DemoSettings(seed=args.seed)
     if args.quick:
@@ -124,24 +150,24 @@ def start(args, out: Path):
         if not (tiny / "config.json").exists():
             build_tiny_model(tiny)
         s.model, s.train_prompts, s.eval_prompts = str(tiny), 24, 8
+    key = {"model": s.model, "seed": args.seed, "temperature": args.temperature,
+           "max_new_tokens": args.max_new_tokens, "train_prompts": s.train_prompts, "eval_prompts": s.eval_prompts}
+    cache = Path(args.start) if args.start else None
+    state = json.loads(cache.read_text()) if cache and cache.is_file() else None
+    if state is not None and state.get("key") != key:
+        raise SystemExit(f"--start {cache}: made with {state.get('key')}, this run is {key}")
     model = resolve_model(s.model)
     base = SharedBase.load(model)
     engine = make_engine("auto", model, base, seed=args.seed)
     train_rows, eval_rows = demo_prompts(s)
-    t0 = time.perf_counter()
-    before, _ = evaluate(engine, base, eval_rows, None, args.max_new_tokens, "evaluate before")
-    samples = generate_with_progress(engine, encode_prompts(base.tokenizer, train_rows), "sample x4", n=4,
-                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, adapter=None)
-    pairs, sample_reward = build_pairs(train_rows, samples)
-    unpaired = kto_rows(train_rows, samples)
-    if args.quick and len(pairs) < 8:  # a random tiny model never sums right: synthetic rows, as `align demo --quick`
-        pairs = arithmetic.preference_pairs(s.train_prompts, seed=args.seed)
-        unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
-                    for r in pairs for side in ("chosen", "rejected")]
-    summary = {"metric": "heldout_task_reward", "eval_prompts": len(eval_rows), "pairs": len(pairs),
-               "kto_rows": len(unpaired), "kto_desirable": sum(r["label"] for r in unpaired),
-               "sample_reward": round(sample_reward, 4), "sample_s": round(time.perf_counter() - t0, 1)}
-    return model, base, engine, (train_rows, eval_rows), (pairs, unpaired), before, summary
+    if state is None:
+        state = {"key": key, **sample_start(args, engine, base, train_rows, eval_rows)}
+        if cache:
+            atomic_write_text(cache, json.dumps(state))
+    else:
+        print(f"[bench] the start read from {cache} (no sampling)", file=sys.stderr)
+    summary = {**state["summary"], **({"start": str(cache)} if cache else {})}
+    return model, base, engine, (train_rows, eval_rows), (state["pairs"], state["unpaired"]), state["before"], summary
 
 
 def main() -> None:
@@ -155,6 +181,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", default=None, metavar="FILE",
+                   help="keep the start (before score, pairs, KTO rows) in FILE: written if absent, else read")
     args = p.parse_args()
     if args.quick:
         args.online_steps, args.max_new_tokens, args.temperature = 2, 8, 1.0
