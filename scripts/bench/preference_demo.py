@@ -7,7 +7,9 @@
 
 The start is the demo's (align/recipes/demo.py, align/tasks/arithmetic.py): the base samples 4
 answers per training prompt with vLLM (temperature 0.7), scored by the task reward. Then:
-  kto         KTO on those samples, each labelled desirable when its task reward is above 0 (the right number);
+  kto         KTO on the demo's pairs, unpaired as TRL's unpair_preference_dataset does (chosen desirable, rejected
+              not): 91 of each, so equal weights (--kto-data samples: every sample, desirable when its task reward
+              is above 0, 115 of 1,114, desirable_weight balancing them as TRL advises);
   orpo        ORPO on the demo's pairs (best vs worst sample of a prompt);
   simpo       SimPO (CPO with loss_type simpo, cpo_alpha 0, as TRL runs it) on the same pairs;
   online_dpo  online DPO from scratch: the policy samples as it learns (align/recipes/online_dpo.py).
@@ -181,6 +183,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kto-data", choices=["pairs", "samples"], default="pairs",
+                   help="KTO's rows: the pairs unpaired (default) or every labelled sample")
     p.add_argument("--start", default=None, metavar="FILE",
                    help="keep the start (before score, pairs, KTO rows) in FILE: written if absent, else read")
     args = p.parse_args()
@@ -189,14 +193,17 @@ def main() -> None:
     out = ROOT / args.out
     model, base, engine, (train_rows, eval_rows), (pairs, unpaired), before, result = start(args, out)
     settings = [f"seed={args.seed}"]
+    if "kto" in args.only:
+        result["kto_data"] = args.kto_data
     for name in args.only:
         t0 = time.perf_counter()
         if name == "online_dpo":
             online_dpo(args, model, base, engine, train_rows, eval_rows, out)
             adapter = "policy"
         else:
-            folder = offline_recipe(name, model, unpaired if name == "kto" else pairs, out,
-                                    settings + (kto_weights(unpaired) if name == "kto" else []), result)
+            samples = name == "kto" and args.kto_data == "samples"
+            folder = offline_recipe(name, model, unpaired if samples else pairs, out,
+                                    settings + (kto_weights(unpaired) if samples else []), result)
             if isinstance(folder, str):
                 print(f"[bench] {name}: skipped: {folder}", file=sys.stderr)
                 result[f"{name}_skipped"] = folder
