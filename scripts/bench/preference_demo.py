@@ -1,6 +1,6 @@
 """Held-out task reward before and after each newer preference recipe, all from the same start.
 
-    python scripts/bench/preference_demo.py            # SmolLM2-135M, the arithmetic demo task (~40 min, 2 cores)
+    python scripts/bench/preference_demo.py            # SmolLM2-135M, the arithmetic demo task (~40 min, 2 idle cores)
     python scripts/bench/preference_demo.py --quick    # tiny random model, a smoke run (no learning expected)
     python scripts/bench/preference_demo.py --only online_dpo kto
     python scripts/bench/preference_demo.py --start runs/preference-demo/start.json   # sample once, then re-use
@@ -14,6 +14,14 @@ answers per training prompt with vLLM (temperature 0.7), scored by the task rewa
   simpo       SimPO (CPO with loss_type simpo, cpo_alpha 0, as TRL runs it) on the same pairs;
   online_dpo  online DPO from scratch: the policy samples as it learns (align/recipes/online_dpo.py).
 Each is scored greedily on the same held-out prompts through the same engine (the adapter folded in).
+KTO, ORPO and SimPO train with configs/<recipe>_smollm2.yaml's settings (each value's reason is there):
+chat_template true above all, since every answer was sampled after the chat template's prompt (before, the
+bench built the configs from defaults and trained on plain-text prompts: orpo 0.18 -> 0.225, simpo -> 0.26,
+kto -> 0.04); ORPO's and SimPO's learning rates are ~10x their papers' full fine-tuning values (the LoRA
+rule), with TRL's and the papers' betas. KTO's 1e-4 is 10x above that rule applied to TRL's advice (at most
+1e-6 at beta 0.1): a value not yet measured against 1e-5 here.
+On a 2-core CPU shared with other jobs (load ~35) sampling took 41 min and one ORPO step 260 s: --start
+keeps the start, so recipes can be re-run without sampling again.
 A recipe whose module is absent (built elsewhere) or refuses these settings is skipped with a line.
 Last line: one JSON object with `<recipe>_before` / `<recipe>_after`.
 """
