@@ -17,11 +17,13 @@ Each is scored greedily on the same held-out prompts through the same engine (th
 KTO, ORPO and SimPO train with configs/<recipe>_smollm2.yaml's settings (each value's reason is there):
 chat_template true above all, since every answer was sampled after the chat template's prompt (before, the
 bench built the configs from defaults and trained on plain-text prompts: orpo 0.18 -> 0.225, simpo -> 0.26,
-kto -> 0.04); ORPO's and SimPO's learning rates are ~10x their papers' full fine-tuning values (the LoRA
-rule), with TRL's and the papers' betas. KTO's 1e-4 is 10x above that rule applied to TRL's advice (at most
-1e-6 at beta 0.1): a value not yet measured against 1e-5 here.
-On a 2-core CPU shared with other jobs (load ~35) sampling took 41 min and one ORPO step 260 s: --start
-keeps the start, so recipes can be re-run without sampling again.
+kto -> 0.04; with the template, ORPO at those settings, lr 1e-4 and one epoch, measured 0.18 -> 0.19, so the
+wrong format was not what held the gains back). ORPO's and SimPO's learning rates are ~10x their papers'
+full fine-tuning values (the LoRA rule), with TRL's and the papers' betas; KTO's 1e-4 is 10x above that rule
+applied to TRL's advice (at most 1e-6 at beta 0.1). None of the three files' values (2 epochs each) has been
+measured on this bench yet.
+On a 2-core CPU shared with other jobs (load 30-55) sampling took 41 min and an ORPO step 105-260 s:
+--start keeps the start, so recipes can be re-run without sampling again.
 A recipe whose module is absent (built elsewhere) or refuses these settings is skipped with a line.
 Last line: one JSON object with `<recipe>_before` / `<recipe>_after`.
 """
