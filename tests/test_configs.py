@@ -87,3 +87,26 @@ def test_tiny_config_says_how_to_run_it_on_the_tiny_model(path, tiny_llama, tmp_
     argv = [str(tiny_llama) if w == "runs/tiny-model" else w for w in shlex.split(command[len("#   align "):])]
     assert main([*argv, "--output_dir", str(tmp_path / "run"), "--check_config"]) == 0, capsys.readouterr().err
     assert f"model_name_or_path: {tiny_llama}" in capsys.readouterr().out
+
+
+# The demo's pairs (and so the preference bench, scripts/bench/preference_demo.py, which trains with these
+# files' settings) were sampled on prompts encoded by align/data/prompts.py, the chat template's turn.
+DEMO_TRAINED = [p for p in CONFIGS if "train_file: runs/demo/pairs.jsonl" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", DEMO_TRAINED, ids=lambda p: p.name)
+def test_demo_pairs_are_trained_on_the_prompt_they_were_sampled_on(path, tiny_llama):
+    """Tokenised as the config says, a demo prompt is the very token sequence the answers were sampled after.
+    Plain text (chat_template false) trained ORPO and SimPO on a prompt the model is never asked in."""
+    from transformers import AutoTokenizer
+
+    from align.data.preference import tokenize_answers
+    from align.data.prompts import encode_prompts
+    from align.tasks import arithmetic
+
+    config = load_config(config_class(path), path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    row = arithmetic.make_prompts(1, seed=0)[0]
+    prompt_ids, _ = tokenize_answers(row["prompt"], [row["answer"]], tokenizer, config.max_length,
+                                     config.chat_template)
+    assert prompt_ids == encode_prompts(tokenizer, [row])[0], f"{path.name}: chat_template {config.chat_template}"
