@@ -8,6 +8,7 @@ hooks (align/train/lifecycle.py); `PPOTrainer` (align/recipes/ppo/trainer.py) ad
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from align.recipes.ppo.completions_log import CompletionsLog
 from align.recipes.ppo.config import PPOConfig
 from align.recipes.ppo.heads import ValueHead
 from align.recipes.rollout_run import RolloutRun
+from align.train.full_finetune import frozen_copy, full_parameters
 
 
 class RLRun(RolloutRun):
@@ -38,8 +40,12 @@ class RLRun(RolloutRun):
         if self.critic:
             self.base.add_adapter("critic", c.lora)
             self.value_head = ValueHead(self.base.hidden_size, seed=c.seed).to(self.device)
-        self.base.set_active("policy")
+        if self.policy is not None:
+            self.base.set_active("policy")
         self.kl_coef = c.beta
+        # use_peft: false: the reference is a frozen copy of the starting base, unless no step reads it (beta 0).
+        self.ref_base = None if self.policy is not None or not self.needs_reference() else \
+            frozen_copy(self.base, self.processes.is_main)
 
         world = self.processes.world
         if c.prompts_per_rollout(world) % world:
@@ -48,7 +54,8 @@ class RLRun(RolloutRun):
         if self.processes.is_main:
             print(f"[align] {c.describe_batches(self.processes.world, self.num_steps())}", flush=True)
 
-        groups = [{"params": list(self.base.adapter_parameters("policy").values()), "lr": c.learning_rate}]
+        policy = full_parameters(self) if self.policy is None else self.base.adapter_parameters("policy").values()
+        groups = [{"params": list(policy), "lr": c.learning_rate}]
         if self.critic:
             groups.append({"params": list(self.base.adapter_parameters("critic").values())
                            + list(self.value_head.parameters()), "lr": c.critic_learning_rate or c.learning_rate})
@@ -93,10 +100,15 @@ class RLRun(RolloutRun):
         P = batch.prompt_width
         cmask = torch.zeros_like(batch.input_ids)
         cmask[:, P:] = batch.mask.long()
-        ctx = reference_context(self.base, self.ref_adapter) if adapter is None else self.base.adapter(adapter)
+        model, ctx = self.base, nullcontext()  # use_peft: false: the policy is the base itself
+        if adapter is None:
+            model, ctx = (self.ref_base, nullcontext()) if self.ref_base is not None else \
+                (self.base, reference_context(self.base, self.ref_adapter))
+        elif self.policy is not None:
+            ctx = self.base.adapter(adapter)
         dev = self.device
         with ctx:
-            out = completion_logprobs(self.base, batch.input_ids.to(dev), batch.attention_mask.to(dev),
+            out = completion_logprobs(model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                       cmask.to(dev), with_entropy)
         if with_entropy:
             return out[0][:, P - 1:].cpu(), out[1][:, P - 1:].cpu()
