@@ -14,6 +14,9 @@ Two `sync_mode`s (docs/design.md, "Rollout engines and adapter sync"); "fold", t
   Trade-off: the engine then IS the policy; adapter=None (the reference) and other adapters are
   not available from it.
 
+Full fine-tuning (`use_peft: false`) syncs with adapter=None: every weight of the trainer's base is
+loaded into the engine (its decoder linears re-packed as "fold" does), in either mode, then probed.
+
 Every call into vLLM internals goes through align.engines.vllm_compat.
 """
 
