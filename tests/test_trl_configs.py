@@ -96,10 +96,10 @@ def test_the_dpo_yaml_that_was_refused_eight_times_loads_in_one_run(tiny_llama, 
     assert done.returncode == 0, done.stderr[-3000:]
     resolved = yaml.safe_load(done.stdout)
     assert (resolved["loss_type"], resolved["eval_steps"], resolved["save_steps"]) == ("sigmoid", 20, 20)
-    assert resolved["lora_target_modules"] == ["all-linear"]
+    assert resolved["lora_target_modules"] == ["all-linear"] and resolved["use_peft"] is True  # a DPO field now
     notes = [line for line in done.stderr.splitlines() if line.startswith(f"[align] {cfg}:")]
     keys = [line.split(": ", 2)[1] for line in notes]
-    assert keys == ["eval_strategy", "use_peft", "save_strategy", "remove_unused_columns", "push_to_hub",
+    assert keys == ["eval_strategy", "save_strategy", "remove_unused_columns", "push_to_hub",
                     "attn_implementation", "env"], done.stderr
 
 

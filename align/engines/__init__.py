@@ -1,7 +1,7 @@
 """Rollout engines: sample completions with the current policy adapter, and prove the engine has it.
 
     engine = make_engine("auto", model_path, base)      # vLLM if importable, else transformers
-    stats = engine.sync(base, "policy")                 # adapter only; raises AdapterSyncError on mismatch
+    stats = engine.sync(base, "policy")                 # adapter only (None: full weights); raises AdapterSyncError on mismatch
     samples = engine.generate(prompt_ids, n=4, max_new_tokens=48, temperature=0.7, seed=0)
 
 - protocol.py: what every engine provides (`RolloutEngine`, `Sample`, `SyncStats`) and the probe

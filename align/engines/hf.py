@@ -145,7 +145,7 @@ class HFEngine:
         if base is not self.base:
             raise ValueError("HFEngine.sync: this engine samples from its own SharedBase; pass that same base")
         start = time.perf_counter()
-        if adapter not in base.adapters:
+        if adapter is not None and adapter not in base.adapters:  # None: the base's own (full fine-tuning)
             raise KeyError(f"no adapter named {adapter!r}; this base has {base.adapters}")
         # Same weights, nothing travels; the probe would compare the model with itself.
         return SyncStats(bytes=0, seconds=time.perf_counter() - start, max_abs_diff=0.0)

@@ -239,7 +239,8 @@ class VerifiedSyncEngine:
         raise NotImplementedError
 
     def sync(self, base, adapter: str = "policy") -> SyncStats:
-        """Send `adapter`'s current weights (adapter only, never the base), then verify with the probe."""
+        """Send `adapter`'s current weights (adapter only, never the base), then verify with the probe.
+        adapter=None sends the base's own weights instead: a full fine-tuning run (use_peft: false) trains them."""
         start = time.perf_counter()
         nbytes = self._send(base, adapter)
         diff = verify_adapter(self, base, adapter, *self.probe, tol=self.verify_tol, history=self._probe_history)

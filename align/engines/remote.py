@@ -80,6 +80,9 @@ class RemoteEngine:
 
     def sync(self, base, adapter: str = "policy") -> SyncStats:
         """Send `adapter` to every server and probe each: bytes summed, max_abs_diff the worst server's."""
+        if adapter is None:
+            raise ValueError("a remote engine receives adapters only, not full weights (use_peft: false); use an "
+                             "in-process engine (vllm or hf)")
         start = time.perf_counter()
         stats = [s.sync(base, adapter) for s in self.servers]
         diffs = [st.max_abs_diff for st in stats if st.max_abs_diff is not None]

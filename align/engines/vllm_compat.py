@@ -175,6 +175,19 @@ def set_linear_weight(layer: torch.nn.Module, weight: torch.Tensor, owned: bool 
         layer.weight.data.copy_(weight)
 
 
+def load_weights(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
+    """Load (HF name, tensor) pairs into the engine's model with vLLM's own loader (it maps names, stacks and
+    converts dtypes); returns the engine parameters it loaded. Not for vLLM-CPU's decoder linears, which keep no
+    plain weight (set_linear_weight); the embedding and head keep theirs and a packed copy, re-packed here."""
+    loaded = set(model.load_weights(iter(weights)) or ())
+    for name, module in model.named_modules():
+        if hasattr(module, "cpu_linear") and f"{name}.weight" in loaded and module.weight.numel():
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+    return loaded
+
+
 def sampling_param_names() -> frozenset[str]:
     """The fields `SamplingParams` takes (a msgspec Struct in 0.32): what `generation_kwargs` may set."""
     from vllm import SamplingParams

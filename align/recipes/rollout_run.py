@@ -4,7 +4,7 @@
 (align/recipes/rollout_config.py). It reads the prompt rows and checks the reward functions before
 any model loads, attaches the policy adapter (and the frozen init adapter a reference may be) on the
 shared base, encodes the prompts, starts the rollout engine once the policy is restored, and syncs it
-(adapter only, then the log-prob probe). PPO/GRPO/RLOO (align/recipes/ppo/run.py) and online DPO
+(adapter only, then the log-prob probe; with use_peft: false, the full weights). PPO/GRPO/RLOO (align/recipes/ppo/run.py) and online DPO
 (align/recipes/online_dpo.py) add their steps on top.
 """
 
@@ -30,6 +30,8 @@ class RolloutRun(Trainer):
         the config's train_file / eval_file / reward_funcs."""
         super().__init__(config, resume, overwrite, base, resume_changed)
         self.engine = engine
+        # What the engine samples and syncs: the policy adapter, or (use_peft: false) the base's own weights.
+        self.policy = "policy" if getattr(config, "use_peft", True) else None
         self.train_dataset, self.eval_dataset, self.reward_funcs = train_dataset, eval_dataset, reward_funcs
         # Read before any model loads: bad rows or an unknown reward function cost no loading time.
         self.load_prompts()
@@ -70,10 +72,13 @@ class RolloutRun(Trainer):
 
         c = self.config
         self.base.model.eval()  # dropout off: sampled, old and new log-probs must come from the same function
-        self.ref_adapter = attach_policy(self.base, "policy", c.lora, c.init_adapter, c.reference)
+        self.ref_adapter = None
+        if self.policy is not None:
+            self.ref_adapter = attach_policy(self.base, "policy", c.lora, c.init_adapter, c.reference)
         self.scorer, self.task_scorer = build_scorers(c, self.base, self.device, self.dtype, self.reward_funcs)
         self.reward_model = self.scorer.model
-        self.base.set_active("policy")
+        if self.policy is not None:
+            self.base.set_active("policy")
         tok = self.base.tokenizer
         # The built-in task is written for a chat model's user turn; a user's string prompt is used as
         # TRL uses it (align/data/prompts.py).
@@ -95,7 +100,7 @@ class RolloutRun(Trainer):
 
             self.engine = make_engine(c.rollout_engine, self.model_path, self.base, dtype=c.rollout_dtype or self.dtype,
                                       **self.engine_options())
-        self.last_sync = self.engine.sync(self.base, adapter="policy")
+        self.last_sync = self.engine.sync(self.base, adapter=self.policy)
 
     def engine_options(self) -> dict:
         """config's engine options, plus the rollout's shape for an in-process vLLM engine: its KV cache
@@ -125,7 +130,7 @@ class RolloutRun(Trainer):
         if not self.eval_rows or self.task_scorer is None:
             return {}
         samples = self.engine.generate(self.eval_ids, n=1, max_new_tokens=self.config.max_completion_length,
-                                       temperature=0.0, adapter="policy")
+                                       temperature=0.0, adapter=self.policy)
         scores, _ = self.task_scorer.score(self.eval_rows, [s[0].text for s in samples],
                                            [list(s[0].completion_ids) for s in samples], self.eval_rows.places)
         self.task_scorer.pop_logged()  # what reward functions log belongs to training steps

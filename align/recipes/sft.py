@@ -24,7 +24,13 @@ from align.data.sft import collate_sft, load_sft, pack_examples, tokenize_sft
 from align.train.cli import adapter_recipe
 from align.train.config import TrainConfig, check_fraction
 from align.train.config_parser import arg
-from align.train.full_finetune import BaseWeights, check_full_finetune, save_full_model, unfreeze
+from align.train.full_finetune import (
+    BaseWeights,
+    check_full_finetune,
+    full_parameters,
+    save_full_model,
+    use_peft_field,
+)
 from align.train.lifecycle import StepBatches, Trainer
 
 
@@ -57,9 +63,7 @@ class SFTConfig(TrainConfig):
                                                   "yes, TRL's default; false: on every token).")
     assistant_only_loss: bool = arg(True, "Conversational rows: loss on assistant turns only (TRL's default is "
                                           "false; true is what instruction tuning wants).")
-    use_peft: bool = arg(True, "true: train a LoRA adapter. false: full fine-tuning (every base weight, float32, "
-                               "same optimizer, schedule and data order; saves model/), the control LoRA is "
-                               "compared with.")
+    use_peft: bool = use_peft_field()
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,9 +161,7 @@ class SFTTrainer(Trainer):
             self.base.check_padding_free()  # before the first step: a model that mixes sequences is refused
         self.num_tokens = 0
         if not c.use_peft:
-            if self.processes.fsdp:
-                raise UserError("use_peft: false: full fine-tuning does not run under FSDP yet")
-            return [{"params": unfreeze(self.base), "lr": c.learning_rate}]
+            return [{"params": full_parameters(self), "lr": c.learning_rate}]
         if c.adapter_name not in self.base.adapters:
             self.base.add_adapter(c.adapter_name, c.lora)
         self.base.set_active(c.adapter_name)

@@ -192,7 +192,8 @@ class TrainConfig(ModelConfig):
     max_steps: int = arg(-1, "Stop after this many steps (-1: run num_train_epochs).")
     logging_steps: int = arg(1, "Write metrics every N steps (and at the last); at least 1.")
     eval_steps: int = arg(0, "Evaluate every N steps (0: only at the end).")
-    save_steps: int = arg(50, "Checkpoint every N steps (0: only at the end).")
+    save_steps: int | None = arg(None, "Checkpoint every N steps (0: only at the end; null: every 50, or only at "
+                                       "the end with use_peft: false, where a checkpoint holds the whole model).")
     save_total_limit: int = arg(2, "Checkpoints kept; older ones are deleted once a newer one is complete.")
     report_to: list[str] = arg(["tensorboard"], "Where metrics go besides metrics.jsonl: a list of accelerate's "
                                                 "trackers (tensorboard, wandb, trackio, mlflow, comet_ml, aim, "
@@ -203,9 +204,12 @@ class TrainConfig(ModelConfig):
                                   "float32, no autocast (docs/scaling.md, \"Precision\").")
 
     RENAMED = RENAMED
+    SAVE_STEPS = 50  # save_steps: null with LoRA
 
     def __post_init__(self):
         super().__post_init__()
+        if self.save_steps is None:  # full fine-tuning: a checkpoint is a whole model, so only the last one
+            self.save_steps = self.SAVE_STEPS if getattr(self, "use_peft", True) else 0
         _finite(self)
         if self.bf16:
             if self.dtype not in ("auto", "float32", "bfloat16"):  # float32: the default before auto

@@ -3,7 +3,9 @@
 Every base weight trains, in float32, with the same optimizer, schedule, data order and seeds as a
 LoRA run of the same config; no adapter is created. The weights travel in each checkpoint as one
 "head" (`BaseWeights`, so TrainState saves and restores them exactly like a reward head), and the
-run ends with a plain transformers folder (`model/`, safetensors). SFT only so far (issue 24).
+run ends with a plain transformers folder (`model/`, safetensors). SFT, DPO and GRPO/RLOO take it;
+`FullFinetuneHooks` is the lifecycle side DPO and GRPO share. A reference, where the loss needs
+one, is a frozen copy of the base taken before the first step (`frozen_copy`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,18 @@ import os
 from pathlib import Path
 
 from align.core.atomic import atomic_dir
+from align.core.errors import UserError
+from align.train.config_parser import arg
+
+SAVE_STEPS_NOTE = ("use_peft: false: checkpoints only at the end (save_steps: 0; each holds the whole model); "
+                   "set save_steps to checkpoint on the way")
+
+
+def use_peft_field():
+    """The `use_peft` field (TRL's switch), the same on every recipe that takes it."""
+    return arg(True, "true: train a LoRA adapter. false: full fine-tuning (every base weight, float32, same "
+                     "optimizer, schedule and data order; saves model/; checkpoints only at the end unless "
+                     "save_steps is set), the control LoRA is compared with.")
 
 
 def check_full_finetune(config) -> None:
@@ -20,6 +34,9 @@ def check_full_finetune(config) -> None:
         return
     if config.load_in_4bit:
         raise ValueError("use_peft: false trains every base weight; it cannot with load_in_4bit: true")
+    if getattr(config, "init_adapter", None):
+        raise ValueError("use_peft: false trains the base itself; init_adapter (a LoRA adapter to start from) "
+                         "does not apply: merge it first (align export) and give the merged model")
     if config.dtype not in ("auto", "float32"):
         raise ValueError(f"use_peft: false trains every base weight in float32; got dtype {config.dtype} "
                          "(bf16: true sets bfloat16)")
@@ -64,3 +81,48 @@ def save_full_model(base, path: str | os.PathLike) -> Path:
         base.model.save_pretrained(tmp, safe_serialization=True)
         base.tokenizer.save_pretrained(tmp)
     return path
+
+
+def frozen_copy(base, main: bool = True):
+    """A frozen deep copy of the base as it is now (the reference of a full fine-tuning run), its memory said
+    in one line. Taken in `build`, before a resume restores trained weights: it is the starting model."""
+    import copy
+
+    from align.core.base import SharedBase
+
+    model = copy.deepcopy(base.model).eval()
+    ref = SharedBase(model, base.tokenizer, base.name_or_path)  # freezes every parameter
+    ref.load_dtype = base.load_dtype
+    if main:
+        print(f"[align] reference: a frozen copy of the base ({ref.base_bytes() / 2**20:.1f} MB)", flush=True)
+    return ref
+
+
+def full_parameters(trainer) -> list:
+    """Every base weight, trainable: the optimizer's parameters of a full fine-tuning run (a lifecycle Trainer's)."""
+    if trainer.processes.fsdp:
+        raise UserError("use_peft: false: full fine-tuning does not run under FSDP yet")
+    if trainer.base.adapters:
+        raise UserError(f"use_peft: false trains the base itself, but it holds adapters {trainer.base.adapters} "
+                        "(a reward model on the shared base?): give reward_model_name_or_path an exported "
+                        "classifier (align export)")
+    if trainer.config.save_steps == 0 and trainer.processes.is_main:
+        print(f"[align] {SAVE_STEPS_NOTE}", flush=True)
+    return unfreeze(trainer.base)
+
+
+class FullFinetuneHooks:
+    """The lifecycle hooks of a recipe whose config has `use_peft` (DPO, GRPO): with use_peft: false no adapter
+    trains, the checkpoints hold the base weights, and the run delivers `model/`. Mixed in before the Trainer."""
+
+    def trained_adapters(self) -> list[str]:
+        return super().trained_adapters() if self.config.use_peft else []
+
+    def heads(self) -> dict:
+        return super().heads() if self.config.use_peft else {"base": BaseWeights(self.base.model)}
+
+    def save_final(self, final: dict) -> Path:
+        return super().save_final(final) if self.config.use_peft else save_full_model(self.base, self.out / "model")
+
+    def final_path(self) -> Path:
+        return super().final_path() if self.config.use_peft else self.out / "model"

@@ -36,7 +36,8 @@ def run(args) -> int:
         for key in ("eval/reward_before", "eval/reward"):
             if key in trainer.summary:
                 print(f"{key}: {trainer.summary[key]:.4f}")
-        print(f"policy adapter: {policy}   curves: align plot {trainer.out}")
+        what = "policy adapter" if trainer.config.use_peft else "policy model"  # use_peft: false saves model/
+        print(f"{what}: {policy}   curves: align plot {trainer.out}")
     return 0
 
 

@@ -8,6 +8,7 @@ hooks (align/train/lifecycle.py); `PPOTrainer` (align/recipes/ppo/trainer.py) ad
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from align.recipes.ppo.completions_log import CompletionsLog
 from align.recipes.ppo.config import PPOConfig
 from align.recipes.ppo.heads import ValueHead
 from align.recipes.rollout_run import RolloutRun
+from align.train.full_finetune import frozen_copy, full_parameters
 
 
 class RLRun(RolloutRun):
@@ -38,10 +40,14 @@ class RLRun(RolloutRun):
         if self.critic:
             self.base.add_adapter("critic", c.lora)
             self.value_head = ValueHead(self.base.hidden_size, seed=c.seed).to(self.device)
-        self.base.set_active("policy")
+        if self.policy is not None:
+            self.base.set_active("policy")
         self.kl_coef = c.beta
         if c.padding_free:
             self.base.check_padding_free()  # before the first step: a model that mixes sequences is refused
+        # use_peft: false: the reference is a frozen copy of the starting base, unless no step reads it (beta 0).
+        self.ref_base = None if self.policy is not None or not self.needs_reference() else \
+            frozen_copy(self.base, self.processes.is_main)
 
         world = self.processes.world
         if c.prompts_per_rollout(world) % world:
@@ -50,7 +56,8 @@ class RLRun(RolloutRun):
         if self.processes.is_main:
             print(f"[align] {c.describe_batches(self.processes.world, self.num_steps())}", flush=True)
 
-        groups = [{"params": list(self.base.adapter_parameters("policy").values()), "lr": c.learning_rate}]
+        policy = full_parameters(self) if self.policy is None else self.base.adapter_parameters("policy").values()
+        groups = [{"params": list(policy), "lr": c.learning_rate}]
         if self.critic:
             groups.append({"params": list(self.base.adapter_parameters("critic").values())
                            + list(self.value_head.parameters()), "lr": c.critic_learning_rate or c.learning_rate})
@@ -98,16 +105,20 @@ class RLRun(RolloutRun):
         width = P + max(1, int(batch.mask.sum(1).max().item()))
         ids, attn, mask = batch.input_ids[:, :width].to(dev), batch.attention_mask[:, :width].to(dev), \
             batch.mask[:, :width - P].to(dev)
-        ctx = reference_context(self.base, self.ref_adapter) if adapter is None else self.base.adapter(adapter)
+        model, ctx = self.base, nullcontext()  # use_peft: false: the policy is the base itself
+        if adapter is None:
+            model, ctx = (self.ref_base, nullcontext()) if self.ref_base is not None else \
+                (self.base, reference_context(self.base, self.ref_adapter))
+        elif self.policy is not None:
+            ctx = self.base.adapter(adapter)
         with ctx:
-            if self.config.num_generations > 1 and not self.config.padding_free and can_share_prompts(self.base):
+            if self.config.num_generations > 1 and not self.config.padding_free and can_share_prompts(model):
                 # A group's G rows share one pass over their prompt (align/core/logprobs.py): same values, less work.
-                out = shared_prompt_logprobs(self.base, ids, attn, P, mask, with_entropy)
+                out = shared_prompt_logprobs(model, ids, attn, P, mask, with_entropy)
             else:
                 cmask = torch.zeros_like(ids)
                 cmask[:, P:] = mask.long()
-                out = completion_logprobs(self.base, ids, attn, cmask, with_entropy,
-                                          padding_free=self.config.padding_free)
+                out = completion_logprobs(model, ids, attn, cmask, with_entropy, padding_free=self.config.padding_free)
                 out = tuple(x[:, P - 1:] for x in out) if with_entropy else out[:, P - 1:]
 
         def back(x):  # (B, T) again, zero on the cut padding

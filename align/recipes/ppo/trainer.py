@@ -32,9 +32,10 @@ from align.recipes.ppo.completions_log import completion_rows
 from align.recipes.ppo.metrics import Laps, advantages_per_sequence, step_metrics
 from align.recipes.ppo.run import RLRun
 from align.recipes.ppo.scoring import RewardState
+from align.train.full_finetune import FullFinetuneHooks
 
 
-class PPOTrainer(RLRun):
+class PPOTrainer(FullFinetuneHooks, RLRun):
     """PPO / GRPO / RLOO: `ppo_step` is one step of the algorithm, top to bottom."""
 
     # -- the algorithm ---------------------------------------------------------------------------
@@ -66,8 +67,8 @@ class PPOTrainer(RLRun):
         # 7. num_iterations passes of micro-batch updates with the clipped surrogate (and value loss).
         updates, first = self.update(step, batch, old_logp, ref_logp, advantages, old_values, returns, is_ratio)
         laps.lap("update")
-        # 8. Send the new policy adapter to the sampler (verified by probe log-probs).
-        self.last_sync = self.engine.sync(self.base, adapter="policy")
+        # 8. Send the new policy adapter (use_peft: false: every weight) to the sampler, verified by probe log-probs.
+        self.last_sync = self.engine.sync(self.base, adapter=self.policy)
         laps.lap("sync")
         # 9. Adaptive KL coefficient (Ziegler et al.), driven by the per-sequence KL of the global batch.
         if c.kl_target is not None:
@@ -91,7 +92,7 @@ class PPOTrainer(RLRun):
         idx = self.processes.shard(prompt_indices(len(self.train_rows), prompts, c.seed, step))
         samples = self.engine.generate([self.train_ids[i] for i in idx], n=c.num_generations,
                                        max_new_tokens=c.max_completion_length, seed=self._seed(step) + self.processes.rank,
-                                       adapter="policy", **c.sampling())
+                                       adapter=self.policy, **c.sampling())
         batch = pack(samples, [self.train_rows[i] for i in idx], self.base.tokenizer.pad_token_id)
         batch.places = [self.train_rows.places[i] for i in idx for _ in range(c.num_generations)]
         return batch
