@@ -25,19 +25,9 @@ import torch
 from align.core.errors import UserError
 
 # Float32 engines match transformers within ~1e-6; bf16 drifts up to ~3.5e-2 with LoRA and up to 0.17
-# when the adapter is folded into bf16 weights next to a float32 trainer (docs/design.md, "Rollout engines
-# and adapter sync"; measured with SmolLM2 by scripts/bench/rollout.py).
+# when the adapter is folded into bf16 weights (docs/design.md, "Rollout engines and adapter sync";
+# measured with SmolLM2 by scripts/bench/rollout.py).
 DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 2.5e-1, "float16": 5e-2}
-# Engine and trainer base in the same low precision round the same base weights alike: the probe then
-# drifts less (SmolLM2, scripts/bench/engine_memory.py: max MEASURED over SYNCS syncs), tolerance TOLX that.
-SAME_DTYPE_TOL = {"bfloat16": 2.5e-1}
-
-
-def probe_tolerance(engine_dtype: str, trainer_dtype: str) -> float:
-    """The probe's default tolerance for an engine in `engine_dtype` next to a trainer base in `trainer_dtype`."""
-    if engine_dtype == trainer_dtype and engine_dtype in SAME_DTYPE_TOL:
-        return SAME_DTYPE_TOL[engine_dtype]
-    return DEFAULT_TOL.get(engine_dtype, 1e-1)
 
 # A fixed probe: text every byte-level BPE can encode. Any token ids work; these are only the default.
 PROBE_PROMPT = "What is 12+7? Reply with the number only."
@@ -241,8 +231,7 @@ class VerifiedSyncEngine:
     def _init_probe(self, base, dtype: str, verify_tol: float | None,
                     probe: tuple[list[int], list[int]] | None) -> None:
         self.tokenizer = base.tokenizer
-        trainer_dtype = getattr(base, "load_dtype", "float32")
-        self.verify_tol = verify_tol if verify_tol is not None else probe_tolerance(dtype, trainer_dtype)
+        self.verify_tol = verify_tol if verify_tol is not None else DEFAULT_TOL.get(dtype, 1e-1)
         self.probe = probe or probe_ids(base.tokenizer)
         self._probe_history: dict[str | None, list[float]] = {}  # trainer probe log-probs at the last sync
 
