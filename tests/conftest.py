@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: set before align is
+# `dtype: auto` is bfloat16 where the CPU computes it natively: pinned to float32 so that tests comparing numbers
+# exactly mean the same on CPUs with and without AMX/AVX512_BF16 (subprocesses inherit it).
+os.environ["ALIGN_AUTO_DTYPE"] = "float32"
 
 from align.engines.vllm_compat import cpu_environment  # noqa: E402
 

@@ -202,25 +202,11 @@ def test_data_check_resolves_smollm2_like_the_recipes(tmp_path, tiny_llama, monk
         assert ", OK" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("recipe", ["dpo", "sft", "reward", "ppo", "grpo", "online-dpo"])
-def test_precision_note_names_its_recipe_and_claims_only_what_was_measured(recipe):
-    from align.train.placement import precision_note
-
-    note = precision_note("cpu", recipe)
-    assert note.startswith(f"[align] {recipe}: ") and "--bf16 true" in note
-    # The ~2x was measured on DPO steps (docs/scaling.md): another recipe is told it was not measured for it.
-    assert ("ran DPO ~2x faster" in note) == (recipe == "dpo")
-    assert recipe == "dpo" or f"{recipe} speed not measured" in note
-
-
 @pytest.mark.parametrize("recipe", ["sft", "reward"])
-def test_a_run_prints_its_own_recipes_precision_note(recipe, tiny_llama, tmp_path, capsys):
-    """The note a run prints is its recipe's; where this CPU emulates bfloat16 there is none to print."""
-    from align.core.hardware import fast_bfloat16
-    from align.train.placement import precision_note
-
+def test_a_run_says_in_one_line_which_dtype_auto_chose_and_why(recipe, tiny_llama, tmp_path, capsys):
+    """The suite pins auto to float32 (ALIGN_AUTO_DTYPE, tests/conftest.py): the line names that reason."""
     argv = [recipe, "--config", f"configs/{recipe}_tiny.yaml", "--model_name_or_path", str(tiny_llama),
             "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--save_steps", "0"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert (precision_note("cpu", recipe) in out) == fast_bfloat16("cpu") and "ran DPO" not in out
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[align] dtype auto")]
+    assert lines == ["[align] dtype auto: float32 (ALIGN_AUTO_DTYPE=float32)"]

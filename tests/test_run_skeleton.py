@@ -122,16 +122,15 @@ def test_bad_dtype_settings_are_named(sets, message):
 
 
 def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tiny_llama, tmp_path, capsys):
-    """auto: float32 on a CPU (bfloat16 only on a CUDA GPU that has it); a base handed in keeps its own dtype."""
+    """auto (pinned to float32 in the suite, tests/conftest.py) resolves where the base lives; a base handed
+    in keeps its own dtype. What auto chooses per machine: test_auto_dtype_is_bfloat16_where_native."""
     import torch
 
     from align.core.base import SharedBase
-    from align.core.hardware import default_dtype, fast_bfloat16
+    from align.core.hardware import default_dtype
     from align.recipes.dpo import DPOTrainer
 
     assert default_dtype("cpu") == "float32"
-    assert default_dtype("cuda") == ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-                                     else "float32")
     sets = [f"model_name_or_path={tiny_llama}", f"train_file={DATA}", "max_steps=1", "report_to=[none]",
             "device=cpu"]
     trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml", sets + [f"output_dir={tmp_path / 'a'}"]))
@@ -139,8 +138,7 @@ def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tin
     trainer.close()
     assert {p.dtype for p in trainer.base.model.parameters() if not p.requires_grad} == {torch.float32}
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["dtype"] == "auto"
-    # A CPU with native bfloat16 (AVX512_BF16, AMX) is told that --bf16 true would be faster; others are not.
-    assert ("computes bfloat16 natively" in capsys.readouterr().out) == fast_bfloat16("cpu")
+    assert "[align] dtype auto: float32 (ALIGN_AUTO_DTYPE=float32)" in capsys.readouterr().out
 
     base = SharedBase.load(str(tiny_llama), dtype="bfloat16", device="cpu")
     trainer = DPOTrainer(load_config(DPOConfig, ROOT / "configs/dpo_tiny.yaml", sets + [f"output_dir={tmp_path / 'b'}"]),
@@ -150,6 +148,39 @@ def test_dtype_auto_resolves_where_the_base_lives_and_config_yaml_keeps_auto(tin
     assert trainer.dtype == "bfloat16" and trainer.config.dtype == "auto"  # the cache and engines read trainer.dtype
     logged = [line for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert logged and all(torch.isfinite(torch.tensor(yaml.safe_load(line)["loss"])) for line in logged)
+
+
+SAPPHIRE_RAPIDS = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+ZEN3 = "flags\t\t: fpu sse2 avx2 fma\n"
+
+
+@pytest.mark.parametrize("device, cuda_bf16, cpuinfo, override, expected", [
+    ("cpu", False, SAPPHIRE_RAPIDS, None, ("bfloat16", "cpu computes bfloat16 natively (amx_bf16)")),
+    ("cpu", False, "flags\t\t: avx2 avx512f avx512_bf16\n", None,
+     ("bfloat16", "cpu computes bfloat16 natively (avx512_bf16)")),
+    ("cpu", False, ZEN3, None, ("float32", "cpu has no native bfloat16 (no amx_bf16 or avx512_bf16): it would "
+                                           "be emulated")),
+    ("cpu", False, "", None, ("float32", "cpu has no native bfloat16 (no amx_bf16 or avx512_bf16): it would "
+                                         "be emulated")),  # no /proc/cpuinfo (macOS, Windows)
+    ("cpu", False, "flags: avx512_bf16_like\n", None, ("float32", "cpu has no native bfloat16 (no amx_bf16 or "
+                                                                  "avx512_bf16): it would be emulated")),
+    ("cuda:0", True, ZEN3, None, ("bfloat16", "cuda:0 computes bfloat16 natively")),
+    ("cuda", False, SAPPHIRE_RAPIDS, None, ("float32", "cuda has no native bfloat16")),  # e.g. a V100
+    ("cpu", False, SAPPHIRE_RAPIDS, "float32", ("float32", "ALIGN_AUTO_DTYPE=float32")),
+    ("cpu", False, ZEN3, "bfloat16", ("bfloat16", "ALIGN_AUTO_DTYPE=bfloat16")),
+])
+def test_auto_dtype_is_bfloat16_where_native(device, cuda_bf16, cpuinfo, override, expected):
+    """The choice from the facts passed in, so it means the same on every machine that runs the test."""
+    from align.core.hardware import choose_auto_dtype
+
+    assert choose_auto_dtype(device, cuda_bf16, cpuinfo, override) == expected
+
+
+def test_auto_dtype_override_must_be_a_dtype_auto_could_choose():
+    from align.core.hardware import choose_auto_dtype
+
+    with pytest.raises(ValueError, match="ALIGN_AUTO_DTYPE: expected float32 or bfloat16, got 'fp16'"):
+        choose_auto_dtype("cpu", False, ZEN3, "fp16")
 
 
 TRAINERS = {"dpo": ("align.recipes.dpo", "DPOConfig", "DPOTrainer", "configs/dpo_tiny.yaml", DATA),

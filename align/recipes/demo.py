@@ -28,6 +28,7 @@ class DemoSettings:
     model: str = "smollm2"
     output_dir: str = "runs/demo"
     engine: str = "auto"          # auto (vLLM if installed) | vllm | hf
+    dtype: str = "auto"           # base and engine: auto (bfloat16 where native, align.core.hardware) | float32 | bfloat16
     train_prompts: int = 300
     eval_prompts: int = 100
     samples_per_prompt: int = 4
@@ -134,6 +135,8 @@ def print_report(eval_rows: list[dict], before: float, after: float, before_text
 def run_demo(s: DemoSettings) -> dict:
     from align.core.atomic import atomic_write_text
     from align.core.base import SharedBase
+    from align.core.distributed import resolve_device
+    from align.core.hardware import auto_dtype
     from align.core.loading import resolve_model
     from align.engines import make_engine
 
@@ -141,11 +144,14 @@ def run_demo(s: DemoSettings) -> dict:
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(s.model)
-    base = SharedBase.load(model_path)
+    device = resolve_device("auto")
+    dtype, why = auto_dtype(device) if s.dtype == "auto" else (s.dtype, "asked for")
+    print(f"[demo] dtype: {dtype} ({why})", file=sys.stderr)
+    base = SharedBase.load(model_path, dtype=dtype, device=device)
     base.add_adapter("policy")  # B = 0: identical to the base until trained
     # Default sync mode "fold": the adapter is folded into the engine's weights (fast base path);
     # before the first sync the engine is the base, which is what sampling and the "before" eval need.
-    engine = make_engine(s.engine, model_path, base, seed=s.seed)
+    engine = make_engine(s.engine, model_path, base, dtype=dtype, seed=s.seed)
     print(f"[demo] engine: {type(engine).__name__}", file=sys.stderr)
 
     train_rows, eval_rows = demo_prompts(s)
@@ -164,7 +170,7 @@ def run_demo(s: DemoSettings) -> dict:
     result = {"metric": "heldout_task_reward", "before": round(before, 4), "after": round(after, 4),
               "adapter": str(adapter), **pairs, "changed_answers": changed,
               "eval_prompts": len(eval_rows), "rollout_s": round(rollout_s, 1), "train_s": round(train_s, 1),
-              "total_s": round(time.perf_counter() - t_start, 1), "engine": type(engine).__name__}
+              "total_s": round(time.perf_counter() - t_start, 1), "engine": type(engine).__name__, "dtype": dtype}
     atomic_write_text(out / "demo_result.json", json.dumps(result, indent=2))
     print_report(eval_rows, before, after, before_texts, after_texts, adapter)
     return result
@@ -177,12 +183,14 @@ def add_arguments(p) -> None:
                    help="run folder (default runs/demo)")
     p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"],
                    help="what samples the answers: vLLM if installed (auto), vllm or hf")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="base and engine dtype: auto (bfloat16 where the hardware computes it natively)")
     p.add_argument("--model_name_or_path", "--model", dest="model", default=None, metavar="MODEL",
                    help="another model (folder or hub id) instead of SmolLM2-135M-Instruct")
 
 
 def run(args) -> int:
-    s = DemoSettings(engine=args.engine)
+    s = DemoSettings(engine=args.engine, dtype=args.dtype)
     if args.out:
         s.output_dir = args.out
     if args.quick:

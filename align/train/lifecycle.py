@@ -174,8 +174,7 @@ class Trainer:
         if checkpoint is not None:
             self.compare_settings(checkpoint)  # before anything is loaded: may set gradient_accumulation_steps
         apply_cpu_settings(c, self.device, main)
-        # A base handed in (the demo's) keeps its dtype: --bf16 would not apply, so no note.
-        check_precision(self.device, self.dtype, c.dtype, main and self.base is None, self.name)
+        check_precision(self.device, self.dtype, c.dtype, main)
         seed_everything(c.seed)
         groups = self.build_on_base()
         self.optimizer = adamw(groups, weight_decay=c.weight_decay)

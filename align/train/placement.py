@@ -38,22 +38,22 @@ def apply_cpu_settings(config, device: str, main: bool) -> None:
         print(f"[align] heap_mmap_threshold_mb applies to CPU runs; ignored on {device}")
 
 
-def precision_note(device: str, recipe: str) -> str:
-    """The note for a `recipe` run where auto chose float32 on a `device` with native bfloat16. The speed-up
-    measured (docs/scaling.md, "Precision") is DPO's: only a DPO run is told a speed as its own."""
-    speed = "ran DPO ~2x faster" if recipe == "dpo" else f"{recipe} speed not measured; DPO ran ~2x faster"
-    return (f"[align] {recipe}: dtype auto is float32 on {device}, which computes bfloat16 natively: --bf16 true "
-            f"halves the base's memory ({speed}; docs/scaling.md, \"Precision\")")
+def auto_note(device: str, dtype: str) -> str:
+    """The run log's one line on what `dtype: auto` chose on `device`, and why (align.core.hardware.auto_dtype)."""
+    from align.core.hardware import auto_dtype
+
+    chosen, why = auto_dtype(device)
+    if chosen != dtype:  # only a base handed in (the demo's) differs: it keeps the dtype it was loaded in
+        return f"[align] dtype auto: {dtype}, the dtype the base handed in was loaded in"
+    return f"[align] dtype auto: {dtype} ({why})"
 
 
-def check_precision(device: str, dtype: str, requested: str, main: bool, recipe: str) -> None:
-    """Warn about bfloat16 where it is emulated; point out bfloat16 where auto chose float32 but it is native.
-    `main` false: no note (another process says it, or the base was handed in, so --bf16 would not apply)."""
+def check_precision(device: str, dtype: str, requested: str, main: bool) -> None:
+    """Warn about bfloat16 where it is emulated; say what auto chose and why (main process only)."""
     from align.core.hardware import fast_bfloat16
 
-    native = fast_bfloat16(device)  # reads /proc/cpuinfo on a CPU: once
-    if dtype == "bfloat16" and not native:
+    if dtype == "bfloat16" and not fast_bfloat16(device):  # reads /proc/cpuinfo on a CPU: once
         warnings.warn(f"dtype bfloat16 on {device}: this machine emulates bfloat16 matrix "
                       "work (several times slower than float32); use float32 here", stacklevel=2)
-    elif native and requested == "auto" and dtype == "float32" and main:
-        print(precision_note(device, recipe))
+    if requested == "auto" and main:
+        print(auto_note(device, dtype))

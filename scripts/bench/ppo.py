@@ -179,7 +179,7 @@ def trainer_child(model: str, batch: int, completion_len: int) -> dict:
 
 
 def copies_child(model: str, sync_mode: str, dtype: str, batch: int, completion_len: int) -> dict:
-    """Base copies a PPO step holds with its colocated vLLM engine (`sync_mode`, engine `dtype`).
+    """Base copies a PPO step holds with its colocated vLLM engine (`sync_mode`; trainer base and engine in `dtype`).
 
     (peak RSS while `PPOTrainer.ppo_step` runs - RSS of this process before any model is loaded)
     / the base's size in float32. Modules (torch, transformers, peft, vLLM) are imported first, so
@@ -200,7 +200,7 @@ def copies_child(model: str, sync_mode: str, dtype: str, batch: int, completion_
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-copies-"))
     cfg = load_config(GRPOConfig, ROOT / "configs" / "grpo_demo.yaml", [
         f"model_name_or_path={model}", f"output_dir={tmp / 'run'}", "engine=vllm", "report_to=[none]",
-        f"rollout_dtype={dtype}", f"engine_options={{sync_mode: {sync_mode}}}", "prompts_per_step=1",
+        f"dtype={dtype}", f"rollout_dtype={dtype}", f"engine_options={{sync_mode: {sync_mode}}}", "prompts_per_step=1",
         f"num_generations={batch}", f"max_completion_length={completion_len}",
         f"per_device_train_batch_size={batch}", "num_iterations=1", "num_train_prompts=8", "num_eval_prompts=1"])
     trainer = PPOTrainer(cfg)
@@ -300,7 +300,7 @@ def main() -> None:
     p.add_argument("--reuse-speed", help="JSON file with the sync/rollout figures of an earlier run (skips them)")
     p.add_argument("--copies-only", action="store_true",
                    help="only process_base_copies (PPO step + colocated vLLM engine, fold and lora sync)")
-    p.add_argument("--copies-dtype", default="bfloat16", help="vLLM engine dtype for process_base_copies")
+    p.add_argument("--copies-dtypes", default="float32,bfloat16", help="trainer base + engine dtypes (process_base_copies)")
     p.add_argument("--copies-child", nargs=5, metavar=("MODEL", "SYNC", "DTYPE", "B", "T"), help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=5, metavar=("MODEL", "MODE", "B", "P", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -338,13 +338,14 @@ def main() -> None:
         rollout_shape = (64, 48)  # the issue's workload: 64 prompts x 48 new tokens
 
     print(f"[bench] model {name}: base copies of a PPO step with its colocated vLLM engine", flush=True)
-    copies = {mode: run_child(__file__, "--copies-child", model, mode, args.copies_dtype, shape[0], shape[2])
-              for mode in ("fold", "lora")}
-    copy_figures = {f"process_base_copies_{m}": round(c["process_base_copies"], 3) for m, c in copies.items()}
-    copy_figures.update({f"peak_step_mb_{m}": round(c["peak_step_mb"], 1) for m, c in copies.items()})
-    copy_figures.update(copies_dtype=args.copies_dtype, rss_before_models_mb=round(copies["fold"]["rss_before_models_mb"], 1),
-                        base_fp32_mb=round(copies["fold"]["base_fp32_mb"], 1),
-                        linear_share_of_base=round(copies["fold"]["linear_fp32_mb"] / copies["fold"]["base_fp32_mb"], 3))
+    copies = {f"{m}_{d}": run_child(__file__, "--copies-child", model, m, d, shape[0], shape[2])
+              for d in args.copies_dtypes.split(",") for m in ("fold", "lora")}
+    copy_figures = {f"process_base_copies_{k}": round(c["process_base_copies"], 3) for k, c in copies.items()}
+    copy_figures.update({f"peak_step_mb_{k}": round(c["peak_step_mb"], 1) for k, c in copies.items()})
+    first = next(iter(copies.values()))
+    copy_figures.update(rss_before_models_mb=round(first["rss_before_models_mb"], 1),
+                        base_fp32_mb=round(first["base_fp32_mb"], 1),
+                        linear_share_of_base=round(first["linear_fp32_mb"] / first["base_fp32_mb"], 3))
     print(f"  {copy_figures}", flush=True)
     if args.copies_only:
         print(json.dumps({"model": name, **copy_figures}))

@@ -2,6 +2,7 @@
 
     python scripts/bench/rl_vs_trl.py --quick              # tiny model, 1 seed, 2 steps (a minute or two)
     python scripts/bench/rl_vs_trl.py --steps 4 --seeds 0,1  # SmolLM2-135M-Instruct, the demo task
+    python scripts/bench/rl_vs_trl.py --bf16 ...           # ours: bf16 base + bf16 engine; TRL: bf16=True (autocast)
 
 Both contenders get identical settings: the demo's task and reward (configs/grpo_demo.yaml,
 align/tasks/arithmetic.py), LoRA r 8 / alpha 32 on every linear layer, learning rate, group size,
@@ -86,7 +87,7 @@ def run_align(model: str, seed: int, train_file: str, out: str, s: dict, rollout
                                  for r in rows))
     overrides = [
         f"model_name_or_path={model}", f"output_dir={out}", f"seed={seed}", "engine=vllm",
-        f"rollout_dtype={rollout_dtype}", "engine_options={sync_mode: fold}", f"train_file={chat_file}",
+        f"dtype={'bfloat16' if s.get('bf16') else 'float32'}", f"rollout_dtype={rollout_dtype}", "engine_options={sync_mode: fold}", f"train_file={chat_file}",
         f"num_train_prompts={s['num_train_prompts']}", f"lora_r={s['lora_r']}", f"lora_alpha={s['lora_alpha']}",
         f"learning_rate={s['learning_rate']}", f"steps_per_generation={steps_per_generation(s)}",
         f"num_generations={s['num_generations']}", f"max_completion_length={s['max_completion_length']}",
@@ -143,7 +144,7 @@ def run_trl(model: str, seed: int, train_file: str, out: str, s: dict, use_vllm:
         beta=s["beta"], num_iterations=1, epsilon=s["epsilon"], loss_type=s["loss_type"],
         max_grad_norm=s["max_grad_norm"],
         max_steps=s["steps"] * per_step, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, disable_dropout=True, dataloader_num_workers=0, use_vllm=use_vllm,
+        bf16=bool(s.get("bf16")), disable_dropout=True, dataloader_num_workers=0, use_vllm=use_vllm,
         **({"vllm_mode": "colocate", "vllm_max_model_length": 128 + s["max_completion_length"]} if use_vllm else {}))
     tok = AutoTokenizer.from_pretrained(model)
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -179,8 +180,11 @@ def main() -> None:
     p.add_argument("--rollout-dtype", default="float32", help="align's vLLM engine dtype (float32: fast on AVX2)")
     p.add_argument("--trl-generation", choices=("auto", "vllm", "transformers"), default="auto",
                    help="auto: vLLM colocate, falling back to transformers when it cannot run")
+    p.add_argument("--bf16", action="store_true", help="ours: bfloat16 base and engine; TRL: bf16=True (autocast)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.bf16:
+        args.rollout_dtype = "bfloat16"
     if args.child:
         kind, *rest = args.child
         s = json.loads(rest[-1])
@@ -204,7 +208,7 @@ def main() -> None:
         from align.core.smollm import ensure_smollm2
 
         model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
-    s = settings(args.quick, steps)
+    s = {**settings(args.quick, steps), "bf16": args.bf16}
     from align.recipes.ppo.batch import load_rows
 
     train = load_rows("arithmetic", s["num_train_prompts"], 0)

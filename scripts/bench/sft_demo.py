@@ -3,6 +3,7 @@
     python scripts/bench/sft_demo.py                     # SmolLM2-135M, configs/sft_smollm2.yaml
     python scripts/bench/sft_demo.py --dpo               # ... then DPO from the SFT adapter, on pairs it samples
     python scripts/bench/sft_demo.py --quick             # tiny random model, seconds (no learning expected)
+    python scripts/bench/sft_demo.py --dtype float32     # the base's dtype (default auto: bfloat16 where native)
 
 The data are the demo's prompts ("What is a+b? Reply with the number only.") with the bare sum as
 the completion; held-out prompts are disjoint from the training ones. The metric is the demo's:
@@ -46,9 +47,12 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for the DPO pairs")
     p.add_argument("--dpo-set", action="append", default=[], help="DPO config override KEY=VALUE")
     p.add_argument("--set", action="append", default=[], help="SFT config override KEY=VALUE")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the base's dtype (the DPO run keeps the same base)")
     args = p.parse_args()
     out = Path(args.out)
-    sets = [f"output_dir={out / 'sft'}", f"train_file={out / 'arithmetic.jsonl'}", "report_to=[none]", *args.set]
+    sets = [f"output_dir={out / 'sft'}", f"train_file={out / 'arithmetic.jsonl'}", "report_to=[none]",
+            f"dtype={args.dtype}", *args.set]
     if args.quick:
         from align.core.tiny import build_tiny_model
 
@@ -73,7 +77,7 @@ def main() -> None:
     result = {"metric": "heldout_task_reward", "eval_prompts": len(held_out), "before": round(before, 4),
               "after_sft": round(after_sft, 4), "sft_steps": trainer.step, "sft_adapter": str(adapter),
               "sft_final": {k: round(v, 4) for k, v in trainer.summary.items() if isinstance(v, float)},
-              "sft_s": round(time.perf_counter() - t0, 1), "examples": texts[:3]}
+              "sft_s": round(time.perf_counter() - t0, 1), "examples": texts[:3], "dtype": trainer.dtype}
     trainer.close()
     if args.dpo:
         result.update(run_dpo(args, out, adapter, held_out, trainer.model_path, base, engine))
