@@ -2,8 +2,9 @@
 
 Only completion positions need logits. We run the decoder once, gather the hidden
 states at the positions that are scored, and push them through lm_head in
-chunks. Under autograd each chunk is checkpointed, so the (chunk x vocab) logits
-are rebuilt in backward instead of being kept for the whole batch.
+chunks. Under autograd, a frozen lm_head's chunk keeps d logp / d logits, made in forward
+(_FrozenHeadLogprobs); a trainable one's is checkpointed, so the (chunk x vocab) logits are
+rebuilt in backward instead of being kept for the whole batch.
 
 Going around the model's `forward` skips what some families do to the logits there:
 Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`, Gemma-2/3 cap them
@@ -71,6 +72,49 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return torch.stack(columns, dim=-1)
 
 
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """_chunk_logprobs' log-probs (no entropy) for a frozen lm_head, with d logp / d logits made in forward.
+
+    d logp / d logits = onehot(y) - softmax(logits) is known once the forward has the logits, so
+    forward keeps it (in the logits' own buffer) and backward multiplies it through lm_head: one
+    vocabulary-sized matmul and one logsumexp fewer than checkpointing the chunk, which rebuilt the
+    logits in backward. Backward scales it by the incoming gradient before the matmul, in
+    autograd's order, so gradients match log_softmax's to float32 rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, scale, softcap):
+        logits = torch.nn.functional.linear(hidden, weight)
+        if scale != 1.0:  # in the model's dtype, as its forward does
+            logits = logits * scale
+        logits = logits.float()
+        slope = None
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap)
+            slope = 1 - logits * logits  # d(softcap * tanh(z / softcap)) / dz
+            logits = logits * softcap
+        logz = torch.logsumexp(logits, dim=-1)
+        logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logz
+        grad = logits.sub_(logz.unsqueeze(-1)).exp_().neg_()  # -softmax, in the logits' buffer
+        at_label = torch.ones_like(logp)  # d logp / d logit_y = 1 - softmax_y: the 1, added in backward
+        if slope is not None:
+            grad.mul_(slope)
+            at_label = at_label * slope.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        if scale != 1.0:
+            grad.mul_(scale)
+            at_label = at_label * scale
+        ctx.save_for_backward(grad, at_label, labels, weight)
+        ctx.hidden_dtype = hidden.dtype
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        neg_softmax, at_label, labels, weight = ctx.saved_tensors
+        d_logits = grad_logp.unsqueeze(-1) * neg_softmax
+        d_logits.scatter_add_(-1, labels.unsqueeze(-1), (grad_logp * at_label).unsqueeze(-1))
+        return (d_logits.to(weight.dtype) @ weight).to(ctx.hidden_dtype), None, None, None, None
+
+
 def gather_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
                     chunk_size: int = 512, with_entropy: bool = False,
                     transform: tuple[float, float | None] = (1.0, None), with_sum_sq: bool = False) -> torch.Tensor:
@@ -85,7 +129,9 @@ def gather_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torc
     outs = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and not (with_entropy or with_sum_sq or weight.requires_grad):
+            outs.append(_FrozenHeadLogprobs.apply(h, weight, y, *transform))
+        elif torch.is_grad_enabled() and h.requires_grad:
             outs.append(checkpoint(_chunk_logprobs, h, weight, y, with_entropy, *transform, with_sum_sq,
                                    use_reentrant=False))
         else:

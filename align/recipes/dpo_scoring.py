@@ -1,7 +1,7 @@
 """A DPO batch's sequence log-probs, with LD-DPO's length split and WPO's weights, from completion tokens only.
 
 Our scoring (align.core.logprobs.completion_logprobs) runs the decoder once and builds logits only at
-completion positions, in checkpointed chunks. What TRL's ld_alpha and use_weighting need is taken from
+completion positions, in chunks. What TRL's ld_alpha and use_weighting need is taken from
 that same pass, at no extra forward and no full-sequence logits:
 
 - LD-DPO (ld_alpha, Liu et al. 2024): per-token log-probs are already there; the first min(|y_c|, |y_r|)
