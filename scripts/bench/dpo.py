@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--realistic-max-length", type=int, default=256,
                    help="realistic rows (scripts/bench/realistic.py; TRL's default is 1024, smaller keeps a CPU step "
                         "short); arithmetic rows use --batch and --max-length")
+    p.add_argument("--parallel", type=int, default=1, help="contenders run at a time (scripts/bench/matrix.py)")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="disable gradient checkpointing (on by default, as in TRL)")
     p.add_argument("--lean-heap", action="store_true",
@@ -158,7 +159,7 @@ def main() -> None:
         jobs = {m: (lambda m=m: run_worker(m, args, data, model)) for m in extra}
         jobs.update(matrix_jobs(lambda side, p, d: run_worker(MATRIX_MODES[side, p], args, files[d][0], model,
                                                               *files[d][1:])))
-        runs = interleave(jobs, args.repeats)  # contenders interleaved so drift in machine load hits all alike
+        runs = interleave(jobs, args.repeats, args.parallel)  # contenders interleaved so drift in machine load hits all alike
         matrix = figures("dpo", {k: v for k, v in runs.items() if isinstance(k, tuple)})
         for (side, p), mode in MATRIX_MODES.items():  # the earlier keys: the arithmetic cells under their names
             runs[mode] = runs.get((side, p, "arithmetic"), [])

@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # realistic before measure: importing measure takes this folder off sys.path.
@@ -67,14 +68,21 @@ def fit_rows(path: Path, model: str, max_length: int, keep: int = 16) -> int:
     return len(rows)
 
 
-def interleave(jobs: dict, repeats: int) -> dict:
+def interleave(jobs: dict, repeats: int, parallel: int = 1) -> dict:
     """Run each job (a no-argument callable returning a dict) `repeats` times, all jobs once per repeat,
+    `parallel` at a time in their order (2: a cell's ours and TRL's side by side, under the same load),
     printing each result to stderr as it comes; returns {key: [result, ...]}."""
     runs: dict = {key: [] for key in jobs}
-    for r in range(repeats):
-        for key, job in jobs.items():
-            runs[key].append(job())
-            print(f"repeat {r + 1} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
+
+    def one(r: int, key) -> dict:
+        result = jobs[key]()
+        print(f"repeat {r + 1} {key}: {result}", file=sys.stderr, flush=True)
+        return result
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:  # each job waits on its own child process
+        for r in range(repeats):
+            for key, result in zip(jobs, pool.map(one, [r] * len(jobs), list(jobs)), strict=True):
+                runs[key].append(result)
     return runs
 
 
@@ -113,6 +121,8 @@ def add_arguments(p: argparse.ArgumentParser, batch: int, max_length: int) -> No
     p.add_argument("--realistic-max-length", type=int, default=256,
                    help="realistic rows (TRL's default is 1024; smaller keeps a step on 2 shared CPU cores short)")
     p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="contenders run at a time, in order (2: a cell's ours and TRL's side by side)")
     p.add_argument("--only-data", nargs="+", choices=DATA, default=list(DATA))
     for hidden in ("--worker", "--precision", "--model", "--data", "--out"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -142,8 +152,9 @@ def bench_main(recipe: str, script: str, args: argparse.Namespace, shape: str = 
                                  str(args.steps), "--batch", str(shapes[data][0]), "--max-length",
                                  str(shapes[data][1]))
 
-        runs = interleave(matrix_jobs(run, tuple(args.only_data)), args.repeats)
+        runs = interleave(matrix_jobs(run, tuple(args.only_data)), args.repeats, args.parallel)
     return {"model": "tiny-llama" if args.quick else "SmolLM2-135M-Instruct", "rows": args.rows, "rows_kept": kept,
             "batch": {d: shapes[d][0] for d in args.only_data}, "max_length": {d: shapes[d][1] for d in args.only_data},
-            "gradient_checkpointing": True, "repeats": args.repeats, "timed_steps": args.steps,
+            "gradient_checkpointing": True, "repeats": args.repeats, "parallel": args.parallel,
+            "timed_steps": args.steps,
             **figures(recipe, runs), "load_avg_1m": round(os.getloadavg()[0], 2)}

@@ -1,13 +1,13 @@
 """Reward-model training speed and memory: align's RewardTrainer vs TRL's RewardTrainer + PEFT (SEQ_CLS).
 
-    python scripts/bench/reward_vs_trl.py            # SmolLM2-135M-Instruct (offline), ~15 minutes on 2 cores
+    python scripts/bench/reward_vs_trl.py            # SmolLM2-135M-Instruct (offline), 8 processes
     python scripts/bench/reward_vs_trl.py --quick    # tiny model, a smoke run of every cell
 
 A file of its own beside reward.py, which measures held-out accuracy of one config's run: this one
 times steps against TRL over the matrix of scripts/bench/matrix.py (float32 vs TRL bf16=False, ours
 `bf16: true` vs TRL bf16=True autocast; arithmetic rows and realistic rows). Every contender runs in its
 own process on the same preference pairs (plain strings: ours with chat_template: false), batch (pairs
-per step), max_length, LoRA (rank 8, alpha 32, every linear layer, no dropout; TRL's score head trained
+per step: --batch 4 on arithmetic rows, --realistic-batch 2 on realistic ones), max_length (128; 256), LoRA (rank 8, alpha 32, every linear layer, no dropout; TRL's score head trained
 in full through PEFT's modules_to_save, ours beside the adapter), learning rate and gradient
 checkpointing (on, TRL's default; ours keeps no layer's activations). Steps/s is 1 / the median step
 time after a warm-up step: ours from metrics.jsonl `step_s`, TRL's from step-end times. Last line: one

@@ -1,6 +1,6 @@
 """SFT speed and memory: align's train_sft vs TRL's SFTTrainer + PEFT, at two precisions on two data shapes.
 
-    python scripts/bench/sft.py            # SmolLM2-135M-Instruct (offline), ~15 minutes on 2 cores
+    python scripts/bench/sft.py            # SmolLM2-135M-Instruct (offline), 8 processes
     python scripts/bench/sft.py --quick    # tiny model, a smoke run of every cell
 
 Every contender runs in its own process (peak RSS is per process) on the same prompt-completion rows
@@ -9,7 +9,8 @@ Every contender runs in its own process (peak RSS is per process) on the same pr
 completion-only loss (both sides' default for prompt-completion rows) and gradient checkpointing
 (TRL's SFT default, on; ours keeps no layer's activations). Padding: each side pads a batch to its
 longest row. The matrix (scripts/bench/matrix.py): float32 vs TRL bf16=False, ours `bf16: true` vs TRL
-bf16=True autocast; arithmetic rows (max_length --max-length) and realistic rows (--realistic-max-length).
+bf16=True autocast; arithmetic rows (--batch 8, --max-length 128: configs/sft_smollm2.yaml) and realistic
+rows (--realistic-batch 2, --realistic-max-length 256: TRL's 1024 takes minutes a step on 2 shared cores).
 Steps/s is 1 / the median step time after a warm-up step: ours from metrics.jsonl `step_s`, TRL's from
 step-end times. Last line: one JSON object.
 """
