@@ -12,7 +12,10 @@ the JSON), TRL checkpoints every layer. TRL's DPOConfig defaults to bf16 mixed p
 (autocast), which on a CPU with AVX512_BF16 runs its matmuls ~4x faster and on one without is
 emulated: so TRL runs with bf16=False for the figures with targets, and once more with its
 default (trl_bf16_autocast), which is compared with ours at `bf16: true` (base weights stored in
-bfloat16, adapters and Adam state float32): the bf16_* figures. Last line: one JSON object.
+bfloat16, adapters and Adam state float32): the bf16_* figures. The same four contenders run on
+realistic rows too (scripts/bench/realistic.py, --realistic-batch, --realistic-max-length; rows whose prompt leaves no room
+for an answer are dropped on both sides): keys dpo_<fp32|bf16>_<arithmetic|realistic>_speed_ratio and
+_memory_ratio (scripts/bench/matrix.py). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from matrix import figures, fit_rows, interleave, matrix_jobs, write_rows
 from measure import ROOT, bench_environment, peak_rss_mb, run_child, step_rates, write_pairs
+
+# The matrix's (side, precision) -> this bench's mode names (scripts/bench/matrix.py).
+MATRIX_MODES = {("ours", "fp32"): "shared", ("ours", "bf16"): "shared_bf16",
+                ("trl", "fp32"): "trl", ("trl", "bf16"): "trl_bf16_autocast"}
 
 
 def worker_ours(args) -> dict:
@@ -93,10 +100,11 @@ def worker_trl(args) -> dict:
     return {**step_rates(times), "peak_mb": peak_rss_mb()}
 
 
-def run_worker(mode: str, args, data: Path, model: str) -> dict:
+def run_worker(mode: str, args, data: Path, model: str, max_length: int | None = None, batch: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as out:
         flags = ["--worker", mode, "--model", model, "--data", str(data), "--out", out, "--steps", str(args.steps),
-                 "--batch", str(args.batch), "--max-length", str(args.max_length), "--keep-last", str(args.keep_last)]
+                 "--batch", str(batch or args.batch), "--max-length", str(max_length or args.max_length),
+                 "--keep-last", str(args.keep_last)]
         return run_child(__file__, *flags, *([] if args.grad_ckpt else ["--no-grad-ckpt"]))
 
 
@@ -108,6 +116,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--realistic-batch", type=int, default=2, help="pairs per step on realistic rows")
+    p.add_argument("--realistic-max-length", type=int, default=256,
+                   help="realistic rows (scripts/bench/realistic.py; TRL's default is 1024, smaller keeps a CPU step "
+                        "short); arithmetic rows use --batch and --max-length")
+    p.add_argument("--parallel", type=int, default=1, help="contenders run at a time (scripts/bench/matrix.py)")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="disable gradient checkpointing (on by default, as in TRL)")
     p.add_argument("--lean-heap", action="store_true",
@@ -138,13 +151,18 @@ def main() -> None:
             model, name = str(ensure_smollm2()), "SmolLM2-135M-Instruct"
         data = Path(tmp) / "pairs.jsonl"
         write_pairs(data, args.rows)
-        modes = ["shared", "ref_copy", "precompute", "trl", "shared_bf16", "trl_bf16_autocast"] + (
-            ["shared_lean_heap"] if args.lean_heap else [])
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
-        for r in range(args.repeats):  # interleave contenders so drift in machine load hits all alike
-            for mode in runs:
-                runs[mode].append(run_worker(mode, args, data, model))
-                print(f"repeat {r + 1} {mode}: {runs[mode][-1]}", file=sys.stderr, flush=True)
+        realistic = write_rows(Path(tmp) / "realistic.jsonl", "realistic", args.rows)
+        kept = fit_rows(realistic, model, args.realistic_max_length)
+        files = {"arithmetic": (data, args.max_length, args.batch),
+                 "realistic": (realistic, args.realistic_max_length, args.realistic_batch)}
+        extra = ["ref_copy", "precompute"] + (["shared_lean_heap"] if args.lean_heap else [])
+        jobs = {m: (lambda m=m: run_worker(m, args, data, model)) for m in extra}
+        jobs.update(matrix_jobs(lambda side, p, d: run_worker(MATRIX_MODES[side, p], args, files[d][0], model,
+                                                              *files[d][1:])))
+        runs = interleave(jobs, args.repeats, args.parallel)  # contenders interleaved so drift in machine load hits all alike
+        matrix = figures("dpo", {k: v for k, v in runs.items() if isinstance(k, tuple)})
+        for (side, p), mode in MATRIX_MODES.items():  # the earlier keys: the arithmetic cells under their names
+            runs[mode] = runs.get((side, p, "arithmetic"), [])
 
     def med(mode, key):
         return statistics.median(x[key] for x in runs[mode])
@@ -166,7 +184,7 @@ def main() -> None:
         "precompute_steps_per_s": round(med("precompute", "steps_per_s"), 4),
         "precompute_speed_ratio": round(med("precompute", "steps_per_s") / med("shared", "steps_per_s"), 3),
         "precompute_s": round(med("precompute", "precompute_s"), 2),
-        "steps_per_s_mean": {m: round(med(m, "steps_per_s_mean"), 4) for m in runs},
+        "steps_per_s_mean": {m: round(med(m, "steps_per_s_mean"), 4) for m in runs if isinstance(m, str)},
         "trl_precision": "float32 (bf16=False)",
         "trl_bf16_autocast_steps_per_s": round(med("trl_bf16_autocast", "steps_per_s"), 4),
         "trl_bf16_autocast_peak_mb": round(med("trl_bf16_autocast", "peak_mb"), 1),
@@ -178,6 +196,8 @@ def main() -> None:
             med("shared_bf16", "steps_per_s") / med("trl_bf16_autocast", "steps_per_s"), 3),
         "bf16_memory_vs_trl_bf16_autocast": round(med("shared_bf16", "peak_mb") / med("trl_bf16_autocast", "peak_mb"), 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "realistic_batch_pairs": args.realistic_batch, "realistic_max_length": args.realistic_max_length,
+        "realistic_rows_kept": kept, **matrix,
     }
     if args.lean_heap:  # the same run with heap_mmap_threshold_mb=1 (align/core/heap.py): memory saved, speed lost
         out.update({
