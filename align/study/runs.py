@@ -16,7 +16,7 @@ from pathlib import Path
 
 from align.train.metrics import read_metrics
 
-HEAVY = ("checkpoints", "model", "adapter", "tb")
+HEAVY = ("checkpoints", "model", "adapter", "policy", "tb")  # policy/: a GRPO run's adapter
 
 
 @dataclass
