@@ -121,21 +121,7 @@ def test_rl_rank_lora_conditions(tiny_llama, tmp_path):
         assert [r["step"] for r in figures["curve"] if "eval/reward" in r][-1] == 2
 
 
-def grpo_full_finetuning() -> bool:
-    from align.recipes.ppo import GRPOConfig
-
-    return "use_peft" in GRPOConfig.__dataclass_fields__
-
-
-@pytest.mark.skipif(not grpo_full_finetuning(), reason="GRPO full fine-tuning (use_peft: false) is on another branch")
 def test_rl_rank_study(tiny_llama, tmp_path):
     out = tmp_path / "rl-rank"
     assert study("rl-rank", tiny_llama, out, "--minutes", "0.5", "--max_steps", "2") == 0
     check_outputs("rl-rank", out, 2)
-
-
-@pytest.mark.skipif(grpo_full_finetuning(), reason="this build has GRPO full fine-tuning")
-def test_rl_rank_without_grpo_full_finetuning_is_one_line(tiny_llama, tmp_path, capsys):
-    assert study("rl-rank", tiny_llama, tmp_path / "rl", "--minutes", "0.5") == 2
-    assert "GRPOConfig.use_peft" in capsys.readouterr().err
-    assert not (tmp_path / "rl" / "runs").exists()
