@@ -28,7 +28,7 @@ class DemoSettings:
     model: str = "smollm2"
     output_dir: str = "runs/demo"
     engine: str = "auto"          # auto (vLLM if installed) | vllm | hf
-    dtype: str = "auto"           # base and engine: auto (bfloat16 where native, align.core.hardware) | float32 | bfloat16
+    dtype: str = "auto"           # base and engine: auto (align.core.hardware: bfloat16 on a bf16 GPU) | float32 | bfloat16
     train_prompts: int = 300
     eval_prompts: int = 100
     samples_per_prompt: int = 4

@@ -106,8 +106,8 @@ FINITE = ("weight_decay", "max_grad_norm", "warmup_ratio", "lora_dropout")
 class ModelConfig:
     model_name_or_path: str = arg("smollm2", "Local model folder, hub id, or 'smollm2' (SmolLM2-135M-Instruct, "
                                              "built offline on first use).")
-    dtype: str = arg("auto", "Base weights dtype: auto (bfloat16 where native: a CUDA GPU that supports it, like "
-                             "TRL's bf16 default, or an AMX/AVX512_BF16 CPU; else float32), float32, bfloat16 or "
+    dtype: str = arg("auto", "Base weights dtype: auto (bfloat16 on a CUDA GPU that supports it, like TRL's bf16 "
+                             "default; else float32, a CPU too: align/core/hardware.py), float32, bfloat16 or "
                              "float16. Adapters train in "
                              "float32.")
     device: str = arg("auto", "Where the base lives: auto (this process's CUDA GPU when there is one, else the "
