@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from matrix import figures, fit_rows, interleave, matrix_jobs, write_rows
+from matrix import DATA, figures, fit_rows, interleave, matrix_jobs, write_rows
 from measure import ROOT, bench_environment, peak_rss_mb, run_child, step_rates, write_pairs
 
 # The matrix's (side, precision) -> this bench's mode names (scripts/bench/matrix.py).
@@ -120,6 +120,8 @@ def main() -> None:
     p.add_argument("--realistic-max-length", type=int, default=256,
                    help="realistic rows (scripts/bench/realistic.py; TRL's default is 1024, smaller keeps a CPU step "
                         "short); arithmetic rows use --batch and --max-length")
+    p.add_argument("--data-sets", default="arithmetic,realistic",
+                   help="the matrix's data cells to run (arithmetic alone gives every figure with a target)")
     p.add_argument("--parallel", type=int, default=1, help="contenders run at a time (scripts/bench/matrix.py)")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="disable gradient checkpointing (on by default, as in TRL)")
@@ -139,6 +141,8 @@ def main() -> None:
         return
 
     args.steps = args.steps or 10
+    if not set(args.data_sets.split(",")) <= set(DATA) or "arithmetic" not in args.data_sets.split(","):
+        p.error(f"--data-sets: a comma list of {', '.join(DATA)} that includes arithmetic, got {args.data_sets!r}")
     bench_environment()
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
@@ -158,7 +162,8 @@ def main() -> None:
         extra = ["ref_copy", "precompute"] + (["shared_lean_heap"] if args.lean_heap else [])
         jobs = {m: (lambda m=m: run_worker(m, args, data, model)) for m in extra}
         jobs.update(matrix_jobs(lambda side, p, d: run_worker(MATRIX_MODES[side, p], args, files[d][0], model,
-                                                              *files[d][1:])))
+                                                              *files[d][1:]),
+                                only_data=tuple(args.data_sets.split(","))))
         runs = interleave(jobs, args.repeats, args.parallel)  # contenders interleaved so drift in machine load hits all alike
         matrix = figures("dpo", {k: v for k, v in runs.items() if isinstance(k, tuple)})
         for (side, p), mode in MATRIX_MODES.items():  # the earlier keys: the arithmetic cells under their names
