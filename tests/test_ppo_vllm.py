@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,26 +61,33 @@ def test_ppo_with_vllm_rollouts_end_to_end(tiny_llama, tmp_path):
     assert model() is None
 
 
+@contextmanager
+def two_vllm_steps(tiny_llama, tmp_path, setting: str):
+    """A two-step PPO run on the tiny config with the vLLM engine and one extra `setting`: the trainer
+    (closed on exit) and its per-step metrics rows."""
+    cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml",
+                      [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "engine=vllm",
+                       "max_steps=2", "eval_steps=0", "num_eval_prompts=4", setting])
+    tr = PPOTrainer(cfg)
+    try:
+        tr.train()
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        yield tr, [r for r in rows if "reward" in r]
+    finally:
+        tr.close()
+
+
 @pytest.mark.vllm
 def test_bfloat16_rollouts_sync_and_verify(tiny_llama, tmp_path):
     # A bfloat16 engine next to the float32 trainer: each sync is checked with the low-precision
     # probe test (tolerance + "closer to the new weights than the old"), and the update still uses
     # the trainer's own float32 log-probs.
-    cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml",
-                      [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "engine=vllm",
-                       "max_steps=2", "eval_steps=0", "num_eval_prompts=4", "rollout_dtype=bfloat16"])
-    tr = PPOTrainer(cfg)
-    try:
-        tr.train()
+    with two_vllm_steps(tiny_llama, tmp_path, "rollout_dtype=bfloat16") as (tr, steps):
         assert tr.engine.dtype == "bfloat16" and tr.engine.verify_tol == 0.25
-        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "reward" in r]
         assert [r["step"] for r in steps] == [1, 2]
         for r in steps:
             assert 0 < r["sync/max_abs_diff"] <= 0.25  # rounding shows: this is not the float32 engine
             assert r["logprob/mismatch_max"] > 1e-4
-    finally:
-        tr.close()
 
 
 @pytest.mark.vllm
@@ -87,16 +95,7 @@ def test_bfloat16_trainer_samples_from_a_bfloat16_engine(tiny_llama, tmp_path):
     # dtype bfloat16 (auto's choice where bf16 is native): the engine follows the trainer's dtype, and each
     # sync's probe is held to bf16's 0.25 (engine_memory.py measured up to 0.21 on SmolLM2 with a bf16
     # trainer too: the same rounding drift as next to a float32 one, so no tighter tolerance).
-    cfg = load_config(PPOConfig, CONFIGS / "ppo_tiny.yaml",
-                      [f"model_name_or_path={tiny_llama}", f"output_dir={tmp_path / 'run'}", "engine=vllm",
-                       "max_steps=2", "eval_steps=0", "num_eval_prompts=4", "dtype=bfloat16"])
-    tr = PPOTrainer(cfg)
-    try:
-        tr.train()
+    with two_vllm_steps(tiny_llama, tmp_path, "dtype=bfloat16") as (tr, steps):
         assert tr.dtype == tr.engine.dtype == "bfloat16" and tr.engine.verify_tol == 0.25
-        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "reward" in r]
         assert [r["step"] for r in steps] == [1, 2]
         assert all(0 < r["sync/max_abs_diff"] <= 0.25 for r in steps), [r["sync/max_abs_diff"] for r in steps]
-    finally:
-        tr.close()
