@@ -67,6 +67,34 @@ def step_rates(marks: list[float]) -> dict:
             "steps_per_s_mean": len(durations) / (marks[-1] - marks[0])}
 
 
+
+def run_rates(out_dir: str | Path) -> dict:
+    """An align worker's figures: steps/s from its run's metrics.jsonl `step_s` (steady median), this
+    process's peak RSS, and the number of steps timed."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["step_s"] for r in rows if "step_s" in r]
+    return {"steps_per_s": 1 / steady_median(seconds), "peak_mb": peak_rss_mb(), "steps": len(seconds)}
+
+
+def trl_clock():
+    """A TRL worker's clock: a TrainerCallback that appends each step's end time to the list returned with it."""
+    import time
+
+    from transformers import TrainerCallback
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter())
+
+    return Clock(), times
+
+
+def trl_rates(times: list[float]) -> dict:
+    """A TRL worker's figures from its clock's step-end times, in run_rates' keys."""
+    return {**step_rates(times), "peak_mb": peak_rss_mb(), "steps": len(times)}
+
 def write_pairs(path: Path, n: int, chat: bool = True) -> Path:
     """`n` preference pairs of the arithmetic task as JSON lines. chat: conversational rows, so that
     TRL applies the chat template too and every contender sees the same tokens; else plain strings."""

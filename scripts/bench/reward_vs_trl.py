@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
 
 from matrix import add_arguments, bench_main
-from measure import peak_rss_mb, steady_median, step_rates
+from measure import run_rates, trl_clock, trl_rates
 
 LR = 5e-4  # configs/reward_demo.yaml
 
@@ -37,16 +35,14 @@ def worker_ours(args) -> dict:
                           lora_alpha=32, logging_steps=1, gradient_checkpointing=True, chat_template=False, seed=0,
                           **precision)
     RewardTrainer(config).train()
-    rows = [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
-    seconds = [r["step_s"] for r in rows if "step_s" in r]
-    return {"steps_per_s": 1 / steady_median(seconds), "peak_mb": peak_rss_mb(), "steps": len(seconds)}
+    return run_rates(args.out)
 
 
 def worker_trl(args) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -55,21 +51,16 @@ def worker_trl(args) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     data = load_dataset("json", data_files=str(args.data), split="train")
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter())
-
+    clock, times = trl_clock()
     config = RewardConfig(output_dir=args.out, per_device_train_batch_size=args.batch, max_length=args.max_length,
                           max_steps=args.steps + 1, learning_rate=LR, logging_steps=1, save_strategy="no",
                           report_to="none", use_cpu=True, gradient_checkpointing=True,
                           bf16=args.precision == "bf16", dataloader_num_workers=0, seed=0)
     lora = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
-                            callbacks=[Clock()])
+                            callbacks=[clock])
     trainer.train()
-    return {**step_rates(times), "peak_mb": peak_rss_mb(), "steps": len(times)}
+    return trl_rates(times)
 
 
 def main() -> None:
