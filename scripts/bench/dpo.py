@@ -120,8 +120,8 @@ def main() -> None:
     p.add_argument("--realistic-max-length", type=int, default=256,
                    help="realistic rows (scripts/bench/realistic.py; TRL's default is 1024, smaller keeps a CPU step "
                         "short); arithmetic rows use --batch and --max-length")
-    p.add_argument("--data-sets", default="arithmetic,realistic",
-                   help="the matrix's data cells to run (arithmetic alone gives every figure with a target)")
+    p.add_argument("--only-data", nargs="+", choices=DATA, default=list(DATA),
+                   help="the matrix's data cells to run, as in sft.py (arithmetic alone gives every figure with a target)")
     p.add_argument("--parallel", type=int, default=1, help="contenders run at a time (scripts/bench/matrix.py)")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="disable gradient checkpointing (on by default, as in TRL)")
@@ -141,8 +141,8 @@ def main() -> None:
         return
 
     args.steps = args.steps or 10
-    if not set(args.data_sets.split(",")) <= set(DATA) or "arithmetic" not in args.data_sets.split(","):
-        p.error(f"--data-sets: a comma list of {', '.join(DATA)} that includes arithmetic, got {args.data_sets!r}")
+    if "arithmetic" not in args.only_data:
+        p.error(f"--only-data: the earlier figures are the arithmetic cells; include arithmetic, got {args.only_data}")
     bench_environment()
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
@@ -163,7 +163,7 @@ def main() -> None:
         jobs = {m: (lambda m=m: run_worker(m, args, data, model)) for m in extra}
         jobs.update(matrix_jobs(lambda side, p, d: run_worker(MATRIX_MODES[side, p], args, files[d][0], model,
                                                               *files[d][1:]),
-                                only_data=tuple(args.data_sets.split(","))))
+                                only_data=tuple(args.only_data)))
         runs = interleave(jobs, args.repeats, args.parallel)  # contenders interleaved so drift in machine load hits all alike
         matrix = figures("dpo", {k: v for k, v in runs.items() if isinstance(k, tuple)})
         for (side, p), mode in MATRIX_MODES.items():  # the earlier keys: the arithmetic cells under their names
