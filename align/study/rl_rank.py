@@ -13,11 +13,15 @@ from align.study.plan import Plan, Run
 from align.study.runner import Outcome, Study, seed_table, sweep_runs, sweep_then_seeds
 from align.study.runs import Context, grpo_run
 from align.study.verdict import rl_rank as rl_rank_rule
+from align.tasks.arithmetic import SYSTEM_PROMPT
 
 CONDITIONS = {"rank 1": {"lora_r": 1}, "rank 8": {"lora_r": 8}, "full": {"use_peft": False}}
 LRS = {"rank 1": (5e-5, 1e-4, 2e-4), "rank 8": (5e-5, 1e-4, 2e-4), "full": (5e-6, 1e-5, 2e-5)}
-GRPO = {"num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 8, "num_eval_prompts": 32,
-        "temperature": 1.0}
+# The GRPO demo's task settings (configs/grpo_demo.yaml), the ones known to learn on SmolLM2: its system prompt
+# (without it every completion of 8 tokens scored 0: no signal, no gap to measure), 16 completion tokens, groups
+# of 8 at temperature 0.8 (with the base at ~0.18, a group of 4 is all-wrong about half the time).
+GRPO = {"num_generations": 8, "per_device_train_batch_size": 8, "max_completion_length": 16, "num_eval_prompts": 32,
+        "temperature": 0.8, "system_prompt": SYSTEM_PROMPT}
 
 
 def mode(name: str) -> str:

@@ -6,6 +6,9 @@ import random
 import re
 
 INSTRUCTION = "What is {a}+{b}? Reply with the number only."
+# The demo configs' system prompt (configs/grpo_demo.yaml): without it SmolLM2-135M-Instruct explains before it
+# answers and a short completion scores 0, with it the base scores ~0.18 greedy, inside the band RL can move.
+SYSTEM_PROMPT = "You are a calculator. Reply with the result only, for example: 42"
 
 
 def make_prompts(n: int, seed: int, low: int = 10, high: int = 50, exclude=frozenset()) -> list[dict]:
