@@ -67,7 +67,6 @@ def step_rates(marks: list[float]) -> dict:
             "steps_per_s_mean": len(durations) / (marks[-1] - marks[0])}
 
 
-
 def run_rates(out_dir: str | Path) -> dict:
     """An align worker's figures: steps/s from its run's metrics.jsonl `step_s` (steady median), this
     process's peak RSS, and the number of steps timed."""
@@ -94,6 +93,7 @@ def trl_clock():
 def trl_rates(times: list[float]) -> dict:
     """A TRL worker's figures from its clock's step-end times, in run_rates' keys."""
     return {**step_rates(times), "peak_mb": peak_rss_mb(), "steps": len(times)}
+
 
 def write_pairs(path: Path, n: int, chat: bool = True) -> Path:
     """`n` preference pairs of the arithmetic task as JSON lines. chat: conversational rows, so that
