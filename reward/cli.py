@@ -80,7 +80,8 @@ def _score(args) -> int:
     from align.core.base import SharedBase
     from align.core.errors import UserError
     from align.core.loading import resolve_model
-    from reward.model import RewardModel
+    from reward.classifier import ClassifierReward
+    from reward.model import RewardModel, find_reward_folder
 
     source = args.file
     if not source:
@@ -89,14 +90,18 @@ def _score(args) -> int:
         raise UserError("align reward score: training flags (--config, --set, config fields) do not apply to scoring;"
                         " put `score` first: align reward score FILE --model_name_or_path REWARD_MODEL")
     prompts, completions, wheres = _read_rows(source)  # bad rows are reported before any model loads
-    meta_path = f"{args.model}/align_meta.json"
-    try:
-        base_name = args.base or json.load(open(meta_path))["base"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path}: cannot read the base name ({e}); pass --base") from None
-    rm = RewardModel.attach(SharedBase.load(resolve_model(base_name)), args.model)
-    scores = rm.score(prompts, completions, args.batch_size)
-    for w, s in zip(wheres, scores.tolist(), strict=True):
+    found = find_reward_folder(args.model)
+    if found is not None and found[1] == "classifier":  # use_peft: false wrote a sequence classifier
+        scores = ClassifierReward(str(found[0]), batch_size=args.batch_size)(prompts, completions)
+    else:
+        meta_path = f"{args.model}/align_meta.json"
+        try:
+            base_name = args.base or json.load(open(meta_path))["base"]
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise UserError(f"{meta_path}: cannot read the base name ({e}); pass --base") from None
+        rm = RewardModel.attach(SharedBase.load(resolve_model(base_name)), args.model)
+        scores = rm.score(prompts, completions, args.batch_size).tolist()
+    for w, s in zip(wheres, scores, strict=True):
         print(json.dumps({"where": w, "reward": s}))
     return 0
 

@@ -1,4 +1,5 @@
-"""A reward model is a LoRA adapter on the shared base plus a scalar head.
+"""A reward model is a LoRA adapter on the shared base plus a scalar head (or, trained with
+`use_peft: false`, the base itself plus the head, saved as a sequence classifier).
 
 The score of a (prompt, completion) sequence is `head(h_last)`, where `h_last` is the
 final hidden state of its last non-padding token with the reward adapter active.
@@ -11,12 +12,17 @@ Saved layout (one folder, written atomically):
     head.safetensors                                 head weight (1, H), float32 (folders written before
                                                      the head lost its bias also hold bias (1,))
     reward_meta.json                                 how sequences were encoded (chat template, max length)
+
+A full fine-tuning run (name None: no adapter) writes what TRL's RewardTrainer writes instead: a
+transformers sequence classifier (config.json, model.safetensors, tokenizer; reward/as_classifier.py),
+with reward_meta.json beside it saying kind "reward_classifier". `find_reward_folder` tells the two apart.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,6 +38,7 @@ from align.core.packing import last_positions, pack_batch
 META = "reward_meta.json"
 HEAD = "head.safetensors"
 FORMAT_VERSION = 1
+CLASSIFIER = "reward_classifier"  # reward_meta.json's kind for a full fine-tuning run's folder
 
 
 class RewardModelError(UserError, ValueError):
@@ -107,6 +114,20 @@ def load_head(path: Path, hidden_size: int, device=None) -> nn.Linear:
     return head
 
 
+def find_reward_folder(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """(folder, kind) of align's reward model at `path` or `path`/reward_model (a run folder): kind "adapter"
+    (RewardModel.attach loads it) or "classifier" (a sequence classifier, from use_peft: false); else None."""
+    path = Path(path)
+    for candidate in (path, path / "reward_model"):
+        if (candidate / META).is_file():
+            try:
+                kind = json.loads((candidate / META).read_text()).get("kind")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            return candidate, "classifier" if kind == CLASSIFIER else "adapter"
+    return None
+
+
 def _check_base(base: SharedBase, meta: dict, path: Path) -> None:
     saved = meta.get("base_fingerprint")
     if not isinstance(saved, dict):
@@ -125,12 +146,13 @@ def _check_base(base: SharedBase, meta: dict, path: Path) -> None:
 class RewardModel:
     """Reward adapter `name` on `base` plus a scalar `head`.
 
-    - `create(base)`: fresh adapter (starts equal to the base) and head, to be trained.
+    - `create(base)`: fresh adapter (starts equal to the base) and head, to be trained; `name=None`: no adapter,
+      the base's own weights train with the head (full fine-tuning).
     - `attach(base, path)`: a saved reward model, frozen, on a base that may carry other adapters.
     - `score_ids(ids, mask)` / `score(prompts, completions)`: (B,) float32 rewards.
     """
 
-    def __init__(self, base: SharedBase, name: str, head: nn.Linear, chat_template: bool = True,
+    def __init__(self, base: SharedBase, name: str | None, head: nn.Linear, chat_template: bool = True,
                  max_length: int | None = None):
         self.base = base
         self.name = name
@@ -140,12 +162,14 @@ class RewardModel:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def create(cls, base: SharedBase, name: str = "reward", lora: LoraSettings | None = None,
+    def create(cls, base: SharedBase, name: str | None = "reward", lora: LoraSettings | None = None,
                chat_template: bool = True, max_length: int | None = None, seed: int | None = None,
                ) -> "RewardModel":
-        """A fresh trainable adapter `name` (B = 0) and a new head; the active adapter is left as it was."""
-        with _keep_active(base):
-            base.add_adapter(name, lora or LoraSettings(), trainable=True)
+        """A fresh trainable adapter `name` (B = 0) and a new head; the active adapter is left as it was.
+        `name` None adds no adapter: the base itself is what trains (use_peft: false)."""
+        if name is not None:
+            with _keep_active(base):
+                base.add_adapter(name, lora or LoraSettings(), trainable=True)
         device = next(base.model.parameters()).device
         return cls(base, name, new_head(base.hidden_size, device, seed), chat_template, max_length)
 
@@ -183,8 +207,13 @@ class RewardModel:
 
     # -- scoring ------------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
-        """What training updates: the adapter's LoRA tensors and the head."""
-        return list(self.base.adapter_parameters(self.name).values()) + list(self.head.parameters())
+        """What training updates: the adapter's LoRA tensors (without one, every base weight) and the head."""
+        body = self.base.model.parameters() if self.name is None else self.base.adapter_parameters(self.name).values()
+        return list(body) + list(self.head.parameters())
+
+    def _body(self):
+        """The adapter on, for a forward; full fine-tuning has none to switch."""
+        return nullcontext() if self.name is None else self.base.adapter(self.name)
 
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   padding_free: bool = False) -> torch.Tensor:
@@ -192,11 +221,11 @@ class RewardModel:
         `padding_free`: the rows run as one packed row and each score is read at its sequence's last token."""
         if padding_free:
             packed = pack_batch(input_ids, attention_mask)
-            with self.base.adapter(self.name):
+            with self._body():
                 out = self.base.decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
             h = out.last_hidden_state[0, last_positions(packed.seq_lens)]
             return self.head(h.float()).squeeze(-1)
-        with self.base.adapter(self.name):
+        with self._body():
             hidden = self.base.hidden(input_ids, attention_mask)
         last = last_token_index(attention_mask)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -239,8 +268,11 @@ class RewardModel:
 
     # -- saving -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write adapter (PEFT safetensors) + head.safetensors + metadata into `path`, atomically."""
+        """Write adapter (PEFT safetensors) + head.safetensors + metadata into `path`, atomically; without an
+        adapter, a sequence classifier (`save_classifier`)."""
         path = Path(path)
+        if self.name is None:
+            return self.save_classifier(path, extra)
         with atomic_dir(path) as tmp:
             self.base.save_adapter(self.name, tmp / "adapter")
             for f in (tmp / "adapter").iterdir():
@@ -248,11 +280,38 @@ class RewardModel:
             (tmp / "adapter").rmdir()
             save_file({k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()},
                       str(tmp / HEAD))
-            meta = {"format": FORMAT_VERSION, "kind": "reward_model", "adapter": self.name,
-                    "hidden_size": self.base.hidden_size, "chat_template": self.chat_template,
-                    "max_length": self.max_length, **(extra or {})}
-            (tmp / META).write_text(json.dumps(meta, indent=2))
+            (tmp / META).write_text(json.dumps(self.meta("reward_model", extra), indent=2))
         return path
+
+    def meta(self, kind: str, extra: dict | None) -> dict:
+        return {"format": FORMAT_VERSION, "kind": kind, "adapter": self.name, "hidden_size": self.base.hidden_size,
+                "chat_template": self.chat_template, "max_length": self.max_length, **(extra or {})}
+
+    def save_classifier(self, path: Path, extra: dict | None = None) -> Path:
+        """The base and head as a float32 sequence classifier with its tokenizer (TRL's RewardTrainer output),
+        reloaded and checked against this model's scores before the folder appears (atomically)."""
+        import copy
+
+        from transformers import AutoModelForSequenceClassification
+
+        from align.core.checked_write import write_checked
+        from reward.as_classifier import CHECK_PAIRS, classifier_from, classifier_scores
+
+        seqs = [self.encode(p, c) for p, c in CHECK_PAIRS]
+        device = next(self.base.model.parameters()).device
+        with torch.no_grad():
+            want = self.score_ids(*(t.to(device) for t in pad_sequences(seqs, self.base.tokenizer.pad_token_id)))
+        tokenizer = copy.deepcopy(self.base.tokenizer)  # the classifier may get a pad token of its own
+        model = classifier_from(self.base.model, self.head.weight.detach().float().cpu(), tokenizer, torch.float32)
+
+        def check(reloaded) -> str | dict:
+            got = classifier_scores(reloaded, *pad_sequences(seqs, tokenizer.pad_token_id))
+            worst = (got - want.cpu()).abs().max().item()
+            return f"the classifier's logits differ from the trained scores by {worst:.2e}" if worst > 1e-4 else \
+                {"max_abs_diff": worst}
+
+        return write_checked(path, model, tokenizer, AutoModelForSequenceClassification, "float32", check,
+                             self.meta(CLASSIFIER, extra), META)
 
     def remove(self) -> None:
         """Take the reward adapter off the base (frees its tensors; other adapters are untouched)."""

@@ -3,9 +3,9 @@
 What `spec` names decides how it scores:
 - align's reward folder (reward_meta.json; or a reward run folder holding reward_model/): its adapter is
   attached to the trainer's own base as "reward", frozen; no second copy of the base is loaded.
-- a folder whose config.json is a sequence classifier (what `align export --reward` writes, or any
-  `AutoModelForSequenceClassification`): its own weights and tokenizer, frozen, scored as TRL does
-  (reward/classifier.py).
+- a folder whose config.json is a sequence classifier (what `align export --reward` writes, what a
+  `use_peft: false` reward run writes, or any `AutoModelForSequenceClassification`): its own weights and
+  tokenizer, frozen, scored as TRL does (reward/classifier.py).
 - anything else that is not a folder here: a hub id, read from the hub cache (offline runs) or the hub.
 The result is called as TRL calls a reward function, fn(prompts=..., completions=..., **columns).
 """
@@ -16,14 +16,7 @@ from pathlib import Path
 
 import torch
 
-from reward.model import META, RewardModelError
-
-
-def _align_reward_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "reward_model"):
-        if (candidate / META).is_file():
-            return candidate
-    return None
+from reward.model import META, RewardModelError, find_reward_folder
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -45,13 +38,16 @@ def load_reward_model(spec: str, base, device: str | torch.device = "cpu",
     path = Path(spec).expanduser()
     name = str(spec).rstrip("/").split("/")[-1]
     if path.is_dir():
-        if (reward_dir := _align_reward_dir(path)) is not None:
+        found = find_reward_folder(path)
+        if found is not None and found[1] == "adapter":
             from reward.model import RewardModel
 
-            fn = RewardModel.attach(base, reward_dir, name="reward").as_reward_fn(batch_size)
+            fn = RewardModel.attach(base, found[0], name="reward").as_reward_fn(batch_size)
             fn.__name__ = name
             return fn
-        if not (path / "config.json").is_file():
+        if found is not None:  # a full fine-tuning reward run: its folder is a classifier
+            spec = str(found[0])
+        elif not (path / "config.json").is_file():
             raise RewardModelError(f"reward_model {spec}: expected align's reward folder ({META}) or a sequence "
                                    f"classifier folder (config.json), found neither")
     elif path.exists() or not _looks_like_hub_id(str(spec)):

@@ -1,4 +1,5 @@
-"""Train a reward model (LoRA adapter + scalar head) with the Bradley–Terry loss.
+"""Train a reward model (LoRA adapter + scalar head; `use_peft: false`: every base weight + head) with the
+Bradley–Terry loss.
 
     align reward --config configs/reward_demo.yaml [--resume] [--learning_rate 2e-4]
 
@@ -20,6 +21,7 @@ import torch
 from align.data.preference import PreferenceSet, TokenizedPair, collate_pairs
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
+from align.train.full_finetune import BaseWeights, check_full_finetune, full_parameters, use_peft_field
 from align.train.preference import PreferenceTrainer
 from reward.losses import (
     DEFAULT_BUCKETS,
@@ -49,6 +51,7 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
     demo_bare_share: float = arg(0.25, "Synthetic demo pairs: share answered with the bare number; the rest read "
                                        "'a + b = c', as SmolLM2 answers.")
     adapter_name: str = arg("reward", "Name of the reward adapter on the base.")
+    use_peft: bool = use_peft_field()
     use_margins: bool = arg(True, "Use each row's `margin` field (Bradley–Terry with margin) when present.")
     center_rewards_coefficient: float = arg(0.0, "Weight of mean((r_chosen + r_rejected)^2): keeps rewards "
                                                  "centred on 0 (TRL's name; e.g. 0.01).")
@@ -79,6 +82,7 @@ class RewardConfig(PreferenceDataConfig, TrainConfig):
         edges = self.calibration_buckets
         if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
             raise ValueError(f"calibration_buckets: expected increasing edges starting at 0, got {edges}")
+        check_full_finetune(self)
         self.check_batch()
 
 
@@ -110,16 +114,30 @@ class RewardTrainer(PreferenceTrainer):
     def build(self) -> list[dict]:
         c = self.config
         train_file, eval_file = self.data_sources() if c.train_source() else self._demo_files()
-        self.rm = RewardModel.create(self.base, c.adapter_name, c.lora, c.chat_template, c.max_length, seed=c.seed)
+        name = c.adapter_name if c.use_peft else None  # use_peft: false: no adapter, the base itself trains
+        self.rm = RewardModel.create(self.base, name, c.lora, c.chat_template, c.max_length, seed=c.seed)
         self.load_pairs(train_file, eval_file)
         if c.padding_free:
             self.base.check_padding_free()  # before the first step: a model that mixes sequences is refused
         head_lr = c.head_learning_rate or c.learning_rate
-        return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate},
-                {"params": list(self.rm.head.parameters()), "lr": head_lr}]
+        body = list(self.base.adapter_parameters(name).values()) if c.use_peft else self.decoder_parameters()
+        return [{"params": body, "lr": c.learning_rate}, {"params": list(self.rm.head.parameters()), "lr": head_lr}]
 
-    def heads(self) -> dict[str, torch.nn.Module]:
-        return {"score": self.rm.head}
+    def trained_adapters(self) -> list[str]:
+        return [self.config.adapter_name] if self.config.use_peft else []
+
+    def decoder_parameters(self) -> list:
+        """use_peft: false: every base weight the score reads. An untied LM head is not read (the score is
+        the head on the last hidden state) and stays frozen, as in TRL's sequence classifier, which has none."""
+        decoder = {id(p) for p in self.base.decoder.parameters()}
+        params = full_parameters(self)
+        for p in params:
+            p.requires_grad_(id(p) in decoder)
+        return [p for p in params if id(p) in decoder]
+
+    def heads(self) -> dict:
+        # use_peft: false: the base weights travel in each checkpoint beside the head, as DPO's do.
+        return {"score": self.rm.head, **({} if self.config.use_peft else {"base": BaseWeights(self.base.model)})}
 
     def has_sources(self) -> bool:
         return bool(self.config.train_source())

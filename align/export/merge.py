@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 
 from align.core.adapter_files import find_base
+from align.core.checked_write import write_checked
 from align.core.errors import UserError
-from align.export.checked import write_checked
 
 DEFAULT_PROMPTS = (
     "What is 12+7? Reply with the number only.",

@@ -5,12 +5,8 @@ classifier's `score` layer (num_labels=1), and the folder holds safetensors weig
 tokenizer: `AutoModelForSequenceClassification.from_pretrained(OUT)` scores sequences with no
 align and no PEFT installed (e.g. as a TRL GRPO `reward_funcs` model).
 
-Where the score is read must agree. RewardModel reads the last position whose attention
-mask is 1; transformers reads the rightmost token that is not `pad_token_id`. Sequences end
-in EOS, and many tokenizers pad with EOS, so with that pad id transformers would read the
-token before EOS. The export therefore gives the tokenizer a pad token of its own when its pad
-token could appear in a sequence (one new embedding row, used by nothing else), and pads on the
-right, where positions count from 0 as RewardModel's do.
+Where the score is read (the pad token) is reward/as_classifier.py's concern, shared with a full
+fine-tuning reward run, which writes the same kind of folder.
 
 transformers' score layer has no bias, and neither has the head `align reward` trains now
 (reward.model.new_head), so the classifier's logits are the reward model's scores. Reward models
@@ -26,76 +22,37 @@ from pathlib import Path
 
 import torch
 
+from align.core.checked_write import write_checked
 from align.core.errors import UserError
 from align.export import guard
-from align.export.checked import write_checked
-
-PAD_TOKEN = "<|align_pad|>"
-CHECK_PAIRS = (
-    ("What is 12+7?", "19"),
-    ("What is 12+7?", "12 + 7 = 20"),
-    ("Say hello.", "Hello! How can I help you today?"),
-    ("The quick brown fox", "jumps over the lazy dog."),
-)
+from reward.as_classifier import CHECK_PAIRS, classifier_from, classifier_scores
 
 
 def find_reward_dir(path: str | Path) -> Path:
     """A reward run folder (holding reward_model/) or the reward model folder itself."""
-    from reward.model import META
+    from reward.model import META, find_reward_folder
 
-    path = Path(path)
-    for candidate in (path, path / "reward_model"):
-        if (candidate / META).is_file():
-            return candidate
+    found = find_reward_folder(path)
+    if found is not None and found[1] == "classifier":
+        raise UserError(f"--reward {path}: {found[0]} was trained with use_peft: false and is already a sequence "
+                        f"classifier (AutoModelForSequenceClassification loads it); nothing to export")
+    if found is not None:
+        return found[0]
     raise UserError(f"--reward {path}: expected a reward run folder (with reward_model/) or a saved reward "
                     f"model folder (with {META})")
-
-
-def needs_own_pad(tokenizer) -> bool:
-    """True when the pad token is missing or may occur inside a sequence (EOS, BOS, the chat template's)."""
-    pad = tokenizer.pad_token_id
-    if pad is None or pad in (tokenizer.eos_token_id, tokenizer.bos_token_id):
-        return True
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return isinstance(template, str) and tokenizer.pad_token in template
 
 
 def build_classifier(base_path: Path, reward_dir: Path, dtype: torch.dtype, tokenizer):
     """The merged decoder with the head's weight as `score`, num_labels=1, pad_token_id set (in memory)."""
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
     from reward.model import HEAD
 
-    head = load_file(str(reward_dir / HEAD))
     causal = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, use_safetensors=True)
     merged = PeftModel.from_pretrained(causal, reward_dir).merge_and_unload()
-    config = AutoConfig.from_pretrained(base_path)
-    config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-    decoder = getattr(model, model.base_model_prefix)
-    decoder.load_state_dict(getattr(merged, merged.base_model_prefix).state_dict())
-    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
-        raise UserError(f"{type(model).__name__}: no `score` layer to hold the reward head")
-    with torch.no_grad():
-        model.score.weight.copy_(head["weight"].to(dtype))
-    if needs_own_pad(tokenizer):
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    tokenizer.padding_side = "right"
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval()
-
-
-@torch.no_grad()
-def classifier_scores(model, tokenizer, seqs: list[list[int]]) -> torch.Tensor:
-    """(N,) logits of the exported classifier on token id lists, right-padded with its pad id."""
-    from reward.model import pad_sequences
-
-    ids, mask = pad_sequences(seqs, tokenizer.pad_token_id, side="right")
-    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    return classifier_from(merged, load_file(str(reward_dir / HEAD))["weight"], tokenizer, dtype)
 
 
 @torch.no_grad()
@@ -143,7 +100,7 @@ def export_reward(reward: str | Path, out: str | Path, base: str | Path | None =
     from transformers import AutoModelForSequenceClassification
 
     from align.core.loading import load_tokenizer, resolve_dtype
-    from reward.model import encode
+    from reward.model import encode, pad_sequences
 
     reward_dir, base_path, meta = checked_sources(reward, Path(out), base, overwrite)
     tokenizer = load_tokenizer(str(base_path))
@@ -153,7 +110,8 @@ def export_reward(reward: str | Path, out: str | Path, base: str | Path | None =
     bias = head_bias(reward_dir)
 
     def check(reloaded) -> str | dict:
-        worst = (classifier_scores(reloaded, tokenizer, seqs) - (want - bias)).abs().max().item()
+        got = classifier_scores(reloaded, *pad_sequences(seqs, tokenizer.pad_token_id, side="right"))
+        worst = (got - (want - bias)).abs().max().item()
         if worst > tol:
             return f"exported classifier's logits differ from the reward model's scores by {worst:.2e} (> {tol:g})"
         return {"max_abs_diff": worst}
