@@ -84,7 +84,10 @@ def compare_runs(one: Path, two: Path, final: str, steps: int) -> None:
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert [v for k, v in b.items() if k.endswith("_per_s")][0] > 0
     assert m2[-1]["allreduce_bytes"] > 0 and "allreduce_bytes" not in m1[-1]
-    assert max_diff(tensors(one / final), tensors(two / final)) <= 1e-5
+    # Two processes sum gradients in another order than one; Adam's normalised steps carry that rounding into
+    # the adapters (seen up to 1.75e-5 after the FSDP DPO run on an AVX2-only CPU). A lost micro-batch or a
+    # wrong all-reduce moves them by orders of magnitude more.
+    assert max_diff(tensors(one / final), tensors(two / final)) <= 5e-5
 
 
 def test_dpo_two_processes_equal_one_at_the_same_global_batch(tiny_llama, tmp_path):

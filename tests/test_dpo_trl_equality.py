@@ -38,6 +38,9 @@ from align.recipes.dpo_scoring import score_pairs
 
 SEED = 1234
 RTOL = 1e-6
+# Gradients sum over more terms than the loss: float32 kernels of another CPU (AVX2 against AVX-512) order
+# those sums differently, seen up to 1.03e-6 relative on an AVX2-only EPYC. A wrong term moves them far more.
+GRAD_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +143,7 @@ def compare(trl, settings: LossSettings, loss_types, loss_weights=None, ld_alpha
     assert len(ours_grads) == len(trl_grads) > 0
     for ours_g, trl_g in zip(ours_grads, trl_grads, strict=True):
         scale = trl_g.norm().item()
-        assert (ours_g - trl_g).norm().item() <= RTOL * scale + 1e-12, ((ours_g - trl_g).norm().item(), scale)
+        assert (ours_g - trl_g).norm().item() <= GRAD_RTOL * scale + 1e-12, ((ours_g - trl_g).norm().item(), scale)
     assert any(g.abs().max() > 0 for g in trl_grads)
     return loss.item()
 

@@ -331,8 +331,10 @@ def test_bf16_fold_is_the_trainers_base_plus_delta_rounded_once(base, tiny_llama
     from align.engines.fold import lora_delta, lora_factors
     from align.engines.kv_cache import kv_cache_bytes
 
+    # verify_tol: this test reads the folded weights themselves. The sync's bf16 probe on this random tiny model
+    # drifted past its 0.25 on an AVX2-only CPU, where bf16 is emulated (docs/design.md, "bf16 rollouts").
     engine = make_engine("vllm", str(tiny_llama), base, dtype="bfloat16", sync_mode="fold",
-                         max_model_len=64, kv_cache_sequences=4)
+                         max_model_len=64, kv_cache_sequences=4, verify_tol=1.0)
     try:
         # KV cache: sized for 4 sequences of 64 tokens, not VLLM_CPU_KVCACHE_SPACE's GiB (set by conftest).
         assert os.environ.get("VLLM_CPU_KVCACHE_SPACE") == "1"
