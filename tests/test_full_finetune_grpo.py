@@ -111,8 +111,45 @@ def test_vllm_receives_the_full_weights_after_each_update(tiny_llama, tmp_path):
         tr.close()
 
 
+def test_ppo_keeps_its_critic_on_the_frozen_copy(tiny_llama, tmp_path):
+    # The base being trained carries no adapter; the critic adapter and value head train on the reference copy,
+    # whose own weights stay the starting model, and a resume restores all three exactly.
+    straight = trainer(config(tiny_llama, tmp_path / "a", "algorithm=ppo", "max_steps=4", "beta=0"))
+    first = trainer(config(tiny_llama, tmp_path / "b", "algorithm=ppo", "max_steps=2", "beta=0"))
+    resumed = trainer(config(tiny_llama, tmp_path / "b", "algorithm=ppo", "max_steps=4", "beta=0"), resume=True)
+    try:
+        straight.setup()
+        before = {n: p.detach().clone() for n, p in params(straight).items()}
+        critic_before = {n: p.detach().clone() for n, p in straight.ref_base.adapter_parameters("critic").items()}
+        folder = straight.train()
+        after = params(straight)
+        assert straight.base.adapters == [] and not [n for n in before if torch.equal(before[n], after[n])]
+        assert straight.ref_base.adapters == ["critic"]  # beta 0: the copy is kept for the critic alone
+        copy = list(straight.ref_base.base_parameters().values())  # PEFT renames them; the order stays
+        assert len(copy) == len(before) and all(torch.equal(a, b) for a, b in zip(copy, before.values(), strict=True))
+        critic = straight.ref_base.adapter_parameters("critic")
+        assert critic and all(not torch.equal(critic[n], critic_before[n]) for n in critic if "lora_B" in n)
+        assert folder == tmp_path / "a" / "model"
+        first.train()
+        first.close()
+        resumed.setup()
+        assert resumed.step == 2
+        resumed.train()
+        a, b = params(straight), params(resumed)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+        ca, cb = critic, resumed.ref_base.adapter_parameters("critic")
+        assert all(torch.equal(ca[n], cb[n]) for n in ca)
+        assert torch.equal(straight.value_head.linear.weight, resumed.value_head.linear.weight)
+        rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("a", "b")]
+        for key in ("reward", "loss/value", "loss/policy"):
+            assert [r[key] for r in rows[0] if key in r] == [r[key] for r in rows[1] if key in r], key
+    finally:
+        for t in (straight, first, resumed):
+            t.close()
+
+
 @pytest.mark.parametrize("sets, words", [
-    (["algorithm=ppo"], "use_peft: false: PPO's critic is an adapter with a value head on the base"),
     (["engine=remote", "vllm_server_base_url=http://127.0.0.1:9"],
      "use_peft: false: a remote engine receives adapters only"),
     (["load_in_4bit=true"], "use_peft: false trains every base weight; it cannot with load_in_4bit: true"),

@@ -1,4 +1,5 @@
-"""KTO (thumbs up / down) where only a LoRA adapter learns; the reference is the same base with the adapter off.
+"""KTO (thumbs up / down) where only a LoRA adapter learns; the reference is the same base with the adapter off
+(with `use_peft: false`, every base weight trains and the reference is a frozen copy of the starting base).
 
 With `init_adapter` (e.g. an SFT run's adapter/) the trained adapter starts from it and, by default, the
 reference is that starting adapter, frozen, on the same base (align/core/policy_init.py).
@@ -35,6 +36,13 @@ from align.recipes.kto_losses import LOSS_TYPES, kl_estimate, kto_loss
 from align.train.cli import adapter_recipe
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
+from align.train.full_finetune import (
+    FullFinetuneHooks,
+    check_full_finetune,
+    frozen_copy,
+    full_parameters,
+    use_peft_field,
+)
 from align.train.lifecycle import StepBatches
 from align.train.preference import PreferenceTrainer
 
@@ -71,6 +79,7 @@ class KTOConfig(PreferenceDataConfig, TrainConfig):
                                          "adapter/).")
     reference: str | None = arg(None, "'init': the reference is the starting adapter, frozen, on the same base "
                                       "(default with init_adapter); 'base': adapters off (default without).")
+    use_peft: bool = use_peft_field()
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,6 +96,7 @@ class KTOConfig(PreferenceDataConfig, TrainConfig):
         if self.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs: not supported for KTO; the reference is scored every step")
         check_init_fields(self)
+        check_full_finetune(self)
         self.check_batch()
 
     @property
@@ -115,7 +125,7 @@ def kto_metrics(stats: dict) -> dict:
     return out
 
 
-class KTOTrainer(PreferenceTrainer):
+class KTOTrainer(FullFinetuneHooks, PreferenceTrainer):
     """self.pairs / self.eval_pairs hold TokenizedExamples (one completion and its label each)."""
 
     name = "kto"
@@ -140,10 +150,17 @@ class KTOTrainer(PreferenceTrainer):
 
     def build(self) -> list[dict]:
         c = self.config
-        self.ref_adapter = attach_policy(self.base, c.adapter_name, c.lora, c.init_adapter, c.reference)
+        self.ref_copy = None
+        if not c.use_peft:  # TRL's KTOTrainer without PEFT: the reference is a copy of the starting model
+            self.ref_adapter = None
+            self.ref_copy = frozen_copy(self.base, self.processes.is_main)
+            params = full_parameters(self)
+        else:
+            self.ref_adapter = attach_policy(self.base, c.adapter_name, c.lora, c.init_adapter, c.reference)
+            params = list(self.base.adapter_parameters(c.adapter_name).values())
         self.load_pairs(*self.data_sources())
         self.advise_weights()
-        return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate}]
+        return [{"params": params, "lr": c.learning_rate}]
 
     def advise_weights(self) -> None:
         """TRL's advice (KTO paper, eq. 8) when desirable and undesirable examples are unbalanced."""
@@ -169,20 +186,29 @@ class KTOTrainer(PreferenceTrainer):
         return StepBatches(self.processes.shard(every), len(every), {"pairs": len(chosen), "tokens": tokens})
 
     # -- the loss -------------------------------------------------------------------------------
-    def logprobs(self, batch: dict, kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(completion log-prob sums, KL pair log-prob sums or None) under the active adapter; KL without gradient."""
+    def logprobs(self, batch: dict, kl: bool, base=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(completion log-prob sums, KL pair log-prob sums or None) under the active adapter of `base` (default
+        the policy's); KL without gradient."""
+        base = base or self.base
         kl_logps = None
         if kl:
             with torch.no_grad():
-                kl_logps = sequence_logprobs(self.base, batch, "KL_")
-        return sequence_logprobs(self.base, batch), kl_logps
+                kl_logps = sequence_logprobs(base, batch, "KL_")
+        return sequence_logprobs(base, batch), kl_logps
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`logprobs` under the reference: the frozen copy (use_peft: false), or the base with the adapter off."""
+        if self.ref_copy is not None:
+            return self.logprobs(batch, self.config.calculate_kl, self.ref_copy)
+        with reference_context(self.base, self.ref_adapter):
+            return self.logprobs(batch, self.config.calculate_kl)
 
     def pair_loss(self, examples: list[TokenizedExample], indices: list[int] | None, train: bool):
         c = self.config
         batch = collate_unpaired(examples, self.base.tokenizer.pad_token_id, c.max_length, c.calculate_kl)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with torch.no_grad(), reference_context(self.base, self.ref_adapter):
-            ref_logps, ref_kl = self.logprobs(batch, c.calculate_kl)
+        ref_logps, ref_kl = self.reference_logprobs(batch)
         with torch.set_grad_enabled(train):
             logps, policy_kl = self.logprobs(batch, c.calculate_kl)
             across = self.mean_over_processes if train and self.processes.distributed else None
@@ -227,13 +253,11 @@ class KTOTrainer(PreferenceTrainer):
         return {"skipped_rows": self.skipped_rows, "train_examples": len(self.pairs), "desirable": good,
                 "undesirable": len(self.pairs) - good}
 
-    def save_final(self, final: dict) -> Path:
-        return self.base.save_adapter(self.config.adapter_name, self.out / "adapter")
-
 
 def train_kto(config: KTOConfig, resume: bool | str | None = None, overwrite: bool = False,
               train_dataset=None, eval_dataset=None, resume_changed: bool = False) -> Path:
-    """Run KTO end to end and return the saved adapter folder (datasets: a Dataset or a list of dicts)."""
+    """Run KTO end to end and return the saved adapter folder, or model/ with use_peft: false (datasets: a Dataset
+    or a list of dicts)."""
     return KTOTrainer(config, resume=resume, overwrite=overwrite, train_dataset=train_dataset,
                       eval_dataset=eval_dataset, resume_changed=resume_changed).train()
 

@@ -11,8 +11,9 @@ One step (1-based `s`):
   3. pair each prompt's best completion against its worst (`best_worst_pairs`); a prompt whose
      completions all scored the same gives no pair and is counted in `ties`;
   4. one DPO step on those pairs (align/recipes/dpo_losses.py), the reference being the starting policy:
-     the base with adapters off, or `init_adapter`'s frozen copy (align/core/policy_init.py);
-  5. sync the engine.
+     the base with adapters off, or `init_adapter`'s frozen copy (align/core/policy_init.py); with
+     `use_peft: false` every base weight trains and the reference is a frozen copy of the starting base;
+  5. sync the engine (the adapter, or with use_peft: false every weight).
 
 TRL's OnlineDPOTrainer samples 2 completions per prompt and pairs them; `num_generations: 2` is that.
 Metrics keep TRL's names (`loss`, `rewards/chosen|rejected|margins|accuracies`, `logps/chosen|rejected`,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from align.recipes.ppo.scoring import RewardState, group_reward_stats
 from align.recipes.rollout_config import RolloutConfig
 from align.recipes.rollout_run import RolloutRun
 from align.train.config_parser import arg
+from align.train.full_finetune import FullFinetuneHooks, frozen_copy, full_parameters
 
 ONLINE_LOSS_TYPES = ("sigmoid", "ipo")  # what TRL's OnlineDPOTrainer computes
 
@@ -50,7 +53,7 @@ class OnlineDPOConfig(RolloutConfig):
     """Every knob of `align online-dpo`: TRL's OnlineDPOConfig names where TRL has the idea."""
 
     output_dir: str = arg("runs/online-dpo", "Run folder: metrics.jsonl, tb/, checkpoints/, the final policy "
-                                             "adapter (policy/).")
+                                             "adapter (policy/; use_peft: false: model/).")
     learning_rate: float = arg(5e-5, "AdamW peak learning rate (TRL's 5e-7 is for full fine-tuning; LoRA's best "
                                      "is ~10x a full fine-tuning lr).")
     max_steps: int = arg(-1, "Steps (-1: num_train_epochs passes over the prompts). Each step samples, pairs and "
@@ -58,8 +61,6 @@ class OnlineDPOConfig(RolloutConfig):
     per_device_train_batch_size: int = arg(4, "Prompts per forward pass; each gives at most one pair (TRL's "
                                               "meaning). A step samples this x gradient_accumulation_steps x "
                                               "processes prompts.")
-    eval_steps: int = arg(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
-    save_steps: int = arg(10, "Checkpoint every N steps and at the end (0: only at the end).")
     num_generations: int = arg(2, "Completions sampled per prompt; the best against the worst is its pair "
                                   "(TRL samples 2).")
     temperature: float = arg(0.9, "Sampling temperature (TRL's default).")
@@ -143,7 +144,7 @@ PAIR_STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/
               "logps/rejected", "objective/kl", "objective/entropy")
 
 
-class OnlineDPOTrainer(RolloutRun):
+class OnlineDPOTrainer(FullFinetuneHooks, RolloutRun):
     name = "online-dpo"
 
     def build(self) -> list[dict]:
@@ -154,6 +155,10 @@ class OnlineDPOTrainer(RolloutRun):
             print(f"[align] online-dpo: each step samples {c.prompts_per_step(world)} prompts x "
                   f"{c.num_generations} generations, pairs best against worst, one DPO step; "
                   f"{self.num_steps()} steps", flush=True)
+        if self.policy is None:  # use_peft: false: the reference (beta > 0 always) is the starting base, copied
+            self.ref_copy = frozen_copy(self.base, self.processes.is_main)
+            return [{"params": full_parameters(self), "lr": c.learning_rate}]
+        self.ref_copy = None
         return [{"params": list(self.base.adapter_parameters("policy").values()), "lr": c.learning_rate}]
 
     def num_steps(self) -> int:
@@ -163,9 +168,6 @@ class OnlineDPOTrainer(RolloutRun):
 
     def rollout_sequences(self) -> int:
         return self.config.prompts_per_step(self.processes.world) * self.config.num_generations
-
-    def trained_adapters(self) -> list[str]:
-        return ["policy"]
 
     # -- one step --------------------------------------------------------------------------------
     def training_step(self) -> dict:
@@ -180,7 +182,7 @@ class OnlineDPOTrainer(RolloutRun):
                  for p, b, w in found]
         stats = self.update(step, pairs)
         laps.lap("update")
-        self.last_sync = self.engine.sync(self.base, adapter="policy")
+        self.last_sync = self.engine.sync(self.base, adapter=self.policy)
         laps.lap("sync")
         margins = [float(scores[p, b] - scores[p, w]) for p, b, w in found]
         self.scorer.pop_logged()
@@ -201,7 +203,7 @@ class OnlineDPOTrainer(RolloutRun):
                                                   c.seed, step))
         samples = self.engine.generate([self.train_ids[i] for i in idx], n=c.num_generations,
                                        max_new_tokens=c.max_new_tokens, seed=self._seed(step) + self.processes.rank,
-                                       adapter="policy", **c.sampling())
+                                       adapter=self.policy, **c.sampling())
         return PromptRows([self.train_rows[i] for i in idx], [self.train_rows.places[i] for i in idx]), samples
 
     def score(self, rows, samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,10 +239,10 @@ class OnlineDPOTrainer(RolloutRun):
             return torch.zeros((), requires_grad=True), dict.fromkeys(PAIR_STATS, 0.0)
         batch = collate_pairs(pairs, self.base.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with torch.no_grad(), reference_context(self.base, self.ref_adapter):
-            ref_c, ref_r = sequence_logprobs(self.base, batch)
+        with torch.no_grad():
+            ref_c, ref_r = self.reference_logprobs(batch)
         len_c, len_r = completion_lengths(batch)
-        with self.base.adapter("policy"):
+        with self.base.adapter("policy") if self.policy else nullcontext():
             pol_c, pol_r = sequence_logprobs(self.base, batch)
         losses, r_c, r_r = dpo_loss(pol_c, pol_r, ref_c.to(pol_c), ref_r.to(pol_r), c.beta, c.loss_type,
                                     chosen_lengths=len_c, rejected_lengths=len_r)
@@ -252,20 +254,25 @@ class OnlineDPOTrainer(RolloutRun):
             "objective/kl": (pol - torch.cat([ref_c, ref_r]).to(pol)).mean().item(),
             "objective/entropy": -pol.mean().item()}
 
+    def reference_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's (chosen, rejected) sums: the frozen copy (use_peft: false), or the base with the
+        adapter off (or the init adapter on)."""
+        if self.ref_copy is not None:
+            return sequence_logprobs(self.ref_copy, batch)
+        with reference_context(self.base, self.ref_adapter):
+            return sequence_logprobs(self.base, batch)
+
     def progress(self, stats: dict) -> dict:
         shown = {"reward": f"{stats['reward']:.3f}", "pairs": stats["num_pairs"]}
         if "eval/reward" in stats:
             shown["eval"] = f"{stats['eval/reward']:.3f}"
         return shown
 
-    def save_final(self, final: dict) -> Path:
-        return self.base.save_adapter("policy", self.out / "policy")
-
 
 def train_online_dpo(config: OnlineDPOConfig, resume: bool | str | None = None, overwrite: bool = False,
                      train_dataset=None, eval_dataset=None, reward_funcs: list | None = None,
                      resume_changed: bool = False) -> Path:
-    """Train with online DPO; returns the policy adapter's folder. `reward_funcs`: callables or dotted paths
+    """Train with online DPO; returns the policy adapter's folder (use_peft: false: model/). `reward_funcs`: callables or dotted paths
     (replacing config.reward_funcs); `train_dataset` / `eval_dataset`: a datasets.Dataset or a list of rows
     with a "prompt" (replacing config.train_file / eval_file)."""
     trainer = OnlineDPOTrainer(config, resume=resume, overwrite=overwrite, train_dataset=train_dataset,
@@ -292,5 +299,6 @@ def run(args) -> int:
         for key in ("eval/reward_before", "eval/reward"):
             if key in trainer.summary:
                 print(f"{key}: {trainer.summary[key]:.4f}")
-        print(f"policy adapter: {policy}   curves: align plot {trainer.out}")
+        what = "policy adapter" if trainer.config.use_peft else "policy model"  # use_peft: false saves model/
+        print(f"{what}: {policy}   curves: align plot {trainer.out}")
     return 0

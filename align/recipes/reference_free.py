@@ -3,7 +3,8 @@
 The policy scores a batch of pairs in one forward (align.core.logprobs: completion tokens only, no
 full-vocabulary logits), and the loss reads the per-pair sums or per-token averages and the chosen
 rows' NLL from that single pass. Nothing is computed with the adapter off and nothing is cached: a
-step costs one forward and one backward of the policy (DPO pays a reference forward as well).
+step costs one forward and one backward of the policy (DPO pays a reference forward as well). With no
+reference, full fine-tuning (`use_peft: false`) needs no frozen copy either: the base itself trains.
 
 The lifecycle (data, steps, checkpoints, exact resume, --check_config, trackers, N processes) is
 align.train.lifecycle's and align.train.preference's, as for DPO (align/recipes/dpo.py).
@@ -21,6 +22,7 @@ from align.data.preference import TokenizedPair, collate_pairs
 from align.recipes.dpo_losses import chosen_nll
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
+from align.train.full_finetune import FullFinetuneHooks, check_full_finetune, full_parameters, use_peft_field
 from align.train.preference import PreferenceTrainer
 
 
@@ -36,9 +38,11 @@ class ReferenceFreeConfig(PreferenceDataConfig, TrainConfig):
     beta: float = arg(0.1, "Weight of the preference term (see the recipe's loss).")
     init_adapter: str | None = arg(None, "PEFT adapter folder the trained adapter starts from (e.g. an SFT run's "
                                          "adapter/); there is no reference to anchor to.")
+    use_peft: bool = use_peft_field()
 
     def __post_init__(self):
         super().__post_init__()
+        check_full_finetune(self)
         if self.beta <= 0:
             raise ValueError(f"beta: expected > 0, got {self.beta}")
         if self.init_adapter is not None:
@@ -92,8 +96,9 @@ def reward_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, c
             "logps/chosen": chosen_logps.detach().mean().item(), "logps/rejected": rejected_logps.detach().mean().item()}
 
 
-class ReferenceFreeTrainer(PreferenceTrainer):
-    """A PreferenceTrainer with one trained adapter and no reference; a recipe gives `objective`."""
+class ReferenceFreeTrainer(FullFinetuneHooks, PreferenceTrainer):
+    """A PreferenceTrainer with one trained adapter (or, use_peft: false, the base itself) and no reference; a
+    recipe gives `objective`."""
 
     nll: str | None = None  # what score_pairs computes the NLL over (see there)
 
@@ -103,6 +108,9 @@ class ReferenceFreeTrainer(PreferenceTrainer):
 
     def build(self) -> list[dict]:
         c = self.config
+        if not c.use_peft:
+            self.load_pairs(*self.data_sources())
+            return [{"params": full_parameters(self), "lr": c.learning_rate}]
         attach_policy(self.base, c.adapter_name, c.lora, c.init_adapter, "base")
         self.load_pairs(*self.data_sources())
         return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate}]

@@ -16,6 +16,7 @@ from typing import Any
 from align.core.policy_init import check_init_fields
 from align.train.config import PreferenceDataConfig, TrainConfig
 from align.train.config_parser import arg
+from align.train.full_finetune import check_full_finetune, use_peft_field
 
 ENGINES = ("auto", "vllm", "hf", "remote")
 
@@ -79,7 +80,14 @@ class RolloutConfig(TrainConfig):
     init_adapter: str | None = arg(None, "PEFT adapter folder the policy starts from (e.g. an SFT run's adapter/).")
     reference: str | None = arg(None, "'init': the reference is the starting adapter, frozen, on the same base "
                                       "(default with init_adapter); 'base': adapters off (default without).")
+    use_peft: bool = use_peft_field()
 
+    # -- the run ---------------------------------------------------------------------------------
+    eval_steps: int = arg(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
+    save_steps: int | None = arg(None, "Checkpoint every N steps and at the end (0: only at the end; null: every "
+                                       "10, or only at the end with use_peft: false).")
+
+    SAVE_STEPS = 10
     PYTHON_DATA = PreferenceDataConfig.PYTHON_DATA
     REWARD_MODEL_FIELD = "reward_model_name_or_path"  # what the recipe's TRL config calls its reward model
 
@@ -91,6 +99,10 @@ class RolloutConfig(TrainConfig):
         check_rewards(self)
         check_rollout_engine(self)
         check_init_fields(self)
+        check_full_finetune(self)
+        if not self.use_peft and self.rollout_engine == "remote":
+            raise ValueError("use_peft: false: a remote engine receives adapters only, not full weights; use "
+                             "engine vllm or hf")
 
     # -- what the fields resolve to ----------------------------------------------------------------
     @property

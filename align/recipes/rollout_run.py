@@ -140,6 +140,12 @@ class RolloutRun(Trainer):
         before = getattr(self, "reward_before", None)
         return {} if before is None else {"eval/reward_before": before}
 
+    def trained_adapters(self) -> list[str]:
+        return ["policy"]
+
+    def save_final(self, final: dict) -> Path:
+        return self.base.save_adapter("policy", self.out / "policy")
+
     def final_path(self) -> Path:
         return self.out / "policy"
 

@@ -3,9 +3,10 @@
 Every base weight trains, in float32, with the same optimizer, schedule, data order and seeds as a
 LoRA run of the same config; no adapter is created. The weights travel in each checkpoint as one
 "head" (`BaseWeights`, so TrainState saves and restores them exactly like a reward head), and the
-run ends with a plain transformers folder (`model/`, safetensors). SFT, DPO and GRPO/RLOO take it;
-`FullFinetuneHooks` is the lifecycle side DPO and GRPO share. A reference, where the loss needs
-one, is a frozen copy of the base taken before the first step (`frozen_copy`).
+run ends with a plain transformers folder (`model/`, safetensors; a reward model writes a sequence
+classifier). Every recipe takes it; `FullFinetuneHooks` is the lifecycle side the policy recipes share.
+A reference, where the loss needs one, is a frozen copy of the base taken before the first step
+(`frozen_copy`); PPO's critic adapter sits on that copy and travels in checkpoints as `AdapterWeights`.
 """
 
 from __future__ import annotations
@@ -55,13 +56,24 @@ class BaseWeights:
     def load_state_dict(self, tensors: dict) -> None:
         import torch
 
-        params = dict(self.model.named_parameters())
+        params = self.state_dict()
         if set(tensors) != set(params):
-            raise KeyError(f"base weights in the checkpoint do not match this model ({len(tensors)} tensors, "
+            raise KeyError(f"weights in the checkpoint do not match this model ({len(tensors)} tensors, "
                            f"{len(params)} expected)")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name])
+
+
+class AdapterWeights(BaseWeights):
+    """One adapter's tensors as a checkpoint head: PPO's critic on the frozen copy of a full fine-tuning run,
+    a base the checkpoint's adapters do not come from."""
+
+    def __init__(self, base, name: str):
+        self.base, self.name = base, name
+
+    def state_dict(self) -> dict:
+        return self.base.adapter_parameters(self.name)
 
 
 def unfreeze(base) -> list:
@@ -112,14 +124,15 @@ def full_parameters(trainer) -> list:
 
 
 class FullFinetuneHooks:
-    """The lifecycle hooks of a recipe whose config has `use_peft` (DPO, GRPO): with use_peft: false no adapter
-    trains, the checkpoints hold the base weights, and the run delivers `model/`. Mixed in before the Trainer."""
+    """The lifecycle hooks of a policy recipe whose config has `use_peft` (DPO, KTO, ORPO, CPO, online DPO, GRPO):
+    with use_peft: false no adapter trains, the checkpoints hold the base weights, and the run delivers
+    `model/`. Mixed in before the Trainer."""
 
     def trained_adapters(self) -> list[str]:
         return super().trained_adapters() if self.config.use_peft else []
 
     def heads(self) -> dict:
-        return super().heads() if self.config.use_peft else {"base": BaseWeights(self.base.model)}
+        return super().heads() if self.config.use_peft else {**super().heads(), "base": BaseWeights(self.base.model)}
 
     def save_final(self, final: dict) -> Path:
         return super().save_final(final) if self.config.use_peft else save_full_model(self.base, self.out / "model")

@@ -92,8 +92,6 @@ TRL_KEYS: dict[str, Key] = {
     "streaming": Key("note", "rows are read and tokenised once, before training", ok=(False,)),
     "test_split_size": Key(_rename("eval_fraction"), "align's name for the held-out fraction"),
     # -- ModelConfig -------------------------------------------------------------------------------
-    "use_peft": Key("note", "this recipe always trains LoRA adapters (lora_r, lora_alpha, ...); full fine-tuning "
-                            "(use_peft: false) is in sft, dpo, grpo and rloo", ok=(True,)),
     "model_revision": Key("note", "the model loads as named; for another revision give its local folder",
                           ok=("main",)),
     "attn_implementation": Key("note", "the base loads with transformers' default attention (sdpa where the "

@@ -18,7 +18,6 @@ from align.recipes.ppo.config_checks import check_grpo_fields, check_ppo_fields
 from align.recipes.rollout_config import RolloutConfig
 from align.train.config import TrainConfig
 from align.train.config_parser import arg
-from align.train.full_finetune import check_full_finetune, use_peft_field
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
@@ -36,10 +35,6 @@ class PPOConfig(RolloutConfig):
     padding_free: bool = arg(False, "Forward each micro-batch's prompt+completion sequences as one row without "
                                     "padding (TRL's SFT/DPO name); same per-token log-probs. Checked on the model "
                                     "before training.")
-    eval_steps: int = arg(10, "Score the held-out prompts greedily every N steps (0: only at start and end).")
-    save_steps: int | None = arg(None, "Checkpoint every N steps and at the end (0: only at the end; null: every "
-                                       "10, or only at the end with use_peft: false).")
-    use_peft: bool = use_peft_field()
 
     # -- rollout (TRL's names) -------------------------------------------------------------------
     algorithm: str = arg("ppo", "'ppo' (critic + GAE), 'grpo' (group-normalised) or 'rloo' (leave-one-out); "
@@ -111,7 +106,6 @@ class PPOConfig(RolloutConfig):
                "minibatch_size": "per_device_train_batch_size", "generations_per_prompt": "num_generations",
                "max_new_tokens": "max_completion_length", "max_prompt_tokens": "max_prompt_length",
                "value_clip": "cliprange_value", "critic_lr": "critic_learning_rate"}
-    SAVE_STEPS = 10
 
     def __post_init__(self):
         super().__post_init__()
@@ -119,13 +113,6 @@ class PPOConfig(RolloutConfig):
             raise ValueError(f"algorithm: expected one of {list(ALGORITHMS)}, got {self.algorithm!r}")
         check_ppo_fields(self)
         check_grpo_fields(self)
-        check_full_finetune(self)
-        if not self.use_peft and self.critic:
-            raise ValueError("use_peft: false: PPO's critic is an adapter with a value head on the base; full "
-                             "fine-tuning runs with algorithm grpo or rloo (align grpo, align rloo)")
-        if not self.use_peft and self.rollout_engine == "remote":
-            raise ValueError("use_peft: false: a remote engine receives adapters only, not full weights; use "
-                             "engine vllm or hf")
 
     # -- what the fields resolve to ----------------------------------------------------------------
     @property

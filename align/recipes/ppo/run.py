@@ -21,7 +21,7 @@ from align.recipes.ppo.completions_log import CompletionsLog
 from align.recipes.ppo.config import PPOConfig
 from align.recipes.ppo.heads import ValueHead
 from align.recipes.rollout_run import RolloutRun
-from align.train.full_finetune import frozen_copy, full_parameters
+from align.train.full_finetune import AdapterWeights, frozen_copy, full_parameters
 
 
 class RLRun(RolloutRun):
@@ -36,18 +36,21 @@ class RLRun(RolloutRun):
     def build(self) -> list[dict]:
         c = self.config
         self.build_rollout()
-        self.critic = c.critic
+        self.critic, self.kl_coef = c.critic, c.beta
+        # use_peft: false: the reference is a frozen copy of the starting base, unless no step reads it (beta 0)
+        # and there is no critic: PPO's critic (adapter + value head) then lives on that copy, so the base
+        # being trained carries no adapter and travels to the engine as plain weights.
+        full = self.policy is None
+        self.ref_base = frozen_copy(self.base, self.processes.is_main) if full and (
+            self.needs_reference() or self.critic) else None
+        self.critic_base = self.ref_base if full else self.base
         if self.critic:
-            self.base.add_adapter("critic", c.lora)
+            self.critic_base.add_adapter("critic", c.lora)
             self.value_head = ValueHead(self.base.hidden_size, seed=c.seed).to(self.device)
         if self.policy is not None:
             self.base.set_active("policy")
-        self.kl_coef = c.beta
         if c.padding_free:
             self.base.check_padding_free()  # before the first step: a model that mixes sequences is refused
-        # use_peft: false: the reference is a frozen copy of the starting base, unless no step reads it (beta 0).
-        self.ref_base = None if self.policy is not None or not self.needs_reference() else \
-            frozen_copy(self.base, self.processes.is_main)
 
         world = self.processes.world
         if c.prompts_per_rollout(world) % world:
@@ -59,7 +62,7 @@ class RLRun(RolloutRun):
         policy = full_parameters(self) if self.policy is None else self.base.adapter_parameters("policy").values()
         groups = [{"params": list(policy), "lr": c.learning_rate}]
         if self.critic:
-            groups.append({"params": list(self.base.adapter_parameters("critic").values())
+            groups.append({"params": list(self.critic_base.adapter_parameters("critic").values())
                            + list(self.value_head.parameters()), "lr": c.critic_learning_rate or c.learning_rate})
         return groups
 
@@ -72,8 +75,12 @@ class RLRun(RolloutRun):
     def trained_adapters(self) -> list[str]:
         return ["policy", "critic"] if self.critic else ["policy"]
 
-    def heads(self) -> dict[str, torch.nn.Module]:
-        return {"value": self.value_head} if self.critic else {}
+    def heads(self) -> dict:
+        if not self.critic:
+            return {}
+        # use_peft: false: the critic adapter sits on the frozen copy, outside what trained_adapters saves.
+        return {"value": self.value_head, **({"critic": AdapterWeights(self.critic_base, "critic")}
+                                             if self.critic_base is not self.base else {})}
 
     def state_extra(self) -> dict:
         return {"kl_coef": self.kl_coef, "algorithm": self.config.algorithm, "num_tokens": self.num_tokens}
@@ -107,7 +114,7 @@ class RLRun(RolloutRun):
             batch.mask[:, :width - P].to(dev)
         model, ctx = self.base, nullcontext()  # use_peft: false: the policy is the base itself
         if adapter is None:
-            model, ctx = (self.ref_base, nullcontext()) if self.ref_base is not None else \
+            model, ctx = (self.ref_base, self.ref_base.reference()) if self.ref_base is not None else \
                 (self.base, reference_context(self.base, self.ref_adapter))
         elif self.policy is not None:
             ctx = self.base.adapter(adapter)
@@ -130,8 +137,8 @@ class RLRun(RolloutRun):
         """(B, T) V(s_t): the critic's value of the state in which completion token t is chosen."""
         P, T = batch.prompt_width, batch.mask.shape[1]
         dev = self.device
-        with self.base.adapter("critic"):
-            hidden = self.base.hidden(batch.input_ids.to(dev), batch.attention_mask.to(dev),
+        with self.critic_base.adapter("critic"):
+            hidden = self.critic_base.hidden(batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                       self.config.padding_free)[:, P - 1:P - 1 + T]
         return self.value_head(hidden).cpu() * batch.mask
 
