@@ -110,3 +110,12 @@ def test_demo_pairs_are_trained_on_the_prompt_they_were_sampled_on(path, tiny_ll
     prompt_ids, _ = tokenize_answers(row["prompt"], [row["answer"]], tokenizer, config.max_length,
                                      config.chat_template)
     assert prompt_ids == encode_prompts(tokenizer, [row])[0], f"{path.name}: chat_template {config.chat_template}"
+
+
+@pytest.mark.parametrize("name", ["grpo_demo.yaml", "ppo_demo.yaml", "online_dpo_demo.yaml"])
+def test_demo_configs_give_the_tasks_own_system_prompt(name):
+    # YAML cannot import the constant; the demos and the rl-rank study must still prompt the base alike.
+    from align.tasks.arithmetic import SYSTEM_PROMPT
+
+    path = ROOT / name
+    assert load_config(config_class(path), path).system_prompt == SYSTEM_PROMPT

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resume_kit import assert_resume_is_exact
 from safetensors.torch import load_file
 
 from align.recipes.sft import SFTConfig, SFTTrainer
@@ -47,19 +48,9 @@ def test_every_base_weight_trains_and_the_model_is_saved(tiny_llama, tmp_path, c
 
 def test_resume_is_exact(tiny_llama, tmp_path):
     # A finished run continued with a larger max_steps (constant lr, so the schedule does not depend on it).
-    fixed = ["save_steps=0", "lr_scheduler_type=constant"]
-    straight = SFTTrainer(config(tiny_llama, tmp_path / "a", "max_steps=4", *fixed))
-    straight.train()
-    SFTTrainer(config(tiny_llama, tmp_path / "b", "max_steps=2", *fixed)).train()
-    resumed = SFTTrainer(config(tiny_llama, tmp_path / "b", "max_steps=4", *fixed), resume=True)
-    resumed.setup()
-    assert resumed.step == 2
-    resumed.train()
-    a, b = dict(straight.base.model.named_parameters()), dict(resumed.base.model.named_parameters())
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("a", "b")]
-    assert [r["loss"] for r in rows[0] if "loss" in r] == [r["loss"] for r in rows[1] if "loss" in r]
+    assert_resume_is_exact(lambda out, steps, resume: SFTTrainer(
+        config(tiny_llama, out, f"max_steps={steps}", "save_steps=0", "lr_scheduler_type=constant"), resume=resume),
+        tmp_path)
 
 
 @pytest.mark.parametrize("sets, words", [

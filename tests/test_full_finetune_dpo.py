@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resume_kit import assert_resume_is_exact
 from safetensors.torch import load_file
 
 from align.recipes.dpo import DPOConfig, DPOTrainer
@@ -46,7 +47,7 @@ def test_every_base_weight_trains_against_a_frozen_copy(tiny_llama, tmp_path, ca
     assert saved.keys() == after.keys() and all(torch.equal(saved[n], after[n]) for n in saved)
     out = capsys.readouterr().out
     mb = sum(p.numel() * 4 for p in before.values()) / 2**20
-    assert f"[align] reference: a frozen copy of the base ({mb:.1f} MB)" in out
+    assert f"[align] reference: a frozen copy of the base ({mb:.1f} MiB)" in out
     assert "use_peft: false: checkpoints only at the end (save_steps: 0" in out
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-000002"]
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
@@ -56,19 +57,9 @@ def test_every_base_weight_trains_against_a_frozen_copy(tiny_llama, tmp_path, ca
 @pytest.mark.parametrize("precompute", [False, True])
 def test_resume_is_exact(precompute, tiny_llama, tmp_path):
     fixed = ["lr_scheduler_type=constant", f"precompute_ref_log_probs={str(precompute).lower()}"]
-    straight = DPOTrainer(config(tiny_llama, tmp_path / "a", "max_steps=4", *fixed))
-    straight.train()
-    DPOTrainer(config(tiny_llama, tmp_path / "b", "max_steps=2", *fixed)).train()
-    resumed = DPOTrainer(config(tiny_llama, tmp_path / "b", "max_steps=4", *fixed), resume=True)
-    resumed.setup()
-    assert resumed.step == 2 and (resumed.ref_copy is None) == precompute
-    resumed.train()
-    a, b = dict(straight.base.model.named_parameters()), dict(resumed.base.model.named_parameters())
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("a", "b")]
-    for key in ("loss", "rewards/margins"):
-        assert [r[key] for r in rows[0] if key in r] == [r[key] for r in rows[1] if key in r], key
+    straight, resumed = assert_resume_is_exact(lambda out, steps, resume: DPOTrainer(
+        config(tiny_llama, out, f"max_steps={steps}", *fixed), resume=resume), tmp_path, ("loss", "rewards/margins"))
+    assert (resumed.ref_copy is None) == precompute
     assert straight.summary["eval/loss"] == resumed.summary["eval/loss"]  # the copy is the starting model
 
 

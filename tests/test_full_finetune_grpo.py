@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resume_kit import assert_resume_is_exact
 from safetensors.torch import load_file
 
 from align.recipes.ppo.config import GRPOConfig
@@ -54,7 +55,7 @@ def test_every_base_weight_trains_against_a_frozen_copy(tiny_llama, tmp_path, ca
         assert saved.keys() == after.keys() and all(torch.equal(saved[n], after[n]) for n in saved)
         assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-000002"]
         out = capsys.readouterr().out
-        assert "[align] reference: a frozen copy of the base (0.5 MB)" in out
+        assert "[align] reference: a frozen copy of the base (0.5 MiB)" in out
         assert "use_peft: false: checkpoints only at the end (save_steps: 0" in out
         rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "reward" in r]
@@ -64,25 +65,8 @@ def test_every_base_weight_trains_against_a_frozen_copy(tiny_llama, tmp_path, ca
 
 
 def test_resume_is_exact(tiny_llama, tmp_path):
-    straight = trainer(config(tiny_llama, tmp_path / "a", "max_steps=4"))
-    first = trainer(config(tiny_llama, tmp_path / "b", "max_steps=2"))
-    resumed = trainer(config(tiny_llama, tmp_path / "b", "max_steps=4"), resume=True)
-    try:
-        straight.train()
-        first.train()
-        first.close()
-        resumed.setup()
-        assert resumed.step == 2
-        resumed.train()
-        a, b = params(straight), params(resumed)
-        assert all(torch.equal(a[n], b[n]) for n in a)
-        rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-                for run in ("a", "b")]
-        for key in ("reward", "kl", "loss/policy"):
-            assert [r[key] for r in rows[0] if key in r] == [r[key] for r in rows[1] if key in r], key
-    finally:
-        for t in (straight, first, resumed):
-            t.close()
+    assert_resume_is_exact(lambda out, steps, resume: trainer(config(tiny_llama, out, f"max_steps={steps}"),
+                                                              resume=resume), tmp_path, ("reward", "kl", "loss/policy"))
 
 
 @pytest.mark.vllm
@@ -113,40 +97,31 @@ def test_vllm_receives_the_full_weights_after_each_update(tiny_llama, tmp_path):
 
 def test_ppo_keeps_its_critic_on_the_frozen_copy(tiny_llama, tmp_path):
     # The base being trained carries no adapter; the critic adapter and value head train on the reference copy,
-    # whose own weights stay the starting model, and a resume restores all three exactly.
-    straight = trainer(config(tiny_llama, tmp_path / "a", "algorithm=ppo", "max_steps=4", "beta=0"))
-    first = trainer(config(tiny_llama, tmp_path / "b", "algorithm=ppo", "max_steps=2", "beta=0"))
-    resumed = trainer(config(tiny_llama, tmp_path / "b", "algorithm=ppo", "max_steps=4", "beta=0"), resume=True)
+    # whose own weights stay the starting model.
+    tr = trainer(config(tiny_llama, tmp_path / "run", "algorithm=ppo", "max_steps=2", "beta=0"))
     try:
-        straight.setup()
-        before = {n: p.detach().clone() for n, p in params(straight).items()}
-        critic_before = {n: p.detach().clone() for n, p in straight.ref_base.adapter_parameters("critic").items()}
-        folder = straight.train()
-        after = params(straight)
-        assert straight.base.adapters == [] and not [n for n in before if torch.equal(before[n], after[n])]
-        assert straight.ref_base.adapters == ["critic"]  # beta 0: the copy is kept for the critic alone
-        copy = list(straight.ref_base.base_parameters().values())  # PEFT renames them; the order stays
+        tr.setup()
+        before = {n: p.detach().clone() for n, p in params(tr).items()}
+        critic_before = {n: p.detach().clone() for n, p in tr.ref_base.adapter_parameters("critic").items()}
+        assert tr.train() == tmp_path / "run" / "model"
+        after = params(tr)
+        assert tr.base.adapters == [] and not [n for n in before if torch.equal(before[n], after[n])]
+        assert tr.ref_base.adapters == ["critic"]  # beta 0: the copy is kept for the critic alone
+        copy = list(tr.ref_base.base_parameters().values())  # PEFT renames them; the order stays
         assert len(copy) == len(before) and all(torch.equal(a, b) for a, b in zip(copy, before.values(), strict=True))
-        critic = straight.ref_base.adapter_parameters("critic")
+        critic = tr.ref_base.adapter_parameters("critic")
         assert critic and all(not torch.equal(critic[n], critic_before[n]) for n in critic if "lora_B" in n)
-        assert folder == tmp_path / "a" / "model"
-        first.train()
-        first.close()
-        resumed.setup()
-        assert resumed.step == 2
-        resumed.train()
-        a, b = params(straight), params(resumed)
-        assert all(torch.equal(a[n], b[n]) for n in a)
-        ca, cb = critic, resumed.ref_base.adapter_parameters("critic")
-        assert all(torch.equal(ca[n], cb[n]) for n in ca)
-        assert torch.equal(straight.value_head.linear.weight, resumed.value_head.linear.weight)
-        rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-                for run in ("a", "b")]
-        for key in ("reward", "loss/value", "loss/policy"):
-            assert [r[key] for r in rows[0] if key in r] == [r[key] for r in rows[1] if key in r], key
     finally:
-        for t in (straight, first, resumed):
-            t.close()
+        tr.close()
+
+
+def test_ppo_resume_restores_the_critic_on_the_copy(tiny_llama, tmp_path):
+    straight, resumed = assert_resume_is_exact(lambda out, steps, resume: trainer(
+        config(tiny_llama, out, "algorithm=ppo", f"max_steps={steps}", "beta=0"), resume=resume), tmp_path,
+        ("reward", "loss/value", "loss/policy"))
+    ca, cb = straight.ref_base.adapter_parameters("critic"), resumed.ref_base.adapter_parameters("critic")
+    assert ca and all(torch.equal(ca[n], cb[n]) for n in ca)
+    assert torch.equal(straight.value_head.linear.weight, resumed.value_head.linear.weight)
 
 
 @pytest.mark.parametrize("sets, words", [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resume_kit import assert_resume_is_exact, metric_series
 from safetensors.torch import load_file
 
 from align.recipes.cpo import CPOConfig, CPOTrainer
@@ -72,25 +73,9 @@ def test_every_base_weight_trains_and_the_model_is_saved(recipe, tiny_llama, tmp
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_resume_is_exact(recipe, tiny_llama, tmp_path):
-    straight = make(recipe, tiny_llama, tmp_path / "a", "max_steps=4")
-    first = make(recipe, tiny_llama, tmp_path / "b", "max_steps=2")
-    resumed = make(recipe, tiny_llama, tmp_path / "b", "max_steps=4", resume=True)
-    try:
-        straight.train()
-        first.train()
-        first.close()
-        resumed.setup()
-        assert resumed.step == 2
-        resumed.train()
-        a, b = dict(straight.base.model.named_parameters()), dict(resumed.base.model.named_parameters())
-        assert all(torch.equal(a[n], b[n]) for n in a)
-        rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-                for run in ("a", "b")]
-        losses = [[r["loss"] for r in run if "loss" in r] for run in rows]
-        assert len(losses[0]) == 4 and losses[0] == losses[1]
-    finally:
-        for t in (straight, first, resumed):
-            t.close()
+    assert_resume_is_exact(lambda out, steps, resume: make(recipe, tiny_llama, out, f"max_steps={steps}",
+                                                           resume=resume), tmp_path)
+    assert len(metric_series(tmp_path / "a", "loss")) == 4
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))

@@ -106,7 +106,7 @@ def frozen_copy(base, main: bool = True):
     ref = SharedBase(model, base.tokenizer, base.name_or_path)  # freezes every parameter
     ref.load_dtype = base.load_dtype
     if main:
-        print(f"[align] reference: a frozen copy of the base ({ref.base_bytes() / 2**20:.1f} MB)", flush=True)
+        print(f"[align] reference: a frozen copy of the base ({ref.base_bytes() / 2**20:.1f} MiB)", flush=True)
     return ref
 
 

@@ -34,9 +34,10 @@ SIDES = ("ours", "trl")
 SPEED_TARGET, MEMORY_TARGET = 1.3, 0.8
 
 
-def cells(only_data: tuple[str, ...] = DATA) -> list[tuple[str, str]]:
+def cells(only_data: tuple[str, ...] = DATA, only_precision: tuple[str, ...] = PRECISIONS) -> list[tuple[str, str]]:
     # Realistic rows first: the long cells, where a failure shows soonest.
-    return [(p, d) for d in sorted(only_data, key=lambda d: d != "realistic") for p in PRECISIONS]
+    return [(p, d) for d in sorted(only_data, key=lambda d: d != "realistic") for p in PRECISIONS
+            if p in only_precision]
 
 
 def write_rows(path: Path, data: str, n: int, shape: str = "pairs", chat: bool = False) -> Path:
@@ -86,9 +87,11 @@ def interleave(jobs: dict, repeats: int, parallel: int = 1) -> dict:
     return runs
 
 
-def matrix_jobs(run: Callable[[str, str, str], dict], only_data: tuple[str, ...] = DATA) -> dict:
+def matrix_jobs(run: Callable[[str, str, str], dict], only_data: tuple[str, ...] = DATA,
+                only_precision: tuple[str, ...] = PRECISIONS) -> dict:
     """{(side, precision, data): job} for every cell, ours before TRL's within a cell."""
-    return {(side, p, d): (lambda s=side, p=p, d=d: run(s, p, d)) for p, d in cells(only_data) for side in SIDES}
+    return {(side, p, d): (lambda s=side, p=p, d=d: run(s, p, d)) for p, d in cells(only_data, only_precision)
+            for side in SIDES}
 
 
 def figures(recipe: str, runs: dict) -> dict:
@@ -124,6 +127,8 @@ def add_arguments(p: argparse.ArgumentParser, batch: int, max_length: int) -> No
     p.add_argument("--parallel", type=int, default=1,
                    help="contenders run at a time, in order (2: a cell's ours and TRL's side by side)")
     p.add_argument("--only-data", nargs="+", choices=DATA, default=list(DATA))
+    p.add_argument("--only-precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                   help="fp32 alone on a CPU without native bf16 (no AVX-512 BF16 or AMX), where bf16 is emulated")
     for hidden in ("--worker", "--precision", "--model", "--data", "--out"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
 
@@ -152,7 +157,8 @@ def bench_main(recipe: str, script: str, args: argparse.Namespace, shape: str = 
                                  str(args.steps), "--batch", str(shapes[data][0]), "--max-length",
                                  str(shapes[data][1]))
 
-        runs = interleave(matrix_jobs(run, tuple(args.only_data)), args.repeats, args.parallel)
+        runs = interleave(matrix_jobs(run, tuple(args.only_data), tuple(args.only_precision)), args.repeats,
+                          args.parallel)
     return {"model": "tiny-llama" if args.quick else "SmolLM2-135M-Instruct", "rows": args.rows, "rows_kept": kept,
             "batch": {d: shapes[d][0] for d in args.only_data}, "max_length": {d: shapes[d][1] for d in args.only_data},
             "gradient_checkpointing": True, "repeats": args.repeats, "parallel": args.parallel,

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from measure import ROOT, bench_environment, peak_rss_mb, run_child, steady_median
 
+from align.tasks.arithmetic import SYSTEM_PROMPT  # after measure, which puts the repository first on sys.path
+
 PHASES = ("rollout", "score", "old_logprobs", "ref_logprobs", "values", "update", "sync")
 
 
@@ -43,7 +45,7 @@ def settings(quick: bool, steps: int) -> dict:
         "max_completion_length": 8 if quick else 16, "temperature": 0.8, "beta": 0.0, "epsilon": 0.2,
         "loss_type": "dapo",  # TRL's default, on both sides
         "max_grad_norm": 1.0, "steps": steps,
-        "system_prompt": None if quick else "You are a calculator. Reply with the result only, for example: 42",
+        "system_prompt": None if quick else SYSTEM_PROMPT,
         "num_train_prompts": 64 if quick else 1000, "num_eval_prompts": 8 if quick else 64,
     }
 
