@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_distributed import REPO, align_run, common, compare_runs, max_diff, metrics, tensors
+from test_distributed import ADAPTER_TOL, REPO, align_run, common, compare_runs, max_diff, metrics, tensors
 
 from align.core.errors import UserError
 from align.core.fsdp import refuse_unsupported
@@ -59,7 +59,7 @@ def test_dpo_fsdp_equals_one_process_and_resumes(tiny_llama, tmp_path):
     assert metrics(two)[-1]["eval/loss"] == pytest.approx(metrics(one)[-1]["eval/loss"], abs=1e-5)
     # checkpoints hold full tensors, as 1 process writes them: the adapter and the Adam moments
     rel = "checkpoints/step-000003/adapters/policy/adapter_model.safetensors"
-    assert max_diff(tensors(one / rel), tensors(two / rel)) <= 1e-5
+    assert max_diff(tensors(one / rel), tensors(two / rel)) <= ADAPTER_TOL
     assert max_diff(optimizer_moments(one, 3), optimizer_moments(two, 3)) <= 1e-5
     final = tensors(two / "adapter" / "adapter_model.safetensors")
     assert max(v.abs().max().item() for k, v in final.items() if "lora_B" in k) > 1e-3  # it trained

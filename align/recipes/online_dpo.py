@@ -272,9 +272,9 @@ class OnlineDPOTrainer(FullFinetuneHooks, RolloutRun):
 def train_online_dpo(config: OnlineDPOConfig, resume: bool | str | None = None, overwrite: bool = False,
                      train_dataset=None, eval_dataset=None, reward_funcs: list | None = None,
                      resume_changed: bool = False) -> Path:
-    """Train with online DPO; returns the policy adapter's folder (use_peft: false: model/). `reward_funcs`: callables or dotted paths
-    (replacing config.reward_funcs); `train_dataset` / `eval_dataset`: a datasets.Dataset or a list of rows
-    with a "prompt" (replacing config.train_file / eval_file)."""
+    """Train with online DPO; returns the policy adapter's folder (use_peft: false: model/). `reward_funcs`:
+    callables or dotted paths (replacing config.reward_funcs); `train_dataset` / `eval_dataset`: a
+    datasets.Dataset or a list of rows with a "prompt" (replacing config.train_file / eval_file)."""
     trainer = OnlineDPOTrainer(config, resume=resume, overwrite=overwrite, train_dataset=train_dataset,
                                eval_dataset=eval_dataset, reward_funcs=reward_funcs, resume_changed=resume_changed)
     try:
