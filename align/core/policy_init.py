@@ -10,6 +10,7 @@ on the same PEFT model: one base in memory, two small adapters. Without init_ada
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from align.core.adapter_verify import AdapterInvalid, read_adapter_files
@@ -77,3 +78,14 @@ def reference_context(base, ref_adapter: str | None):
     if ref_adapter is None:
         return base.reference()
     return base.adapter(ref_adapter)
+
+
+@contextmanager
+def reference_model(base, ref_adapter: str | None, ref_copy=None):
+    """The SharedBase to score the reference with, set up as `reference_context` says: `ref_copy` where a run keeps
+    a second model (a frozen copy of the starting base under full fine-tuning, or DPO's ref_model_copy carrying
+    the init adapter under the same name), else `base` itself. On a copy, adapters it carries for other roles
+    (PPO's critic) are off."""
+    model = base if ref_copy is None else ref_copy
+    with reference_context(model, ref_adapter):
+        yield model

@@ -26,7 +26,7 @@ import torch
 from align.core.base import SharedBase
 from align.core.errors import UserError
 from align.core.fsdp import full_tensor
-from align.core.policy_init import attach_policy, check_init_fields, reference_context
+from align.core.policy_init import attach_policy, check_init_fields, reference_model
 from align.data.preference import TokenizedPair, collate_pairs
 from align.recipes.dpo_losses import (
     F_DIVERGENCE_LOSSES,
@@ -200,10 +200,8 @@ class DPOTrainer(FullFinetuneHooks, PreferenceTrainer):
         if self.reference_free:  # loss_type sft reads no reference: rewards/* are then beta * log pi
             zeros = torch.zeros(batch["input_ids"].shape[0] // 2, device=self.device)
             return zeros, zeros
-        if self.ref_copy is not None:
-            return sequence_logprobs(self.ref_copy, batch, c.ld_alpha, c.padding_free)
-        with reference_context(self.base, self.ref_adapter):
-            return sequence_logprobs(self.base, batch, c.ld_alpha, c.padding_free)
+        with reference_model(self.base, self.ref_adapter, self.ref_copy) as model:
+            return sequence_logprobs(model, batch, c.ld_alpha, c.padding_free)
 
     def reference_key(self) -> str:
         """What cached reference log-probs depend on: the base, its dtype, max_length, loss type, ld_alpha and

@@ -23,7 +23,7 @@ import torch
 
 from align.core.errors import UserError
 from align.core.logprobs import completion_logprobs
-from align.core.policy_init import attach_policy, check_init_fields, reference_context
+from align.core.policy_init import attach_policy, check_init_fields, reference_model
 from align.data.issues import bad_rows
 from align.data.unpaired import (
     TokenizedExample,
@@ -199,10 +199,8 @@ class KTOTrainer(FullFinetuneHooks, PreferenceTrainer):
     @torch.no_grad()
     def reference_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`logprobs` under the reference: the frozen copy (use_peft: false), or the base with the adapter off."""
-        if self.ref_copy is not None:
-            return self.logprobs(batch, self.config.calculate_kl, self.ref_copy)
-        with reference_context(self.base, self.ref_adapter):
-            return self.logprobs(batch, self.config.calculate_kl)
+        with reference_model(self.base, self.ref_adapter, self.ref_copy) as model:
+            return self.logprobs(batch, self.config.calculate_kl, model)
 
     def pair_loss(self, examples: list[TokenizedExample], indices: list[int] | None, train: bool):
         c = self.config

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from align.core.policy_init import reference_context
+from align.core.policy_init import reference_model
 from align.data.preference import TokenizedPair, collate_pairs
 from align.data.prompt_rows import PromptRows
 from align.recipes.dpo import completion_lengths, sequence_logprobs
@@ -257,10 +257,8 @@ class OnlineDPOTrainer(FullFinetuneHooks, RolloutRun):
     def reference_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's (chosen, rejected) sums: the frozen copy (use_peft: false), or the base with the
         adapter off (or the init adapter on)."""
-        if self.ref_copy is not None:
-            return sequence_logprobs(self.ref_copy, batch)
-        with reference_context(self.base, self.ref_adapter):
-            return sequence_logprobs(self.base, batch)
+        with reference_model(self.base, self.ref_adapter, self.ref_copy) as model:
+            return sequence_logprobs(model, batch)
 
     def progress(self, stats: dict) -> dict:
         shown = {"reward": f"{stats['reward']:.3f}", "pairs": stats["num_pairs"]}

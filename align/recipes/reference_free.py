@@ -108,12 +108,11 @@ class ReferenceFreeTrainer(FullFinetuneHooks, PreferenceTrainer):
 
     def build(self) -> list[dict]:
         c = self.config
-        if not c.use_peft:
-            self.load_pairs(*self.data_sources())
-            return [{"params": full_parameters(self), "lr": c.learning_rate}]
-        attach_policy(self.base, c.adapter_name, c.lora, c.init_adapter, "base")
+        if c.use_peft:
+            attach_policy(self.base, c.adapter_name, c.lora, c.init_adapter, "base")
         self.load_pairs(*self.data_sources())
-        return [{"params": list(self.base.adapter_parameters(c.adapter_name).values()), "lr": c.learning_rate}]
+        params = list(self.base.adapter_parameters(c.adapter_name).values()) if c.use_peft else full_parameters(self)
+        return [{"params": params, "lr": c.learning_rate}]
 
     def nll_over(self) -> str | None:
         return self.nll

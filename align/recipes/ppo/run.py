@@ -15,7 +15,7 @@ import torch
 
 from align.core.errors import TrainingDiverged, UserError
 from align.core.logprobs import can_share_prompts, completion_logprobs, shared_prompt_logprobs
-from align.core.policy_init import reference_context
+from align.core.policy_init import reference_model
 from align.recipes.ppo.batch import Rollout
 from align.recipes.ppo.completions_log import CompletionsLog
 from align.recipes.ppo.config import PPOConfig
@@ -112,13 +112,11 @@ class RLRun(RolloutRun):
         width = P + max(1, int(batch.mask.sum(1).max().item()))
         ids, attn, mask = batch.input_ids[:, :width].to(dev), batch.attention_mask[:, :width].to(dev), \
             batch.mask[:, :width - P].to(dev)
-        model, ctx = self.base, nullcontext()  # use_peft: false: the policy is the base itself
         if adapter is None:
-            model, ctx = (self.ref_base, self.ref_base.reference()) if self.ref_base is not None else \
-                (self.base, reference_context(self.base, self.ref_adapter))
-        elif self.policy is not None:
-            ctx = self.base.adapter(adapter)
-        with ctx:
+            ctx = reference_model(self.base, self.ref_adapter, self.ref_base)
+        else:  # use_peft: false: the policy is the base itself
+            ctx = self.base.adapter(adapter) if self.policy is not None else nullcontext(self.base)
+        with ctx as model:
             if self.config.num_generations > 1 and not self.config.padding_free and can_share_prompts(model):
                 # A group's G rows share one pass over their prompt (align/core/logprobs.py): same values, less work.
                 out = shared_prompt_logprobs(model, ids, attn, P, mask, with_entropy)
