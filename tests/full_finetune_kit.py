@@ -1,5 +1,6 @@
-"""What every "a resumed full fine-tuning run equals an uninterrupted one" test does, once: run 4 steps
-straight, and 2 steps then a resume to 4, and compare every base weight and the per-step metrics."""
+"""What the full fine-tuning tests of every recipe check alike, once: the saved model/ is the trained model,
+only the last checkpoint is kept, and a resumed run equals an uninterrupted one (4 steps straight against
+2 steps then a resume to 4: every base weight and the per-step metrics)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 
 def metric_series(run: Path, key: str) -> list:
     """Each logged value of `key` in a run folder's metrics.jsonl, in order."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
+
+
+def assert_model_saved(folder: Path, trained: dict) -> None:
+    """`folder`/model.safetensors holds exactly the `trained` tensors (name -> tensor), no more, no fewer."""
+    saved = load_file(str(folder / "model.safetensors"))
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[n], trained[n]) for n in saved)
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("step-*"))
 
 
 def assert_resume_is_exact(make: Callable, tmp_path: Path, keys: tuple[str, ...] = ("loss",)):

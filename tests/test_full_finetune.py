@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_kit import assert_resume_is_exact
-from safetensors.torch import load_file
+from full_finetune_kit import assert_model_saved, assert_resume_is_exact
 
 from align.recipes.sft import SFTConfig, SFTTrainer
 from align.train.config_parser import ConfigError, load_config
@@ -37,8 +36,7 @@ def test_every_base_weight_trains_and_the_model_is_saved(tiny_llama, tmp_path, c
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged, unchanged
     assert folder == tmp_path / "run" / "model"
-    saved = load_file(str(folder / "model.safetensors"))
-    assert saved.keys() == after.keys() and all(torch.equal(saved[n], after[n]) for n in saved)
+    assert_model_saved(folder, after)
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     total = sum(p.numel() for p in after.values())
     assert (final["trainable_params"], final["adapter_params"], final["all_params"]) == (total, 0, total)

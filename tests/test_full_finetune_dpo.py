@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_kit import assert_resume_is_exact
-from safetensors.torch import load_file
+from full_finetune_kit import assert_model_saved, assert_resume_is_exact, checkpoint_names
 
 from align.recipes.dpo import DPOConfig, DPOTrainer
 from align.train.config_parser import ConfigError, load_config
@@ -43,13 +42,12 @@ def test_every_base_weight_trains_against_a_frozen_copy(tiny_llama, tmp_path, ca
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert held == {id(p) for p in after.values()}
     assert folder == tmp_path / "run" / "model"
-    saved = load_file(str(folder / "model.safetensors"))
-    assert saved.keys() == after.keys() and all(torch.equal(saved[n], after[n]) for n in saved)
+    assert_model_saved(folder, after)
     out = capsys.readouterr().out
     mb = sum(p.numel() * 4 for p in before.values()) / 2**20
     assert f"[align] reference: a frozen copy of the base ({mb:.1f} MiB)" in out
     assert "use_peft: false: checkpoints only at the end (save_steps: 0" in out
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-000002"]
+    assert checkpoint_names(tmp_path / "run") == ["step-000002"]
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["lora_placement"] == "full fine-tuning" and final["adapter_params"] == 0
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_kit import assert_resume_is_exact
-from safetensors.torch import load_file
+from full_finetune_kit import assert_model_saved, assert_resume_is_exact, checkpoint_names
 
 from align.recipes.ppo.config import GRPOConfig
 from align.recipes.ppo.trainer import PPOTrainer
@@ -51,9 +50,8 @@ def test_every_base_weight_trains_against_a_frozen_copy(tiny_llama, tmp_path, ca
         ref = dict(tr.ref_base.model.named_parameters())  # beta 0.05: a frozen copy of the starting model
         assert all(torch.equal(ref[n], before[n]) and not ref[n].requires_grad for n in ref)
         assert folder == tmp_path / "run" / "model"
-        saved = load_file(str(folder / "model.safetensors"))
-        assert saved.keys() == after.keys() and all(torch.equal(saved[n], after[n]) for n in saved)
-        assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-000002"]
+        assert_model_saved(folder, after)
+        assert checkpoint_names(tmp_path / "run") == ["step-000002"]
         out = capsys.readouterr().out
         assert "[align] reference: a frozen copy of the base (0.5 MiB)" in out
         assert "use_peft: false: checkpoints only at the end (save_steps: 0" in out

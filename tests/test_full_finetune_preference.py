@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_kit import assert_resume_is_exact, metric_series
-from safetensors.torch import load_file
+from full_finetune_kit import assert_model_saved, assert_resume_is_exact, checkpoint_names, metric_series
 
 from align.recipes.cpo import CPOConfig, CPOTrainer
 from align.recipes.kto import KTOConfig, KTOTrainer
@@ -60,9 +59,8 @@ def test_every_base_weight_trains_and_the_model_is_saved(recipe, tiny_llama, tmp
             ref = dict(trainer.ref_copy.model.named_parameters())
             assert all(torch.equal(ref[n], before[n]) and not ref[n].requires_grad for n in ref)
         assert folder == tmp_path / "run" / "model"
-        saved = load_file(str(folder / "model.safetensors"))
-        assert saved.keys() == after.keys() and all(torch.equal(saved[n], after[n]) for n in saved)
-        assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-000002"]
+        assert_model_saved(folder, after)
+        assert checkpoint_names(tmp_path / "run") == ["step-000002"]
         out = capsys.readouterr().out
         assert ("[align] reference: a frozen copy of the base" in out) == keeps_copy
         final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())

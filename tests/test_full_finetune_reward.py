@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_kit import assert_resume_is_exact
+from full_finetune_kit import assert_resume_is_exact
 from safetensors.torch import load_file
 
 from align.core.errors import UserError
